@@ -1,0 +1,35 @@
+# The two commands the README opens with: `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.bootstrapped
+
+.PHONY: demo test unit integration sanity lint bench clean
+
+$(STAMP): scripts/bootstrap.sh pyproject.toml requirements/runtime.txt requirements/test.txt
+	VENV=$(VENV) scripts/bootstrap.sh
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m hwledger.demo
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+	$(MAKE) --no-print-directory sanity lint
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest tests/unit
+
+integration: $(STAMP)
+	$(VENV)/bin/pytest tests/integration
+
+sanity: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/sanity.sh
+
+lint: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/lint.sh
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache tests/output bench/results .demo

@@ -1,0 +1,5 @@
+import sys
+
+from hwledger.cli import main
+
+sys.exit(main())

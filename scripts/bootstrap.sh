@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Prepare a fresh Debian machine for `make demo` / `make test`: system packages (when root), then
+# the project virtualenv with pinned requirements and this checkout installed into it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+need_pkgs=()
+command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need_pkgs+=(openssh-client)
+command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+command -v sqlite3 >/dev/null 2>&1 || need_pkgs+=(sqlite3)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "bootstrap: installing ${need_pkgs[*]} with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+  else
+    echo "bootstrap: missing system packages: ${need_pkgs[*]}" >&2
+    echo "bootstrap: run 'sudo apt-get install ${need_pkgs[*]}' (or run make as root) and try again" >&2
+    exit 1
+  fi
+fi
+# Debian's openssh-server starts nothing inside containers; our tests start their own sshd,
+# which needs the privilege-separation directory.
+mkdir -p /run/sshd 2>/dev/null || true
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -U "pip>=24"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/test.txt
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
+# Make the checkout importable as ansible_collections.hwledger.fleet for Python and for
+# ansible-core's sys.path collection scan (runs started outside the checkout, e.g. ansible-runner).
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD/collections" > "$site/hwledger_fleet_checkout.pth"
