@@ -1,0 +1,474 @@
+# Copyright: hwledger-fleet developers
+# Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
+"""The heartbeat probe: one POSIX-sh script, run as ONE exec on the GPU host, and its evaluation.
+
+Used by the ``hwledger.fleet.gpu_query`` action plugin, by ``hwledger gpu parse`` and by the app's
+direct-ssh heartbeat, so there is one script and one parser.
+
+What the remote needs: a POSIX ``sh`` with ``mktemp``, ``head -c``, ``wc``, ``tr`` and ``sleep`` (coreutils or
+busybox). No Python. The script
+
+* runs the configured query command with ``/bin/sh -c`` (in its own process group when ``setsid`` exists),
+  stdin from /dev/null, stdout and stderr into two files of a private ``mktemp -d`` directory (0700, removed
+  by a trap whatever happens), with a file-size limit so a runaway tool cannot fill the disk;
+* runs a watchdog that, after ``timeout_s``, sends TERM to the tool (its process group), KILL one second
+  later, and then wakes the main shell with USR1 so that even a tool stuck in the kernel cannot keep the
+  exec open;
+* prints framed sections. A random token chosen here, on the controller, starts every frame line, so a
+  tool's output cannot end a section by accident. The token is discoverable from the header line
+  (``HWLEDGER-PROBE/1 <token>``), which is printed before the tool starts.
+
+Frames (``T`` is the token)::
+
+    HWLEDGER-PROBE/1 T
+    T stdout <bytes written by the tool>     # content sections: at most a cap of bytes follow, then
+    <stdout, capped>                         # a newline that is not part of the content,
+    T end                                    # then the end line
+    T stderr <bytes> / <content> / T end
+    T rc <exit status of the tool>
+    T timeout                                # only when the watchdog fired
+    T fatal <n> / <message> / T end          # only when the probe itself could not run the tool
+    T loadavg - / <first bytes of /proc/loadavg> / T end          # host metrics, when asked for
+    T meminfo - / <MemTotal and MemAvailable lines> / T end
+    T cpus <online CPU count or empty>
+    T done
+
+The remote is not trusted: everything parsed here is bounded and treated as data. The token is not a
+secret from the remote host (it can read its own process list); it only protects against accidental
+collisions, which is all a host that controls its own output could be protected against anyway.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import secrets
+import shlex
+
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import telemetry
+
+PROBE_VERSION = 1
+HEADER_PREFIX = "HWLEDGER-PROBE/%d " % PROBE_VERSION
+
+# Bytes of the tool's stdout / stderr the script sends back. One byte more than the parser accepts is
+# sent, so "exactly the limit" and "over the limit" can be told apart.
+STDOUT_CAP = telemetry.MAX_OUTPUT_BYTES + 1
+STDERR_CAP = 64 * 1024
+# The tool's files may grow to this many 512-byte blocks (ulimit -f) before the tool gets SIGXFSZ.
+TOOL_FILE_LIMIT_BLOCKS = 2 * (telemetry.MAX_OUTPUT_BYTES // 512) + 16
+# How long after the watchdog's TERM the KILL follows, on the remote.
+KILL_GRACE_S = 1.0
+# The controller gives up on an exec this long after the remote watchdog should have answered: it covers
+# the KILL grace, the connection set-up of a first (non-multiplexed) connection and the transfer.
+CONTROLLER_GRACE_S = 3.0
+MAX_TIMEOUT_S = 3600.0
+
+_CONTENT_SECTIONS = frozenset({"stdout", "stderr", "fatal", "loadavg", "meminfo"})
+_LINE_SECTIONS = frozenset({"rc", "timeout", "cpus", "done"})
+_TOKEN_RE = re.compile("^" + re.escape(HEADER_PREFIX) + r"(hwl[0-9a-f]{24})\r?$", re.MULTILINE)
+_INT_RE = re.compile(r"-?[0-9]{1,12}")
+
+# ssh's own messages (exit status 255) that mean the host key did not match the pinned one.
+_HOST_KEY_MARKERS = (
+    "REMOTE HOST IDENTIFICATION HAS CHANGED",
+    "Host key verification failed",
+)
+
+_SCRIPT = r"""B=@TOKEN@
+C=@CMD@
+T=@TIMEOUT@
+M=@HOSTMETRICS@
+printf '\n@HEADER@%s\n' "$B"
+umask 077
+d= p= w= to=0
+for base in "${TMPDIR:-/tmp}" /tmp "${HOME:-/nonexistent}"; do
+  d=$(mktemp -d "$base/hwledger-probe.XXXXXXXX" 2>/dev/null) && [ -d "$d" ] && break
+  d=
+done
+k() { kill "-$1" "-$p" 2>/dev/null; kill "-$1" "$p" 2>/dev/null; }
+cleanup() {
+  [ -n "$w" ] && kill "$w" 2>/dev/null
+  [ -n "$p" ] && k KILL
+  [ -n "$d" ] && rm -rf "$d"
+}
+trap cleanup EXIT
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 141' PIPE
+trap 'exit 143' TERM
+trap 'to=1' USR1
+emit() {
+  printf '%s %s %s\n' "$B" "$1" "$2"
+  head -c "$3" "$4" 2>/dev/null
+  printf '\n%s end\n' "$B"
+}
+size() { wc -c <"$1" 2>/dev/null | tr -dc 0-9; }
+if [ -n "$d" ]; then
+  ( ulimit -f @FILEBLOCKS@ 2>/dev/null
+    command -v setsid >/dev/null 2>&1 && exec setsid /bin/sh -c "$C"
+    exec /bin/sh -c "$C" ) </dev/null >"$d/o" 2>"$d/e" &
+  p=$!
+  ( trap 'kill "$s" 2>/dev/null; exit 0' TERM
+    sleep "$T" & s=$!; wait "$s"
+    : >"$d/t"
+    k TERM
+    sleep @GRACE@ & s=$!; wait "$s"
+    k KILL
+    kill -USR1 $$ ) </dev/null >/dev/null 2>&1 &
+  w=$!
+  wait "$p"; rc=$?
+  kill "$w" 2>/dev/null; w=
+  [ -e "$d/t" ] && to=1
+  [ "$to" = 1 ] || p=
+  emit stdout "$(size "$d/o")" @STDOUTCAP@ "$d/o"
+  emit stderr "$(size "$d/e")" @STDERRCAP@ "$d/e"
+  printf '%s rc %s\n' "$B" "$rc"
+  [ "$to" = 1 ] && printf '%s timeout\n' "$B"
+else
+  printf '%s fatal -\nmktemp -d failed in %s, /tmp and %s\n%s end\n' "$B" "${TMPDIR:-/tmp}" "${HOME:-HOME}" "$B"
+fi
+if [ "$M" = 1 ]; then
+  emit loadavg - 256 /proc/loadavg
+  printf '%s meminfo -\n' "$B"
+  grep -E '^(MemTotal|MemAvailable):' /proc/meminfo 2>/dev/null | head -c 256
+  printf '\n%s end\n' "$B"
+  n=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || grep -c '^processor' /proc/cpuinfo 2>/dev/null)
+  printf '%s cpus %s\n' "$B" "$(printf '%s' "$n" | tr -dc 0-9 | head -c 9)"
+fi
+printf '%s done\n' "$B"
+"""
+
+
+def new_token() -> str:
+    """A fresh frame token: 'hwl' and 24 hex digits (96 random bits)."""
+    return "hwl" + secrets.token_hex(12)
+
+
+def _sh_number(value: float) -> str:
+    """A number as sleep(1) takes it: an integer when whole, else a plain decimal."""
+    if float(value).is_integer():
+        return str(int(value))
+    return ("%.3f" % value).rstrip("0").rstrip(".")
+
+
+def check_timeout(timeout_s: float) -> float:
+    """The tool's time budget in seconds, validated (0 < timeout <= MAX_TIMEOUT_S)."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        raise ValueError("timeout must be a number of seconds, got %r" % (timeout_s,))
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError("timeout must be more than 0 and at most %d seconds, got %s" % (MAX_TIMEOUT_S, timeout_s))
+    return float(timeout_s)
+
+
+def remote_script(cmd: str, *, timeout_s: float, host_metrics: bool, token: str | None = None) -> str:
+    """The POSIX-sh probe for ONE exec: run ``cmd`` under a watchdog, frame its output, add host metrics.
+
+    ``cmd`` is the operator-configured query command; it is passed to ``/bin/sh -c`` as it is (quoted
+    here as one word), never combined with anything that came from a remote host. ``token`` is for tests
+    only; by default every script gets a fresh random one.
+    """
+    if not isinstance(cmd, str) or not cmd.strip():
+        raise ValueError("the GPU query command is empty; set gpu_query_cmd (or the cmd option)")
+    if "\0" in cmd:
+        raise ValueError("the GPU query command contains a NUL byte")
+    timeout_s = check_timeout(timeout_s)
+    token = token or new_token()
+    if not re.fullmatch(r"hwl[0-9a-f]{24}", token):
+        raise ValueError("a probe token is 'hwl' and 24 lowercase hex digits")
+    replacements = {
+        "@TOKEN@": token,
+        "@HEADER@": HEADER_PREFIX,
+        "@CMD@": shlex.quote(cmd),
+        "@TIMEOUT@": _sh_number(timeout_s),
+        "@HOSTMETRICS@": "1" if host_metrics else "0",
+        "@FILEBLOCKS@": str(TOOL_FILE_LIMIT_BLOCKS),
+        "@GRACE@": _sh_number(KILL_GRACE_S),
+        "@STDOUTCAP@": str(STDOUT_CAP),
+        "@STDERRCAP@": str(STDERR_CAP),
+    }
+    # The command goes in last so that nothing in it can be mistaken for a placeholder. No newline at
+    # the end: ansible may append " && sleep 0" to the script, which must stay on its last line.
+    script = _SCRIPT.rstrip("\n")
+    for placeholder, value in replacements.items():
+        if placeholder != "@CMD@":
+            script = script.replace(placeholder, value)
+    return script.replace("@CMD@", replacements["@CMD@"], 1)
+
+
+def ssh_command(script: str) -> str:
+    """The remote command for a plain ``ssh host COMMAND`` exec of ``script`` (the app's direct path).
+
+    sshd hands COMMAND to the user's login shell, which may not be POSIX; this makes it start /bin/sh.
+    """
+    return "/bin/sh -c " + shlex.quote(script)
+
+
+def controller_deadline(timeout_s: float) -> float:
+    """Seconds after which the controller stops waiting for the exec, whatever the remote does."""
+    return check_timeout(timeout_s) + CONTROLLER_GRACE_S
+
+
+# --------------------------------------------------------------------------------------------------
+# Splitting the framed output
+
+
+class Frames:
+    """The sections found in one probe's output."""
+
+    def __init__(self) -> None:
+        self.content: dict[str, str] = {}
+        self.sizes: dict[str, int | None] = {}
+        self.values: dict[str, str] = {}
+        self.complete = False
+
+
+def split_frames(text: str) -> Frames | None:
+    """Parse the framed output; None when no probe header is present (the script did not run)."""
+    header = _TOKEN_RE.search(text)
+    if header is None:
+        return None
+    token = header.group(1)
+    if header.group(0).endswith("\r"):
+        # The exec went through a pseudo-terminal, which turned every LF into CRLF; undo it.
+        text = text.replace("\r\n", "\n")
+        header = _TOKEN_RE.search(text)
+        if header is None:  # pragma: no cover - the replacement cannot remove the header
+            return None
+    frames = Frames()
+    line_re = re.compile(re.escape(token) + r" ([a-z]+)(?: ([^\n]*))?\n")
+    end_marker = "\n" + token + " end\n"
+    pos = header.end() + 1
+    while pos < len(text):
+        match = line_re.match(text, pos)
+        if match is None:
+            break  # anything else (a cut connection, junk) ends the frames; what was read stays
+        name, arg = match.group(1), (match.group(2) or "")
+        if name in _CONTENT_SECTIONS:
+            end = text.find(end_marker, match.end())
+            if end < 0:
+                break
+            frames.content[name] = text[match.end():end]
+            frames.sizes[name] = _bounded_int(arg)
+            pos = end + len(end_marker)
+        elif name in _LINE_SECTIONS:
+            frames.values[name] = arg
+            pos = match.end()
+            if name == "done":
+                frames.complete = True
+                break
+        else:
+            break
+    return frames
+
+
+def _bounded_int(text: str | None) -> int | None:
+    """An integer of at most 12 digits, or None; remote numbers are never parsed unbounded."""
+    if text is None:
+        return None
+    text = text.strip()
+    if not _INT_RE.fullmatch(text):
+        return None
+    return int(text)
+
+
+def _bounded_float(text: str) -> float | None:
+    if not re.fullmatch(r"[0-9]{1,9}(?:\.[0-9]{1,6})?", text):
+        return None
+    return float(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host metrics
+
+
+def parse_host_metrics(loadavg: str | None, meminfo: str | None, cpus: str | None) -> dict:
+    """``host`` of the snapshot from the three host sections; a value that is missing or odd is None."""
+    host: dict = {
+        "cpu_count": None,
+        "load1": None,
+        "load5": None,
+        "load15": None,
+        "mem_total_bytes": None,
+        "mem_available_bytes": None,
+    }
+    if loadavg:
+        parts = loadavg.split()
+        for key, part in zip(("load1", "load5", "load15"), parts[:3]):
+            host[key] = _bounded_float(part)
+    if meminfo:
+        for line in meminfo.splitlines():
+            match = re.fullmatch(r"(MemTotal|MemAvailable):\s+([0-9]{1,15})\s*kB", line.strip())
+            if match:
+                key = "mem_total_bytes" if match.group(1) == "MemTotal" else "mem_available_bytes"
+                host[key] = int(match.group(2)) * 1024  # /proc/meminfo's "kB" are KiB
+    count = _bounded_int(cpus) if cpus else None
+    if count is not None and count > 0:
+        host["cpu_count"] = count
+    return host
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+
+
+def iso_utc(epoch_s: float) -> str:
+    """ISO 8601 UTC with a Z, millisecond precision."""
+    stamp = datetime.datetime.fromtimestamp(epoch_s, tz=datetime.timezone.utc)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def failure(reason: str, msg: str, *, agent: str, rc: int | None = None, head: str = "",
+            host: dict | None = None) -> dict:
+    """A failure result (contract C shape) for a failure found by the probe rather than a parser."""
+    result = telemetry.failure_result(
+        telemetry.QueryFailure(reason, msg, rc=rc, output_head=head), agent=agent
+    )
+    if host is not None:
+        result["host"] = host
+    return result
+
+
+def exec_timeout_failure(*, agent: str, timeout_s: float) -> dict:
+    """The result when the exec itself did not come back within ``controller_deadline(timeout_s)``."""
+    return failure(
+        "timeout",
+        "%s: no answer within %s s (the tool's %s s plus %s s for the connection): the host, its ssh "
+        "connection or the GPU tool hangs; check the host, or raise the timeout"
+        % (agent, _sh_number(controller_deadline(timeout_s)), _sh_number(timeout_s), _sh_number(CONTROLLER_GRACE_S)),
+        agent=agent,
+    )
+
+
+def _ssh_failure(agent: str, exec_rc: int, exec_stdout: str, exec_stderr: str) -> dict:
+    head = telemetry.output_head(exec_stderr, exec_stdout)
+    if any(marker in (exec_stderr or "") for marker in _HOST_KEY_MARKERS):
+        return failure(
+            "host_key_changed",
+            "%s: ssh refused the host key: it is not the key pinned for this host in hwledger's "
+            "known_hosts (the host was re-installed, the address now points elsewhere, or someone is "
+            "in between). Check the host out of band, then re-key it (hwledger fleet register-ssh)." % agent,
+            agent=agent, rc=exec_rc, head=head,
+        )
+    return failure(
+        "unreachable",
+        "%s: ssh could not reach the host or log in (exit status %d): %s"
+        % (agent, exec_rc, (telemetry.output_head(exec_stderr).splitlines() or ["no message from ssh"])[-1]),
+        agent=agent, rc=exec_rc, head=head,
+    )
+
+
+def evaluate_tool_output(*, agent: str, cmd: str, backend: str, stdout: str, stderr: str, rc: int,
+                         started: float, ended: float, host: dict | None = None) -> dict:
+    """Parse one GPU tool run (its exact stdout, stderr and exit status) into the module result.
+
+    The one place where a tool's output becomes a snapshot: ``evaluate`` calls it after unframing,
+    ``hwledger gpu parse`` calls it on a file.
+    """
+    if len(stdout.encode("utf-8", "surrogateescape")) > telemetry.MAX_OUTPUT_BYTES:
+        return failure(
+            "output_too_large",
+            "%s: the query printed more than %d bytes; that is not GPU telemetry. Check gpu_query_cmd (%s)"
+            % (agent, telemetry.MAX_OUTPUT_BYTES, cmd),
+            agent=agent, rc=rc, head=telemetry.output_head(stdout), host=host,
+        )
+    try:
+        gpus = telemetry.parse_gpus(cmd, stdout, stderr, rc, backend)
+        resolved = backend if backend != "auto" else telemetry.detect_backend(cmd, stdout)
+        snapshot = telemetry.build_snapshot(
+            agent=agent,
+            backend=resolved,
+            gpus=gpus,
+            captured_at=iso_utc(started),
+            query_ms=round(max(0.0, ended - started) * 1000.0, 1),
+            host=host,
+        )
+    except telemetry.QueryFailure as exc:
+        result = telemetry.failure_result(exc, agent=agent)
+        if host is not None:
+            result["host"] = host
+        return result
+    except Exception as exc:  # pylint: disable=broad-exception-caught
+        # Remote output must never crash the heartbeat: a parser bug is reported as unparseable output.
+        return failure(
+            "unparseable",
+            "%s: the output of %r could not be parsed (%s: %s)" % (agent, cmd, type(exc).__name__, exc),
+            agent=agent, rc=rc, head=telemetry.output_head(stdout, stderr), host=host,
+        )
+    return {"changed": False, "ansible_facts": {"hwledger_snapshot": snapshot}}
+
+
+def evaluate(*, agent: str, cmd: str, backend: str, exec_stdout: str, exec_stderr: str, exec_rc: int,
+             started: float, ended: float, host_metrics: bool) -> dict:
+    """Turn the exec of ``remote_script`` into the module result.
+
+    ``exec_*`` are what the connection returned for the whole script (stdout decoded with
+    surrogateescape, or any error handler: only the tool's own bytes are affected); ``started`` and
+    ``ended`` are controller wall-clock times (``time.time()``) around the exec.
+    Returns ``{"changed": False, "ansible_facts": {"hwledger_snapshot": ...}}`` or a failure dict
+    ``{"failed": True, "msg", "reason", "rc", "output_head"}`` (plus ``host`` when host metrics came back).
+    """
+    exec_stdout = exec_stdout or ""
+    exec_stderr = exec_stderr or ""
+    frames = split_frames(exec_stdout)
+    if frames is None:
+        if exec_rc == 255:
+            return _ssh_failure(agent, exec_rc, exec_stdout, exec_stderr)
+        return failure(
+            "unparseable",
+            "%s: the remote shell did not run the probe (exit status %s, no probe header in the output). "
+            "The login shell must be able to run /bin/sh -c; check the host's shell and its start-up files."
+            % (agent, exec_rc),
+            agent=agent, rc=exec_rc, head=telemetry.output_head(exec_stdout, exec_stderr),
+        )
+
+    host = None
+    if host_metrics:
+        host = parse_host_metrics(
+            frames.content.get("loadavg"), frames.content.get("meminfo"), frames.values.get("cpus")
+        )
+
+    if "fatal" in frames.content:
+        return failure(
+            "unparseable",
+            "%s: the probe could not run the query: %s" % (agent, frames.content["fatal"].strip()[:500]),
+            agent=agent, head=telemetry.output_head(frames.content["fatal"]), host=host,
+        )
+
+    tool_rc = _bounded_int(frames.values.get("rc"))
+    stdout = frames.content.get("stdout")
+    stderr = frames.content.get("stderr", "")
+
+    if "timeout" in frames.values:
+        return failure(
+            "timeout",
+            "%s: %r did not finish within its timeout and was killed on the host; the GPU driver or the "
+            "tool hangs (check the host: dmesg, nvidia-smi / rocm-smi by hand), or raise the timeout"
+            % (agent, cmd),
+            agent=agent, rc=tool_rc, head=telemetry.output_head(stdout, stderr), host=host,
+        )
+
+    if stdout is None or tool_rc is None:
+        if exec_rc == 255:
+            return _ssh_failure(agent, exec_rc, exec_stdout, exec_stderr)
+        return failure(
+            "unparseable",
+            "%s: the probe's output ended early (exit status %s): the connection or the remote shell "
+            "stopped before the query's result was sent" % (agent, exec_rc),
+            agent=agent, rc=exec_rc, head=telemetry.output_head(exec_stdout, exec_stderr), host=host,
+        )
+
+    stdout_size = frames.sizes.get("stdout")
+    if (stdout_size is not None and stdout_size > telemetry.MAX_OUTPUT_BYTES) or \
+            len(stdout) > telemetry.MAX_OUTPUT_BYTES:
+        return failure(
+            "output_too_large",
+            "%s: the query printed %s bytes, more than the %d accepted; that is not GPU telemetry. "
+            "Check gpu_query_cmd (%s)" % (agent, stdout_size if stdout_size is not None else "too many",
+                                          telemetry.MAX_OUTPUT_BYTES, cmd),
+            agent=agent, rc=tool_rc, head=telemetry.output_head(stdout), host=host,
+        )
+
+    return evaluate_tool_output(
+        agent=agent, cmd=cmd, backend=backend, stdout=stdout, stderr=stderr, rc=tool_rc,
+        started=started, ended=ended, host=host,
+    )
