@@ -1,0 +1,752 @@
+"""Unit tests for plugins/plugin_utils/agents.py: the ssh-agents.toml schema and the ssh options."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as A
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC_EXAMPLE = REPO / "examples" / "ssh-agents.toml"
+SPEC_QUERY = "nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader"
+SOURCE = "/etc/fleet/ssh-agents.toml"  # a file name for messages; parse_agents_toml never opens it
+
+GOOD_AGENT = {"name": "gpu-1", "hostname": "gpu-1.example.com", "ssh_user": "ubuntu",
+              "ssh_key_path": "/keys/id_ed25519"}
+GOOD_BASTION = {"hostname": "bastion.example.com", "ssh_user": "jump", "ssh_key_path": "/keys/bastion_key",
+                "ssh_port": 2222}
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)  # a JSON string with ASCII escapes is a valid TOML basic string
+
+
+def agent_block(fields: dict, bastion: dict | None = None) -> str:
+    lines = ["[[agents]]"] + [f"{json.dumps(key)} = {toml_value(value)}" for key, value in fields.items()]
+    if bastion is not None:
+        lines += ["", "[agents.bastion]"] + [f"{json.dumps(k)} = {toml_value(v)}" for k, v in bastion.items()]
+    return "\n".join(lines) + "\n"
+
+
+def parse(text: str):
+    return A.parse_agents_toml(text, SOURCE)
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(A.AgentsFileError) as caught:
+        parse(text)
+    return str(caught.value)
+
+
+@pytest.fixture
+def home(monkeypatch, tmp_path) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def policy(**overrides) -> A.SshPolicy:
+    values = {"known_hosts": "/var/lib/hwl/known_hosts", "control_dir": "/run/hwl/cp"}
+    values.update(overrides)
+    return A.SshPolicy(**values)
+
+
+# ------------------------------------------------------------------------------------------------
+# The spec's example
+# ------------------------------------------------------------------------------------------------
+
+def spec_agents(home: Path) -> list[A.Agent]:
+    agents = A.load_agents_file(str(SPEC_EXAMPLE))[0]
+    return agents
+
+
+def test_spec_example_loads_exactly(home):
+    agents, warnings = A.parse_agents_toml(SPEC_EXAMPLE.read_text(), str(SPEC_EXAMPLE))
+    assert agents == [
+        A.Agent(name="vast-rental-1", hostname="123.45.67.89", ssh_user="root",
+                ssh_key_path=f"{home}/.ssh/id_ed25519", ssh_port=22, gpu_query_cmd=SPEC_QUERY,
+                host_key_fingerprint=None, bastion=None),
+        A.Agent(name="lambda-labs-2", hostname="compute-2.lambda-labs.com", ssh_user="ubuntu",
+                ssh_key_path=f"{home}/.ssh/lambda_key", ssh_port=22,
+                gpu_query_cmd="rocm-smi --showtemp --showmeminfo --csv", host_key_fingerprint=None, bastion=None),
+        A.Agent(name="vpn-private-gpu", hostname="internal-gpu.local", ssh_user="ubuntu",
+                ssh_key_path=f"{home}/.ssh/id_ed25519", ssh_port=22, gpu_query_cmd=SPEC_QUERY,
+                host_key_fingerprint=None,
+                bastion=A.Bastion(hostname="bastion.example.com", ssh_user="root",
+                                  ssh_key_path=f"{home}/.ssh/bastion_key", ssh_port=22)),
+    ]
+    # No key exists under this HOME: one warning per key, naming the line, the agent and the field.
+    assert warnings == [
+        f"{SPEC_EXAMPLE}:5: agent \"vast-rental-1\" (agent #1), field 'ssh_key_path': key file "
+        f"{home}/.ssh/id_ed25519 does not exist, so ssh cannot log in to this agent; create it "
+        f"(ssh-keygen -t ed25519 -f {home}/.ssh/id_ed25519) or point ssh_key_path at your private key",
+        f"{SPEC_EXAMPLE}:13: agent \"lambda-labs-2\" (agent #2), field 'ssh_key_path': key file "
+        f"{home}/.ssh/lambda_key does not exist, so ssh cannot log in to this agent; create it "
+        f"(ssh-keygen -t ed25519 -f {home}/.ssh/lambda_key) or point ssh_key_path at your private key",
+        f"{SPEC_EXAMPLE}:20: agent \"vpn-private-gpu\" (agent #3), field 'ssh_key_path': key file "
+        f"{home}/.ssh/id_ed25519 does not exist, so ssh cannot log in to this agent; create it "
+        f"(ssh-keygen -t ed25519 -f {home}/.ssh/id_ed25519) or point ssh_key_path at your private key",
+        f"{SPEC_EXAMPLE}:25: agent \"vpn-private-gpu\" (agent #3), field 'bastion.ssh_key_path': key file "
+        f"{home}/.ssh/bastion_key does not exist, so ssh cannot log in to the bastion; create it "
+        f"(ssh-keygen -t ed25519 -f {home}/.ssh/bastion_key) or point bastion.ssh_key_path at your private key",
+    ]
+
+
+def test_spec_example_groups(home):
+    agents = A.parse_agents_toml(SPEC_EXAMPLE.read_text(), str(SPEC_EXAMPLE))[0]
+    tools = ["nvidia-smi", "rocm-smi", "nvidia-smi"]  # what each agent's gpu_query_cmd runs
+    assert [A.agent_groups(agent, tool) for agent, tool in zip(agents, tools)] == [
+        ["hwledger_agents", "hwledger_nvidia"],
+        ["hwledger_agents", "hwledger_rocm"],
+        ["hwledger_agents", "hwledger_nvidia", "hwledger_via_bastion"],
+    ]
+
+
+def test_bastion_proxy_command_uses_the_bastions_own_identity_and_survives_two_splits(home):
+    agents = A.parse_agents_toml(SPEC_EXAMPLE.read_text(), str(SPEC_EXAMPLE))[0]
+    vpn = agents[2]
+    pol = A.SshPolicy(known_hosts="~/.config/hwledger/known_hosts", control_dir="/run/hwl/cp")
+    common = A.ssh_common_args(vpn, pol)
+    # Ansible splits ansible_ssh_common_args with shlex: the first split gives our option list back.
+    options = shlex.split(common)
+    assert options == A.ssh_options(vpn, pol)
+    proxy = [value for flag, value in zip(options[::2], options[1::2])
+             if flag == "-o" and value.startswith("ProxyCommand=")]
+    assert len(proxy) == 1
+    # ssh hands the ProxyCommand to /bin/sh: the second split is what the shell runs.
+    inner = shlex.split(proxy[0][len("ProxyCommand="):])
+    kh = f"{home}/.config/hwledger/known_hosts"
+    assert inner == [
+        "ssh",
+        "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={kh}", "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "HostKeyAlias=hwledger-bastion-bastion.example.com-22", "-o", "CheckHostIP=no",
+        "-o", "UpdateHostKeys=no", "-o", "VerifyHostKeyDNS=no", "-o", "HashKnownHosts=no",
+        "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ForwardAgent=no", "-o", "ForwardX11=no",
+        "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3",
+        "-o", "ControlMaster=no", "-o", "ControlPath=none",
+        "-i", f"{home}/.ssh/bastion_key", "-p", "22", "-l", "root",
+        "-W", "[%h]:%p", "--", "bastion.example.com",
+    ]
+    # The agent's own hop uses the agent's alias, not the bastion's.
+    assert "HostKeyAlias=hwledger-agent-vpn-private-gpu" in options
+
+
+def test_bastion_with_its_own_port_user_and_key():
+    agent = A.Agent(**GOOD_AGENT, bastion=A.Bastion(**GOOD_BASTION))
+    inner = shlex.split(A.proxy_command(agent.bastion, policy()))
+    tail = inner[inner.index("-i"):]
+    assert tail == ["-i", "/keys/bastion_key", "-p", "2222", "-l", "jump", "-W", "[%h]:%p", "--",
+                    "bastion.example.com"]
+    assert "HostKeyAlias=hwledger-bastion-bastion.example.com-2222" in inner
+    assert "IdentitiesOnly=yes" in inner
+
+
+def test_ipv6_agent_and_bastion():
+    text = agent_block({**GOOD_AGENT, "hostname": "2001:db8::10", "ssh_port": 2200},
+                       {**GOOD_BASTION, "hostname": "2001:db8::1"})
+    [agent] = parse(text)[0]
+    assert agent.hostname == "2001:db8::10"
+    assert agent.bastion.hostname == "2001:db8::1"
+    argv = A.ssh_argv(agent, policy(), "nvidia-smi")
+    assert argv[-9:] == ["-p", "2200", "-l", "ubuntu", "-i", "/keys/id_ed25519", "--", "2001:db8::10", "nvidia-smi"]
+    inner = shlex.split(A.proxy_command(agent.bastion, policy()))
+    assert inner[-4:] == ["-W", "[%h]:%p", "--", "2001:db8::1"]
+
+
+def test_quoting_round_trips_for_every_agent_of_the_spec(home):
+    agents = A.parse_agents_toml(SPEC_EXAMPLE.read_text(), str(SPEC_EXAMPLE))[0]
+    for agent in agents:
+        pol = A.SshPolicy(known_hosts="~/kh", control_dir="/run/hwl/cp", host_key_checking="accept-new")
+        assert shlex.split(A.ssh_common_args(agent, pol)) == A.ssh_options(agent, pol)
+
+
+# ------------------------------------------------------------------------------------------------
+# ssh options and argv
+# ------------------------------------------------------------------------------------------------
+
+def option_values(options: list[str]) -> dict[str, str]:
+    assert options[::2] == ["-o"] * (len(options) // 2)
+    return dict(option.split("=", 1) for option in options[1::2])
+
+
+def test_default_policy_is_strict_against_hwledgers_own_known_hosts():
+    agent = A.Agent(**GOOD_AGENT)
+    values = option_values(A.ssh_options(agent, policy()))
+    assert values == {
+        "StrictHostKeyChecking": "yes", "UserKnownHostsFile": "/var/lib/hwl/known_hosts",
+        "GlobalKnownHostsFile": "/dev/null", "HostKeyAlias": "hwledger-agent-gpu-1", "CheckHostIP": "no",
+        "UpdateHostKeys": "no", "VerifyHostKeyDNS": "no", "HashKnownHosts": "no",
+        "BatchMode": "yes", "IdentitiesOnly": "yes", "ForwardAgent": "no", "ForwardX11": "no",
+        "ConnectTimeout": "10", "ServerAliveInterval": "15", "ServerAliveCountMax": "3",
+        "ControlMaster": "auto", "ControlPersist": "300s", "ControlPath": "/run/hwl/cp/%C",
+    }
+
+
+def test_accept_new_and_off_are_explicit_choices():
+    agent = A.Agent(**GOOD_AGENT, bastion=A.Bastion(**GOOD_BASTION))
+    accept = option_values(A.ssh_options(agent, policy(host_key_checking="accept-new"))[:-2])
+    assert accept["StrictHostKeyChecking"] == "accept-new"
+    assert accept["UserKnownHostsFile"] == "/var/lib/hwl/known_hosts"
+    off_options = A.ssh_options(agent, policy(host_key_checking="off"))
+    off = option_values(off_options[:-2])
+    assert off["StrictHostKeyChecking"] == "no" and off["UserKnownHostsFile"] == "/dev/null"
+    assert "HostKeyAlias" not in off
+    inner = shlex.split(off_options[-1][len("ProxyCommand="):])
+    assert "StrictHostKeyChecking=no" in inner and "UserKnownHostsFile=/dev/null" in inner
+    with pytest.raises(A.SshPolicyError, match="host_key_checking must be one of yes, accept-new, off"):
+        policy(host_key_checking="no")
+
+
+def test_no_control_dir_means_no_connection_sharing():
+    values = option_values(A.ssh_options(A.Agent(**GOOD_AGENT), policy(control_dir=None)))
+    assert values["ControlMaster"] == "no" and values["ControlPath"] == "none"
+    assert "ControlPersist" not in values
+
+
+def test_ssh_argv_runs_the_command_after_double_dash():
+    agent = A.Agent(**{**GOOD_AGENT, "ssh_port": 2222})
+    pol = policy()
+    argv = A.ssh_argv(agent, pol, "nvidia-smi -L; echo $HOME")
+    options = A.ssh_options(agent, pol)
+    assert argv == ["ssh", *options, "-p", "2222", "-l", "ubuntu", "-i", "/keys/id_ed25519", "--",
+                    "gpu-1.example.com", "nvidia-smi -L; echo $HOME"]
+    assert A.ssh_argv(agent, pol, "x", ssh_binary="/usr/bin/ssh")[0] == "/usr/bin/ssh"
+
+
+def test_host_vars_match_the_options():
+    agent = A.Agent(**GOOD_AGENT, bastion=A.Bastion(**GOOD_BASTION))
+    pol = policy()
+    assert A.host_vars(agent, pol) == {
+        "ansible_host": "gpu-1.example.com",
+        "ansible_port": 22,
+        "ansible_user": "ubuntu",
+        "ansible_ssh_private_key_file": "/keys/id_ed25519",
+        "ansible_ssh_common_args": shlex.join(A.ssh_options(agent, pol)),
+        "hwledger_gpu_query_cmd": SPEC_QUERY,
+        "hwledger_agent": {"name": "gpu-1", "hostname": "gpu-1.example.com", "ssh_user": "ubuntu",
+                           "ssh_key_path": "/keys/id_ed25519", "ssh_port": 22, "gpu_query_cmd": SPEC_QUERY,
+                           "host_key_fingerprint": None,
+                           "bastion": {"hostname": "bastion.example.com", "ssh_user": "jump",
+                                       "ssh_key_path": "/keys/bastion_key", "ssh_port": 2222}},
+    }
+
+
+ssh_binary = shutil.which("ssh")
+
+
+@pytest.mark.skipif(ssh_binary is None, reason="the OpenSSH client (ssh) is not installed")
+def test_ssh_reads_the_options_as_intended():
+    """`ssh -G` prints the configuration ssh resolved from our argv, without connecting."""
+    agent = A.Agent(**{**GOOD_AGENT, "ssh_port": 2222}, bastion=A.Bastion(**GOOD_BASTION))
+    argv = A.ssh_argv(agent, policy(), "true")
+    resolved = subprocess.run([argv[0], "-G", *argv[1:-1]], check=False, capture_output=True, text=True, timeout=10,
+                              env={**os.environ, "HOME": "/nonexistent"}, stdin=subprocess.DEVNULL)
+    assert resolved.returncode == 0, resolved.stderr
+    config = dict(line.split(" ", 1) for line in resolved.stdout.splitlines())
+    assert config["hostname"] == "gpu-1.example.com"
+    assert config["port"] == "2222" and config["user"] == "ubuntu"
+    assert config["stricthostkeychecking"] == "true"
+    assert config["hostkeyalias"] == "hwledger-agent-gpu-1"
+    assert config["userknownhostsfile"] == "/var/lib/hwl/known_hosts"
+    assert config["forwardagent"] == "no" and config["batchmode"] == "yes"
+    assert config["identitiesonly"] == "yes"
+    assert config["proxycommand"] == A.proxy_command(agent.bastion, policy())
+    assert config["controlpath"].startswith("/run/hwl/cp/")
+
+
+@pytest.mark.skipif(ssh_binary is None, reason="the OpenSSH client (ssh) is not installed")
+def test_control_path_fits_the_socket_limit_for_a_250_character_hostname():
+    hostname = ".".join(["a" * 62] * 4)[:249] + "z"
+    assert len(hostname) == 250
+    agent = A.Agent(**{**GOOD_AGENT, "hostname": hostname})
+    longest_dir = "/" + "d" * (A.MAX_CONTROL_DIR_BYTES - 1)
+    argv = A.ssh_argv(agent, policy(control_dir=longest_dir), "true")
+    resolved = subprocess.run([argv[0], "-G", *argv[1:-1]], check=False, capture_output=True, text=True, timeout=10,
+                              stdin=subprocess.DEVNULL)
+    assert resolved.returncode == 0, resolved.stderr
+    control_path = dict(line.split(" ", 1) for line in resolved.stdout.splitlines())["controlpath"]
+    assert hostname not in control_path
+    # ssh binds "<ControlPath>.<16 random characters>" first; that plus NUL must fit sun_path.
+    assert len(control_path) + 17 + 1 <= A.SUN_PATH_SIZE
+    assert len(control_path) == len(longest_dir) + 41
+
+
+def test_too_long_control_dir_is_refused_with_the_limit():
+    too_long = "/" + "d" * A.MAX_CONTROL_DIR_BYTES
+    with pytest.raises(A.SshPolicyError) as caught:
+        policy(control_dir=too_long)
+    message = str(caught.value)
+    assert f"is {A.MAX_CONTROL_DIR_BYTES + 1} bytes long" in message
+    assert f"at most {A.MAX_CONTROL_DIR_BYTES} bytes" in message and "Fix: choose a shorter directory" in message
+
+
+@pytest.mark.parametrize("field", ["known_hosts", "control_dir"])
+def test_policy_paths_are_checked_like_key_paths(field):
+    with pytest.raises(A.SshPolicyError, match="contains a space"):
+        policy(**{field: "/tmp/my dir/x"})
+
+
+def test_default_control_dir_falls_back_when_home_is_long(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/me")
+    assert A.default_control_dir() == "/home/me/.cache/hwledger/cp"
+    monkeypatch.setenv("HOME", "/home/" + "h" * 60)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert A.default_control_dir() == "/run/user/1000/hwledger-cp"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert A.default_control_dir() == f"/tmp/hwledger-cp-{os.getuid()}"
+
+
+@pytest.fixture
+def short_tmp():
+    """A temporary directory with a short path (pytest's tmp_path is too long for a control_dir)."""
+    path = Path(tempfile.mkdtemp(prefix="hwl-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path)
+
+
+def test_prepare_control_dir_creates_a_private_directory(short_tmp):
+    pol = policy(control_dir=str(short_tmp / "cp"))
+    A.prepare_control_dir(pol)
+    assert (short_tmp / "cp").stat().st_mode & 0o777 == 0o700
+    (short_tmp / "cp").chmod(0o777)
+    with pytest.raises(A.SshPolicyError, match="must belong to you and not be writable by others"):
+        A.prepare_control_dir(pol)
+
+
+def test_known_hosts_checks(tmp_path):
+    missing = tmp_path / "sub" / "known_hosts"
+    [warning] = A.check_known_hosts(policy(known_hosts=str(missing)))
+    assert "does not exist, so every host will fail host key verification" in warning
+    assert A.check_known_hosts(policy(known_hosts=str(missing), host_key_checking="accept-new")) == []
+    assert missing.parent.is_dir()  # ssh can now create the file when it learns a key
+    missing.write_text("")
+    missing.chmod(0o666)
+    with pytest.raises(A.SshPolicyError, match="group- or world-writable"):
+        A.check_known_hosts(policy(known_hosts=str(missing)))
+    [off_warning] = A.check_known_hosts(policy(known_hosts=str(missing), host_key_checking="off"))
+    assert "host key checking is off" in off_warning
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: every message names file, line, agent, field and the fix
+# ------------------------------------------------------------------------------------------------
+
+def test_toml_syntax_error_has_line_and_column():
+    message = error_of('[[agents]]\nname = "gpu-1"\nhostname = gpu-1.example.com\n')
+    assert message.startswith(f"{SOURCE}:3:12: TOML syntax error: Invalid value")
+    assert "hostname = gpu-1.example.com" in message
+    assert 'Fix: correct line 3; strings need double quotes' in message
+
+
+def test_toml_syntax_error_at_end_of_file():
+    message = error_of('[[agents]]\nname = "gpu-1\n')
+    assert message.startswith(f"{SOURCE}:2:") and "TOML syntax error" in message
+    assert "Fix:" in message
+
+
+@pytest.mark.parametrize("missing, fix", [
+    ("name", 'add name = "a-unique-name"'),
+    ("hostname", 'add hostname = "gpu.example.com"'),
+    ("ssh_user", 'add ssh_user = "ubuntu"'),
+    ("ssh_key_path", 'add ssh_key_path = "~/.ssh/id_ed25519"'),
+])
+def test_missing_required_field(missing, fix):
+    fields = {key: value for key, value in GOOD_AGENT.items() if key != missing}
+    message = error_of(agent_block(GOOD_AGENT) + "\n" + agent_block(fields))
+    where = "agent #2" if missing == "name" else 'agent "gpu-1" (agent #2)'
+    assert message.startswith(f"{SOURCE}:7: {where}, field '{missing}': missing required field; {fix}")
+
+
+def test_missing_bastion_field_points_into_the_bastion_table():
+    bastion = {key: value for key, value in GOOD_BASTION.items() if key != "ssh_user"}
+    message = error_of(agent_block(GOOD_AGENT, bastion))
+    assert message.startswith(f"{SOURCE}:7: agent \"gpu-1\" (agent #1), field 'bastion.ssh_user': "
+                              "missing required field; add ssh_user = ")
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("hostname", 5, "must be a string (a DNS name or an IP address), got an integer 5; write it in double quotes"),
+    ("ssh_user", True, "must be a string (the remote login name), got a boolean True"),
+    ("ssh_key_path", ["/k"], "must be a string (the path to the private key), got an array"),
+    ("gpu_query_cmd", ["nvidia-smi"], "must be a string (the command that prints GPU state"),
+    ("ssh_port", 22.5, "must be an integer from 1 to 65535, got a float 22.5"),
+    ("ssh_port", True, "must be an integer from 1 to 65535, got a boolean True"),
+    ("host_key_fingerprint", 7, "must be a string (the host key's SHA256 fingerprint), got an integer"),
+])
+def test_wrong_type(field, value, expected):
+    message = error_of(agent_block({**GOOD_AGENT, field: value}))
+    line = list(GOOD_AGENT).index(field) + 2 if field in GOOD_AGENT else len(GOOD_AGENT) + 2
+    assert message.startswith(f"{SOURCE}:{line}: agent \"gpu-1\" (agent #1), field '{field}': ")
+    assert expected in message
+
+
+def test_bastion_of_the_wrong_type():
+    message = error_of(agent_block({**GOOD_AGENT, "bastion": "bastion.example.com"}))
+    assert "field 'bastion': must be a table, got a string; write it as an [agents.bastion] section" in message
+
+
+@pytest.mark.parametrize("port", [0, -1, 65536, 100000])
+def test_port_out_of_range(port):
+    message = error_of(agent_block({**GOOD_AGENT, "ssh_port": port}))
+    assert message == (f"{SOURCE}:6: agent \"gpu-1\" (agent #1), field 'ssh_port': must be from 1 to 65535, "
+                       f"got {port}; use the port sshd listens on (usually 22)")
+
+
+@pytest.mark.parametrize("port", ["22", "22 -oProxyCommand=x"])
+def test_port_as_a_string(port):
+    message = error_of(agent_block({**GOOD_AGENT, "ssh_port": port}))
+    assert message == (f"{SOURCE}:6: agent \"gpu-1\" (agent #1), field 'ssh_port': is a string "
+                       f"({json.dumps(port)}); write the number without quotes, e.g. ssh_port = 22")
+
+
+def test_bastion_port_out_of_range():
+    message = error_of(agent_block(GOOD_AGENT, {**GOOD_BASTION, "ssh_port": 70000}))
+    assert message.startswith(f"{SOURCE}:11: agent \"gpu-1\" (agent #1), field 'bastion.ssh_port': "
+                              "must be from 1 to 65535, got 70000")
+
+
+def test_duplicate_names_ignore_case():
+    text = agent_block(GOOD_AGENT) + "\n" + agent_block({**GOOD_AGENT, "hostname": "10.0.0.2"}) + "\n" + \
+        agent_block({**GOOD_AGENT, "name": "GPU-1"})
+    message = error_of(text)
+    assert message.startswith(f"{SOURCE}: 2 problems in the agents file:")
+    assert (f"{SOURCE}:8: agent \"gpu-1\" (agent #2), field 'name': duplicate: agent #1 at line 1 is already "
+            "called \"gpu-1\" (names are compared ignoring case); give each agent a unique name") in message
+    assert f"{SOURCE}:14: agent \"GPU-1\" (agent #3), field 'name': duplicate: agent #1 at line 1" in message
+
+
+def test_unknown_key_suggests_the_nearest_valid_key():
+    message = error_of(agent_block({**GOOD_AGENT, "hostnme": "x"}))
+    assert message == (f"{SOURCE}:6: agent \"gpu-1\" (agent #1), field 'hostnme': unknown key \"hostnme\"; "
+                       "did you mean 'hostname'?")
+
+
+def test_unknown_key_in_bastion_and_without_a_near_match():
+    message = error_of(agent_block({**GOOD_AGENT, "colour": "blue"}, {**GOOD_BASTION, "ssh_prot": 22}))
+    assert (f"{SOURCE}:6: agent \"gpu-1\" (agent #1), field 'colour': unknown key \"colour\"; valid keys are "
+            "name, hostname, ssh_user, ssh_key_path, ssh_port, gpu_query_cmd, host_key_fingerprint, bastion") in message
+    assert (f"{SOURCE}:13: agent \"gpu-1\" (agent #1), field 'bastion.ssh_prot': unknown key \"ssh_prot\"; "
+            "did you mean 'ssh_port'?") in message
+
+
+def test_unknown_top_level_key_and_single_bracket_agents():
+    message = error_of('agent = 1\n' + agent_block(GOOD_AGENT))
+    assert f"{SOURCE}:1: unknown top-level key \"agent\"; did you mean 'agents'?" in message
+    message = error_of('[agents]\nname = "gpu-1"\n')
+    assert message == (f"{SOURCE}:1: 'agents' must be an array of tables, got a table; start each agent with "
+                       "[[agents]] (two brackets), not [agents]")
+
+
+@pytest.mark.parametrize("key", ["password", "ssh_password", "passphrase", "ssh_pass", "Password", "key_passwd",
+                                 "sudo_pwd", "client_secret", "pasword", "ssh_pswd"])
+def test_password_like_fields_are_refused(key):
+    message = error_of(agent_block({**GOOD_AGENT, key: "hunter2"}))
+    assert message.startswith(f"{SOURCE}:6: agent \"gpu-1\" (agent #1), field '{key}': ")
+    assert "hwledger uses key-based SSH authentication only; remove it and set ssh_key_path" in message
+    assert "hunter2" not in message  # never echo a secret
+
+
+def test_password_in_bastion_is_refused():
+    message = error_of(agent_block(GOOD_AGENT, {**GOOD_BASTION, "password": "x"}))
+    assert f"{SOURCE}:12: agent \"gpu-1\" (agent #1), field 'bastion.password': " in message
+    assert "key-based SSH authentication only" in message
+
+
+INJECTIONS = {
+    "space": ("a b", "contains a space"),
+    "single quote": ("a'b", "contains a single quote"),
+    "double quote": ('a"b', "contains a double quote"),
+    "semicolon": ("a;id", "contains ';'"),
+    "dollar": ("a$(id)", "contains '$'"),
+    "backtick": ("a`id`b", "contains a backtick"),
+    "newline": ("a\nid", "contains a newline, which is never valid here"),
+    "NUL": ("a\0b", "contains a NUL byte, which is never valid here"),
+    "escape": ("a\x1b[2Kb", "contains the control character U+001B"),
+    "pipe": ("a|id", "contains '|'"),
+    "leading dash": ("-oProxyCommand=touch${IFS}/tmp/pwn", "starts with '-', which ssh would read as an option"),
+}
+INJECTION_FIELDS = ["hostname", "ssh_user", "ssh_key_path", "bastion.hostname", "bastion.ssh_user",
+                    "bastion.ssh_key_path"]
+
+
+@pytest.mark.parametrize("field", INJECTION_FIELDS)
+@pytest.mark.parametrize("case", list(INJECTIONS))
+def test_injection_characters_are_refused(field, case):
+    payload, expected = INJECTIONS[case]
+    if field.endswith("ssh_key_path") and not payload.startswith("-"):
+        payload = "/keys/" + payload
+    agent, bastion = dict(GOOD_AGENT), dict(GOOD_BASTION)
+    if field.startswith("bastion."):
+        bastion[field[len("bastion."):]] = payload
+    else:
+        agent[field] = payload
+    message = error_of(agent_block(agent, bastion))
+    header = f"agent \"gpu-1\" (agent #1), field '{field}': "
+    assert header in message
+    assert message.startswith(f"{SOURCE}:"), message
+    assert message.split(":", 2)[1].isdigit()  # a line number
+    assert expected in message
+    assert "\n" not in message and "\0" not in message and "\x1b" not in message  # shown escaped
+    with pytest.raises(ValueError):  # and the CLI's validators agree
+        {"hostname": A.validate_hostname, "ssh_user": A.validate_user,
+         "ssh_key_path": A.validate_key_path}[field.split(".")[-1]](payload)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("../etc", "is not a valid agent name"), ("a/b", "is not a valid agent name"),
+    ("a b", "is not a valid agent name"),
+    ("-a", "is not a valid agent name"), ("a..b", "without '..'"), ("", "is empty"),
+    ("a\nb", "contains a newline"), ("x" * 65, "use 1-64 letters"),
+])
+def test_bad_agent_names(name, expected):
+    message = error_of(agent_block({**GOOD_AGENT, "name": name}))
+    assert message.startswith(f"{SOURCE}:2: agent #1, field 'name': ")
+    assert expected in message
+
+
+@pytest.mark.parametrize("hostname, expected", [
+    ("999.1.1.1", "is not a valid IPv4 address"),
+    ("010.0.0.1", "is not a valid IPv4 address"),
+    ("[2001:db8::1]", "write an IPv6 address without brackets, e.g. \"2001:db8::1\""),
+    ("fe80::1%eth0", "IPv6 zone indexes ('%') are not supported"),
+    ("2001:db8::zz", "is not a valid IPv6 address"),
+    ("host:22", "put the port in ssh_port"),
+    ("a" * 64 + ".example.com", "is not a valid DNS name"),
+    ("-gpu.example.com", "starts with '-'"),
+    ("gpu-.example.com", "is not a valid DNS name"),
+    ("{{ lookup('pipe','id') }}", "contains '{'"),
+])
+def test_bad_hostnames(hostname, expected):
+    message = error_of(agent_block({**GOOD_AGENT, "hostname": hostname}))
+    assert message.startswith(f"{SOURCE}:3: agent \"gpu-1\" (agent #1), field 'hostname': ")
+    assert expected in message
+
+
+@pytest.mark.parametrize("hostname", ["123.45.67.89", "2001:db8::1", "::1", "gpu_1.internal", "localhost",
+                                      "compute-2.lambda-labs.com", "fqdn.example.com."])
+def test_good_hostnames(hostname):
+    assert A.validate_hostname(hostname) == hostname
+
+
+def test_relative_key_path_is_refused():
+    message = error_of(agent_block({**GOOD_AGENT, "ssh_key_path": "keys/id_ed25519"}))
+    assert ("field 'ssh_key_path': \"keys/id_ed25519\" is not an absolute path; write it from / or from ~/ "
+            "(e.g. ~/.ssh/id_ed25519), since ssh may run from any directory") in message
+
+
+def test_key_path_with_a_space_says_how_to_fix():
+    message = error_of(agent_block({**GOOD_AGENT, "ssh_key_path": "/tmp/my key's/id_ed25519"}))
+    assert ("contains a space, which ssh or the ProxyCommand shell would split or interpret; move or link the "
+            "private key to a path made only of letters, digits and . _ / + @ , : ~ -") in message
+
+
+def test_control_characters_in_the_query_command():
+    message = error_of(agent_block({**GOOD_AGENT, "gpu_query_cmd": "nvidia-smi\nrm -rf /"}))
+    assert "field 'gpu_query_cmd': contains a newline, which is never valid here; remove it" in message
+
+
+@pytest.mark.parametrize("fingerprint, ok", [
+    ("SHA256:" + "A" * 43, True), ("SHA256:" + "a+/9" * 10 + "abc", True),
+    ("MD5:aa:bb", False), ("SHA256:short", False), ("SHA256:" + "A" * 43 + " x", False),
+])
+def test_host_key_fingerprint(fingerprint, ok):
+    text = agent_block({**GOOD_AGENT, "host_key_fingerprint": fingerprint})
+    if ok:
+        [agent] = parse(text)[0]
+        assert agent.host_key_fingerprint == fingerprint
+    else:
+        assert "is not a SHA256 fingerprint; write it as ssh-keygen prints it" in error_of(text)
+
+
+def test_every_problem_is_reported_at_once_in_line_order():
+    text = agent_block({**GOOD_AGENT, "hostname": "a b", "ssh_port": "22", "password": "x"})
+    with pytest.raises(A.AgentsFileError) as caught:
+        parse(text)
+    assert [problem.split(":", 2)[1] for problem in caught.value.problems] == ["3", "6", "7"]
+
+
+def test_an_inline_agents_array_still_names_the_agent():
+    message = error_of('agents = [{name = "gpu-1", hostname = "a b", ssh_user = "u", ssh_key_path = "/k"}]\n')
+    assert message.startswith(f"{SOURCE}: agent \"gpu-1\" (agent #1), field 'hostname': ")
+
+
+def test_an_empty_file_is_a_warning_not_an_error():
+    assert parse("") == ([], [f"{SOURCE}: defines no agents; add an [[agents]] table for each GPU host"])
+
+
+def test_agent_constructor_validates_too():
+    with pytest.raises(ValueError, match=r"^hostname: \"a;b\" contains ';'"):
+        A.Agent(name="x", hostname="a;b", ssh_user="u", ssh_key_path="/k")
+    with pytest.raises(ValueError, match=r"^bastion.ssh_port: must be from 1 to 65535"):
+        A.Bastion(hostname="b", ssh_user="u", ssh_key_path="/k", ssh_port=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The file on disk: permissions and key files
+# ------------------------------------------------------------------------------------------------
+
+def write_agents(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
+    path = tmp_path / "ssh-agents.toml"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("mode, kind", [(0o620, "group"), (0o602, "world"), (0o666, "both")])
+def test_writable_agents_file_is_refused(tmp_path, mode, kind):
+    path = write_agents(tmp_path, agent_block(GOOD_AGENT), mode)
+    with pytest.raises(A.AgentsFileError) as caught:
+        A.load_agents_file(str(path))
+    assert str(caught.value) == (
+        f"{path}: bad permissions {mode:04o}: the agents file is group- or world-writable, so another local "
+        f"user could add a host, a ProxyCommand bastion or a command that hwledger would run. "
+        f"Fix: chmod go-w {path}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_agents_file_owned_by_someone_else_is_refused(tmp_path):
+    path = write_agents(tmp_path, agent_block(GOOD_AGENT))
+    os.chown(path, 12345, -1)
+    with pytest.raises(A.AgentsFileError, match=r"bad owner: the agents file belongs to uid 12345"):
+        A.load_agents_file(str(path))
+
+
+def test_missing_agents_file(tmp_path):
+    with pytest.raises(A.AgentsFileError, match=r"agents file not found. Fix: create it"):
+        A.load_agents_file(str(tmp_path / "nope.toml"))
+
+
+def test_non_utf8_file_names_the_line(tmp_path):
+    path = tmp_path / "ssh-agents.toml"
+    path.write_bytes(b'[[agents]]\nname = "caf\xe9"\n')
+    path.chmod(0o600)
+    with pytest.raises(A.AgentsFileError, match=rf"^{path}:2: the file is not valid UTF-8"):
+        A.load_agents_file(str(path))
+
+
+def test_key_files_present_missing_and_too_open(tmp_path):
+    good_key = tmp_path / "good_key"
+    good_key.write_text("k")
+    good_key.chmod(0o600)
+    open_key = tmp_path / "open_key"
+    open_key.write_text("k")
+    open_key.chmod(0o644)
+    text = (agent_block({**GOOD_AGENT, "ssh_key_path": str(good_key)}) + "\n"
+            + agent_block({**GOOD_AGENT, "name": "gpu-2", "ssh_key_path": str(tmp_path / "absent")},
+                          {**GOOD_BASTION, "ssh_key_path": str(open_key)}))
+    agents, warnings = A.load_agents_file(str(write_agents(tmp_path, text)))
+    assert len(agents) == 2
+    path = tmp_path / "ssh-agents.toml"
+    assert warnings == [
+        f"{path}:11: agent \"gpu-2\" (agent #2), field 'ssh_key_path': key file {tmp_path}/absent does not "
+        f"exist, so ssh cannot log in to this agent; create it (ssh-keygen -t ed25519 -f {tmp_path}/absent) "
+        "or point ssh_key_path at your private key",
+        f"{path}:16: agent \"gpu-2\" (agent #2), field 'bastion.ssh_key_path': key file {open_key} has mode "
+        f"0644; ssh ignores private keys that others can read: run chmod 600 {open_key}",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Destinations, rendering, round trips
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("root@gpu.example.com", ("root", "gpu.example.com", None)),
+    ("root@gpu.example.com:2222", ("root", "gpu.example.com", 2222)),
+    ("root@[2001:db8::1]:2222", ("root", "2001:db8::1", 2222)),
+    ("root@[2001:db8::1]", ("root", "2001:db8::1", None)),
+    ("root@2001:db8::1", ("root", "2001:db8::1", None)),
+    ("ssh://ubuntu@10.0.0.5:22/", ("ubuntu", "10.0.0.5", 22)),
+])
+def test_parse_destination(text, expected):
+    assert A.parse_destination(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a@b@host", "user \"a@b\" contains '@'"),
+    ("@host", "has no user"),
+    ("gpu.example.com", "has no user"),
+    ("root@", "host is empty"),
+    ("root@-oProxyCommand=x", "host \"-oProxyCommand=x\" starts with '-'"),
+    ("root@host:99999", "must be from 1 to 65535"),
+    ("root@host:22x", "the port must be a number"),
+    ("root@[::1", "write a bracketed IPv6 address as user@[2001:db8::1]:22"),
+    ("ro ot@host", "user \"ro ot\" contains a space"),
+    ("root@host`id`", "contains a backtick"),
+])
+def test_parse_destination_rejects(text, expected):
+    with pytest.raises(ValueError) as caught:
+        A.parse_destination(text)
+    assert expected in str(caught.value)
+
+
+def test_render_agent_toml_round_trips(home):
+    agents = A.parse_agents_toml(SPEC_EXAMPLE.read_text(), str(SPEC_EXAMPLE))[0]
+    tricky = A.Agent(name="t", hostname="::1", ssh_user="u", ssh_key_path="/k",
+                     gpu_query_cmd='sh -c "nvidia-smi -q" \\ {{ lookup(\'pipe\', \'id\') }} é',
+                     host_key_fingerprint="SHA256:" + "B" * 43)
+    for agent in [*agents, tricky]:
+        rendered = A.render_agent_toml(agent)
+        assert rendered.startswith("[[agents]]\n")
+        assert parse(rendered)[0] == [agent]
+    combined = "\n".join(A.render_agent_toml(agent) for agent in agents)
+    assert parse(combined)[0] == agents
+    assert A.render_agent_toml(agents[2]).endswith(
+        f'[agents.bastion]\nhostname = "bastion.example.com"\nssh_user = "root"\n'
+        f'ssh_key_path = "{home}/.ssh/bastion_key"\nssh_port = 22\n')
+
+
+def test_agent_dict_round_trip_revalidates():
+    agent = A.Agent(**GOOD_AGENT, bastion=A.Bastion(**GOOD_BASTION))
+    assert A.agent_from_dict(A.agent_to_dict(agent)) == agent
+    tampered = {**A.agent_to_dict(agent), "hostname": "x;touch /tmp/p"}
+    with pytest.raises(A.AgentsFileError, match="field 'hostname'"):
+        A.agent_from_dict(tampered)
+
+
+@pytest.mark.parametrize("tool, bastion, groups", [
+    ("nvidia-smi", False, ["hwledger_agents", "hwledger_nvidia"]),
+    ("rocm-smi", False, ["hwledger_agents", "hwledger_rocm"]),
+    ("amd-smi", True, ["hwledger_agents", "hwledger_rocm", "hwledger_via_bastion"]),
+    (None, False, ["hwledger_agents"]),
+    (None, True, ["hwledger_agents", "hwledger_via_bastion"]),
+])
+def test_groups(tool, bastion, groups):
+    agent = A.Agent(**GOOD_AGENT, bastion=A.Bastion(**GOOD_BASTION) if bastion else None)
+    assert A.agent_groups(agent, tool) == groups
+
+
+def test_command_check_warnings_carry_the_location():
+    text = agent_block(GOOD_AGENT) + "\n" + agent_block(
+        {**GOOD_AGENT, "name": "amd", "gpu_query_cmd": "rocm-smi --showmeminfo --csv"})
+
+    def check(cmd):
+        return ["needs a memory type"] if "rocm" in cmd else []
+
+    warnings = A.parse_agents_toml(text, SOURCE, command_check=check)[1]
+    assert [w for w in warnings if "gpu_query_cmd" in w] == [
+        f"{SOURCE}:12: agent \"amd\" (agent #2), field 'gpu_query_cmd': needs a memory type"]
+
+
+def test_key_file_warnings_for_agents_loaded_earlier(tmp_path):
+    agent = A.Agent(**{**GOOD_AGENT, "ssh_key_path": str(tmp_path / "gone")})
+    assert A.key_file_warnings([agent], SOURCE) == [
+        f"{SOURCE}: agent \"gpu-1\" (agent #1), field 'ssh_key_path': key file {tmp_path}/gone does not exist, so "
+        f"ssh cannot log in to this agent; create it (ssh-keygen -t ed25519 -f {tmp_path}/gone) or point "
+        "ssh_key_path at your private key"]
+    (tmp_path / "gone").write_text("k")
+    (tmp_path / "gone").chmod(0o600)
+    assert A.key_file_warnings([agent], SOURCE) == []
