@@ -5,12 +5,12 @@ STAMP  := $(VENV)/.bootstrapped
 
 .PHONY: demo test unit integration sanity lint bench clean
 
-$(STAMP): scripts/bootstrap.sh pyproject.toml requirements/runtime.txt requirements/test.txt
+$(STAMP): scripts/bootstrap.sh pyproject.toml requirements/runtime.txt requirements/test.txt requirements/ansible-2.18.txt
 	VENV=$(VENV) scripts/bootstrap.sh
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m hwledger.demo
+	$(PY) -m demo
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
@@ -32,4 +32,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache tests/output bench/results .demo
+	rm -rf $(VENV) .venv-2.18 .pytest_cache tests/output bench/results .demo

@@ -37,3 +37,20 @@ fi
 # ansible-core's sys.path collection scan (runs started outside the checkout, e.g. ansible-runner).
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$PWD/collections" > "$site/hwledger_fleet_checkout.pth"
+
+# --- ansible-core 2.18 toolchain ------------------------------------------------------------------
+# meta/runtime.yml admits ansible-core 2.18 as well as 2.19, so the tests run the collection through
+# 2.18 too (tests/integration/test_ansible_218.py). It lives in its own virtualenv, reinstalled only
+# when requirements/ansible-2.18.txt changes (a few seconds from the package index). Under CI=true a
+# missing .venv-2.18 fails those tests instead of skipping them.
+VENV_218=${VENV_218:-.venv-2.18}
+if [ ! -x "$VENV_218/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV_218"
+fi
+if ! cmp -s requirements/ansible-2.18.txt "$VENV_218/.requirements-installed"; then
+  "$VENV_218/bin/python" -m pip install -q --disable-pip-version-check -r requirements/ansible-2.18.txt
+  cp requirements/ansible-2.18.txt "$VENV_218/.requirements-installed"
+fi
+# The same checkout link as the main venv: ansible_collections.hwledger.fleet imports and is scanned.
+site_218=$("$VENV_218/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD/collections" > "$site_218/hwledger_fleet_checkout.pth"
