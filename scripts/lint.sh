@@ -9,4 +9,7 @@ if [ ${#targets[@]} -eq 0 ]; then
   echo "lint: no playbooks or roles yet"
   exit 0
 fi
+# ansible-lint's syntax check runs ansible-playbook without an inventory; our ansible.cfg makes an
+# unparsed inventory fatal (right for real runs), so relax that for the lint run only.
+export ANSIBLE_INVENTORY_UNPARSED_FAILED=False
 ansible-lint --profile production --offline "${targets[@]}"
