@@ -5,7 +5,7 @@
 Used by the ``hwledger.fleet.gpu_query`` action plugin, by ``hwledger gpu parse`` and by the app's
 direct-ssh heartbeat, so there is one script and one parser.
 
-What the remote needs: a POSIX ``sh`` with ``mktemp``, ``head -c``, ``wc``, ``tr`` and ``sleep`` (coreutils or
+What the remote needs: a POSIX ``sh`` with ``mktemp``, ``head -c``, ``tr`` and ``sleep`` (coreutils or
 busybox). No Python. The script
 
 * runs the configured query command with ``/bin/sh -c`` (in its own process group when ``setsid`` exists),
@@ -102,7 +102,9 @@ emit() {
   head -c "$3" "$4" 2>/dev/null
   printf '\n%s end\n' "$B"
 }
-size() { wc -c <"$1" 2>/dev/null | tr -dc 0-9; }
+# Sizes are not measured (that cost two processes per section on every heartbeat): each section is
+# capped at its limit + 1 byte, so the controller sees an over-long output by its length alone.
+size() { printf -; }
 if [ -n "$d" ]; then
   ( ulimit -f @FILEBLOCKS@ 2>/dev/null
     command -v setsid >/dev/null 2>&1 && exec setsid /bin/sh -c "$C"
@@ -128,10 +130,14 @@ else
   printf '%s fatal -\nmktemp -d failed in %s, /tmp and %s\n%s end\n' "$B" "${TMPDIR:-/tmp}" "${HOME:-HOME}" "$B"
 fi
 if [ "$M" = 1 ]; then
-  emit loadavg - 256 /proc/loadavg
+  # Shell builtins only (no head/grep processes): this runs on every host at every heartbeat.
+  la=; read -r la </proc/loadavg 2>/dev/null
+  printf '%s loadavg -\n%.256s\n%s end\n' "$B" "$la" "$B"
   printf '%s meminfo -\n' "$B"
-  grep -E '^(MemTotal|MemAvailable):' /proc/meminfo 2>/dev/null | head -c 256
-  printf '\n%s end\n' "$B"
+  while IFS= read -r l; do
+    case $l in MemTotal:*|MemAvailable:*) printf '%.128s\n' "$l" ;; esac
+  done </proc/meminfo 2>/dev/null
+  printf '%s end\n' "$B"
   n=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || grep -c '^processor' /proc/cpuinfo 2>/dev/null)
   printf '%s cpus %s\n' "$B" "$(printf '%s' "$n" | tr -dc 0-9 | head -c 9)"
 fi

@@ -121,8 +121,8 @@ def test_stdout_stderr_and_rc_come_back_exactly_and_separately(shell, bin_dir, r
     assert frames.content["stdout"] == "line 1\n\nlast line without newline"
     assert frames.content["stderr"] == "warn 1\nwarn 2"
     assert frames.values["rc"] == "3"
-    assert frames.sizes["stdout"] == len(b"line 1\n\nlast line without newline")
-    assert frames.sizes["stderr"] == len(b"warn 1\nwarn 2")
+    # Sizes are not measured on the host (it would cost processes at every heartbeat).
+    assert frames.sizes["stdout"] is None and frames.sizes["stderr"] is None
     assert "timeout" not in frames.values
     assert frames.complete
 
@@ -133,7 +133,6 @@ def test_trailing_newlines_and_empty_output_are_kept(shell, bin_dir, remote_tmp)
     frames = run_probe("gputool", bin_dir=bin_dir, remote_tmp=remote_tmp, shell=shell).frames()
     assert frames.content["stdout"] == "a\n\n\n"
     assert frames.content["stderr"] == ""
-    assert frames.sizes["stderr"] == 0
     assert frames.values["rc"] == "0"
 
 
@@ -144,7 +143,6 @@ def test_binary_output_is_carried_byte_for_byte(bin_dir, remote_tmp):
     fake_tool(bin_dir, "gputool", 'cat "%s"' % data_file)
     frames = run_probe("gputool", bin_dir=bin_dir, remote_tmp=remote_tmp).frames()
     assert frames.content["stdout"].encode("utf-8", "surrogateescape") == payload
-    assert frames.sizes["stdout"] == len(payload)
 
 
 def test_output_that_imitates_frames_stays_inside_the_tool_output(bin_dir, remote_tmp):
@@ -256,9 +254,8 @@ def test_huge_output_is_cut_on_the_host(bin_dir, remote_tmp):
     fake_tool(bin_dir, "gputool", "head -c 5000000 /dev/zero | tr '\\0' x")
     run = run_probe("gputool", bin_dir=bin_dir, remote_tmp=remote_tmp)
     frames = run.frames()
+    # Cut to the cap (limit + 1 byte), so the controller knows by the length alone that it was cut.
     assert len(frames.content["stdout"]) == probe.STDOUT_CAP
-    # The tool could write a little more than the cap to its file, never the 5 MB it tried.
-    assert probe.STDOUT_CAP < frames.sizes["stdout"] < 5_000_000
     assert list(remote_tmp.iterdir()) == []
 
 
