@@ -1,6 +1,218 @@
-"""`hwledger job`: placeholder until its issue lands."""
+"""`hwledger job`: submit, list, show, cancel. The server (`hwledger fleet serve`) runs the jobs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs as jobs_schema
+
+from hwledger.display import dumps, human_age, printable, table
+from hwledger.errors import UserError
+from hwledger.server import Fleet
+from hwledger.store import JOB_STATES, JobRow, Store, age_seconds
 
 
-def register(subparsers):
-    parser = subparsers.add_parser("job", help="(not yet implemented)")
-    parser.set_defaults(func=lambda args: parser.error("not implemented yet"))
+def register(subparsers) -> None:
+    job = subparsers.add_parser("job", help="queue jobs for agents and follow them",
+                                description="Queue a job for an agent; `hwledger fleet serve` dispatches it on "
+                                            "the next heartbeat the agent answers.")
+    sub = job.add_subparsers(dest="job_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    files = argparse.ArgumentParser(add_help=False)
+    files.add_argument("--db", metavar="PATH",
+                       help="the store [$HWLEDGER_DB, default ~/.local/share/hwledger/fleet.db]")
+
+    submit = sub.add_parser(
+        "submit", parents=[files], help="queue a job",
+        description="Queue a job: a JSON job file (--file) or a command after --. The command runs without a "
+                    "shell on the agent.",
+        epilog="examples:\n  hwledger job submit --agent gpu1 -- nvidia-smi -L\n"
+               "  hwledger job submit --agent gpu1 --timeout 600 --file train.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    submit.add_argument("--agent", required=True, metavar="NAME", help="the agent to run it on")
+    submit.add_argument("--file", metavar="JOB.json", help="a job spec file (job_id is generated when absent)")
+    submit.add_argument("--timeout", type=float, metavar="S", help="seconds before the job is killed")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the command (repeatable)")
+    submit.add_argument("--workdir", metavar="DIR", help="working directory on the agent")
+    submit.add_argument("--json", action="store_true", help="print the queued job as JSON")
+    submit.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                        help="the command and its arguments, after --")
+    submit.set_defaults(func=cmd_submit)
+
+    listing = sub.add_parser("list", parents=[files], help="list jobs")
+    listing.add_argument("--agent", metavar="NAME")
+    listing.add_argument("--state", action="append", choices=JOB_STATES, help="only jobs in this state (repeatable)")
+    listing.add_argument("--limit", type=int, default=200, metavar="N", help="at most N jobs, newest (default 200)")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_list)
+
+    show = sub.add_parser("show", parents=[files], help="show a job, its result and history")
+    show.add_argument("job_id", metavar="ID", help="job id (or a unique prefix of it)")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
+
+    cancel = sub.add_parser("cancel", parents=[files], help="cancel a job",
+                            description="Cancel a queued job at once; a running one is stopped by the server "
+                                        "and its remote temp dir removed.")
+    cancel.add_argument("job_id", metavar="ID")
+    cancel.set_defaults(func=cmd_cancel)
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return Fleet.from_options(db=args.db).open_store()
+
+
+def _spec_error(exc: jobs_schema.JobSpecError, where: str) -> UserError:
+    lines = [f"{where}: {field}: {message}" for field, message in exc.errors]
+    return UserError("invalid job:\n  " + "\n  ".join(lines))
+
+
+def build_spec(args: argparse.Namespace) -> dict:
+    command = list(args.command or [])
+    if command and command[0] == "--":
+        command = command[1:]
+    if args.file and command:
+        raise UserError("give either --file JOB.json or a command after --, not both")
+    if not args.file and not command:
+        raise UserError("nothing to run: give --file JOB.json or a command after --, e.g. "
+                        "hwledger job submit --agent NAME -- nvidia-smi -L")
+    if args.file:
+        try:
+            spec = jobs_schema.load_job_file(args.file)
+        except jobs_schema.JobSpecError as exc:
+            raise _spec_error(exc, args.file) from None
+        if not isinstance(spec, dict):
+            raise UserError(f"{args.file}: a job file is a JSON object with at least \"command\"")
+        spec.setdefault("job_id", str(uuid.uuid4()))
+        where = args.file
+    else:
+        spec = {"job_id": str(uuid.uuid4()), "command": command}
+        where = "command line"
+    if args.timeout is not None:
+        spec["timeout_s"] = args.timeout
+    if args.env:
+        env = dict(spec.get("env") or {})
+        for pair in args.env:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise UserError(f"--env {pair!r}: write it as KEY=VALUE")
+            env[key] = value
+        spec["env"] = env
+    if args.workdir:
+        spec["workdir"] = args.workdir
+    spec.setdefault("schema_version", jobs_schema.JOB_SCHEMA_VERSION)
+    try:
+        return jobs_schema.validate_job(spec)
+    except jobs_schema.JobSpecError as exc:
+        raise _spec_error(exc, where) from None
+
+
+def job_to_dict(job: JobRow) -> dict:
+    return {
+        "id": job.id, "agent": job.agent, "state": job.state, "spec": job.spec,
+        "created_at": job.created_at, "updated_at": job.updated_at, "dispatched_at": job.dispatched_at,
+        "started_at": job.started_at, "finished_at": job.finished_at, "attempts": job.attempts,
+        "timeout_s": job.timeout_s, "cancel_requested": job.cancel_requested, "exit_code": job.exit_code,
+        "error": job.error, "result": job.result, "remote_dir": job.remote_dir,
+        "cleanup_pending": job.cleanup_pending,
+    }
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec = build_spec(args)
+    with _store(args) as store:
+        job = store.submit_job(args.agent, spec, job_id=spec["job_id"], timeout_s=spec.get("timeout_s"))
+    if args.json:
+        print(dumps(job_to_dict(job)))
+    else:
+        print(job.id)
+        print(f"queued for {args.agent}; it starts on the next heartbeat the agent answers "
+              "(`hwledger fleet serve` must be running)", file=sys.stderr)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    with _store(args) as store:
+        jobs = store.list_jobs(agent=args.agent, states=args.state)
+    jobs = jobs[-args.limit:]
+    if args.json:
+        print(dumps([job_to_dict(job) for job in jobs]))
+        return 0
+    if not jobs:
+        print("no jobs")
+        return 0
+    rows = [[job.id, printable(job.agent), job.state, human_age(age_seconds(job.created_at)),
+             "" if job.exit_code is None else str(job.exit_code),
+             printable(" ".join(job.spec.get("command") or []), limit=50)] for job in jobs]
+    print(table(rows, ["JOB", "AGENT", "STATE", "CREATED", "EXIT", "COMMAND"]))
+    return 0
+
+
+def _find(store: Store, job_id: str) -> JobRow:
+    job = store.find_job(job_id)
+    if job is None:
+        raise UserError(f"no job {job_id!r}; see `hwledger job list`")
+    return job
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        job = _find(store, args.job_id)
+        events = store.list_events(job_id=job.id)
+    if args.json:
+        data = job_to_dict(job)
+        data["events"] = [{"at": e.at, "kind": e.kind, **e.detail} for e in events]
+        print(dumps(data))
+        return 0
+    print(f"job      {job.id}")
+    print(f"agent    {printable(job.agent)}")
+    print(f"state    {job.state}{' (cancel requested)' if job.cancel_requested and not job.terminal else ''}")
+    print(f"command  {printable(' '.join(job.spec.get('command') or []))}")
+    for label, value in (("created", job.created_at), ("started", job.started_at), ("finished", job.finished_at)):
+        if value:
+            print(f"{label:<8} {value}")
+    if job.exit_code is not None:
+        print(f"exit     {job.exit_code}")
+    if job.error:
+        print(f"error    {printable(job.error)}")
+    if job.remote_dir:
+        print(f"remote   {printable(job.remote_dir)}{' (clean-up pending)' if job.cleanup_pending else ''}")
+    result = job.result or {}
+    for stream in ("stdout_tail", "stderr_tail"):
+        text = result.get(stream)
+        if text:
+            print(f"--- {stream.replace('_tail', '')} (last {len(text)} characters) ---")
+            # Job output comes from the remote: every control character is escaped, newlines kept.
+            print("\n".join(printable(line) for line in text.splitlines()))
+    print("--- history ---")
+    for event in events:
+        if event.kind == "job_state":
+            extra = f" ({printable(event.detail.get('error'), limit=200)})" if event.detail.get("error") else ""
+            print(f"{event.at}  {event.detail.get('old') or '-'} -> {event.detail.get('new')}{extra}")
+        else:
+            print(f"{event.at}  {event.kind}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        job = _find(store, args.job_id)
+        state = job.state if job.terminal else store.request_cancel(job.id)
+    if job.terminal:
+        print(f"job {job.id} already ended ({state}); nothing to cancel")
+        return 1
+    if state == "cancelled":
+        print(f"job {job.id} cancelled")
+    elif state in ("dispatched", "running"):
+        print(f"job {job.id} is {state}: the server stops it and records it as cancelled")
+    else:
+        print(f"job {job.id} ended ({state}) before the cancel arrived")
+        return 1
+    return 0

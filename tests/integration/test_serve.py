@@ -1,0 +1,206 @@
+"""`hwledger fleet serve` over real sshd hosts and real ansible-runner: agent states through a host going
+down and coming back, a failing GPU tool, a changed host key, shutdown, and what is left on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import sys
+import time
+
+import pytest
+
+from hwledger.server import Server
+from tests.integration.fleet_support import FleetEnv, files_containing, processes_mentioning, wait_for
+
+
+@pytest.fixture
+def fleet_env(tmp_path):
+    env = FleetEnv.create(tmp_path)
+    yield env
+    env.cleanup()
+
+
+@pytest.fixture
+def server_for(fleet_env):
+    servers = []
+
+    def make(**kw) -> Server:
+        server = Server(fleet_env.fleet(), **kw)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def _states(fleet_env, *names):
+    with fleet_env.store() as store:
+        return tuple(store.get_agent(name).state for name in names)
+
+
+def test_a_host_going_down_and_coming_back(fleet_env, server_for, lab, fresh_host):
+    steady = lab.add_loopback_host(lab.unique_name("steady"))
+    try:
+        fleet_env.register(fresh_host)
+        fleet_env.register(steady)
+        server = server_for()
+        server.tick()
+        assert _states(fleet_env, fresh_host.name, steady.name) == ("online", "online")
+
+        fresh_host.stop()
+        seen = []
+        for _ in range(3):
+            report = server.tick()
+            assert report.outcomes[fresh_host.name].reason == "unreachable"
+            seen.append(_states(fleet_env, fresh_host.name, steady.name))
+        # The 3-miss rule: stale, stale, then offline; the other host is unaffected.
+        assert seen == [("stale", "online"), ("stale", "online"), ("offline", "online")]
+        with fleet_env.store() as store:
+            row = store.get_agent(fresh_host.name)
+            assert row.consecutive_misses == 3 and row.state_reason == "unreachable"
+            gpus_before = store.latest_snapshot(fresh_host.name).data["gpus"]
+            assert len(gpus_before) == 2  # the last good data is kept (shown with its age)
+
+        fresh_host.start()
+        server.tick()
+        assert _states(fleet_env, fresh_host.name, steady.name) == ("online", "online")
+        with fleet_env.store() as store:
+            assert store.get_agent(fresh_host.name).consecutive_misses == 0
+            changes = [(e.detail["old"], e.detail["new"]) for e in store.list_events(agent=fresh_host.name,
+                                                                                      kind="agent_state")]
+        assert changes == [("pending", "online"), ("online", "stale"), ("stale", "offline"), ("offline", "online")]
+    finally:
+        steady.stop()
+
+
+def test_a_failing_gpu_tool_is_an_error_not_a_miss(fleet_env, server_for, fresh_host):
+    fleet_env.register(fresh_host)
+    server = server_for()
+    fresh_host.set_tool(capture="nvidia/failure-nvml-driver-library-version-mismatch.txt", rc=18)
+    server.tick()
+    with fleet_env.store() as store:
+        row = store.get_agent(fresh_host.name)
+        assert (row.state, row.consecutive_misses) == ("error", 0)
+        # The parser's reason for "Driver/library version mismatch", not a connection problem.
+        assert row.state_reason == "nvml_error" and row.last_seen is not None
+    fresh_host.set_tool()
+    server.tick()
+    assert _states(fleet_env, fresh_host.name) == ("online",)
+
+
+def test_a_changed_host_key_blocks_the_host_until_it_is_registered_again(fleet_env, server_for, fresh_host):
+    fleet_env.register(fresh_host)
+    server = server_for()
+    server.tick()
+    fresh_host.rotate_host_key()
+    report = server.tick()
+    assert report.outcomes[fresh_host.name].reason == "host_key_changed"
+    assert _states(fleet_env, fresh_host.name) == ("host_key_changed",)
+    with fleet_env.store() as store:
+        job = store.submit_job(fresh_host.name, {"job_id": "0f8fad5b-d9cb-469f-a165-70867728950e",
+                                                 "command": ["true"]},
+                               job_id="0f8fad5b-d9cb-469f-a165-70867728950e")
+    mark = fresh_host.log_mark()
+    report = server.tick()
+    assert fresh_host.name not in report.outcomes and report.dispatched == []
+    assert "Connection from" not in fresh_host.log_text(mark)  # not even contacted
+    with fleet_env.store() as store:
+        assert store.get_job(job.id).state == "queued"
+
+    proc = fleet_env.hw("fleet", "register-ssh", "--host", f"{fresh_host.user}@{fresh_host.address}:{fresh_host.port}",
+                        "--key", str(fresh_host.lab.client_key), "--name", fresh_host.name, "--replace",
+                        "--host-key-fingerprint", fresh_host.host_key_fingerprint, "--skip-heartbeat")
+    assert proc.returncode == 0, proc.stderr
+    with fleet_env.store() as store:
+        store.request_cancel(job.id)
+    server.tick()
+    assert _states(fleet_env, fresh_host.name) == ("online",)
+
+
+def test_templates_and_escapes_from_the_config_or_the_host_stay_data(fleet_env, server_for, fresh_host, tmp_path):
+    from_config = tmp_path / "PWNED-by-config"
+    from_host = tmp_path / "PWNED-by-host"
+    fleet_env.register(fresh_host, extra=(
+        "--skip-heartbeat", "--gpu-query-cmd",
+        "nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader "
+        f"# {{{{ lookup('pipe', 'touch {from_config}') }}}}"))
+    evil_name = f"{{{{ lookup('pipe', 'touch {from_host}') }}}}\x1b[2K\rALL OK"
+    fresh_host.set_tool(stdout=f"0, {evil_name}, 8192 MiB, 4096 MiB\n")
+    server = server_for()
+    report = server.tick()
+    assert report.outcomes[fresh_host.name].ok, report.outcomes
+    assert not from_config.exists() and not from_host.exists()
+    with fleet_env.store() as store:
+        assert store.latest_snapshot(fresh_host.name).data["gpus"][0]["name"] == evil_name
+    table = fleet_env.hw("fleet", "status").stdout
+    assert "online" in table and "\x1b" not in table and "\r" not in table
+    raw = fleet_env.hw("fleet", "status", "--json").stdout
+    assert "\x1b" not in raw and "\r" not in raw
+    assert json.loads(raw)[0]["gpus"][0]["name"] == evil_name
+
+
+def test_the_runner_wrapper_hands_inventory_and_extra_vars_over_as_data(fleet_env, tmp_path):
+    """Ansible templates values of an inventory or extra-vars file it loads; ours are tagged unsafe."""
+    by_inventory, by_extravars = tmp_path / "PWNED-inventory", tmp_path / "PWNED-extravars"
+    play = [{"hosts": "all", "gather_facts": False, "tasks": [
+        {"ansible.builtin.debug": {"msg": "{{ from_inventory }} {{ from_extravars }}"}}]}]
+    inventory = {"all": {"hosts": {"local": {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+        "from_inventory": f"{{{{ lookup('pipe', 'touch {by_inventory}') }}}}"}}}}
+    runs = fleet_env.fleet().runs()
+    run = runs.run_playbook(play, inventory=inventory, cancel=lambda: False,
+                            extravars={"from_extravars": f"{{{{ lookup('pipe', 'touch {by_extravars}') }}}}"})
+    assert run.status == "successful", run.output_tail
+    (event,) = run.host_events["local"]
+    assert event.res["msg"].startswith("{{ lookup('pipe', 'touch ")
+    assert not by_inventory.exists() and not by_extravars.exists()
+
+
+def test_sigterm_stops_within_two_seconds_leaving_only_ssh_masters(fleet_env, fresh_host):
+    fleet_env.register(fresh_host)
+    fresh_host.set_tool(delay=20)  # a tick is in flight when the signal comes
+    server = fleet_env.serve("--interval", "1", "--query-timeout", "30")
+    runs = fleet_env.data_dir / "runs"
+    wait_for(lambda: processes_mentioning(runs), timeout=30, what="a heartbeat run in flight")
+    time.sleep(1.0)
+    started = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    rc = server.wait(10)
+    took = time.monotonic() - started
+    assert rc == 0, fleet_env.server_log()
+    assert took < 2.0, f"stopping took {took:.2f} s"
+    assert processes_mentioning(runs) == {}
+    left = processes_mentioning(f"{fresh_host.address}")
+    # Only ControlPersist masters may stay (they expire on their own); no ansible, no client ssh.
+    assert all("[mux]" in cmdline for cmdline in left.values()), left
+    assert list(runs.iterdir()) == []
+
+
+def test_serve_leaves_no_secret_or_environment_on_disk_and_keeps_files_private(fleet_env, fresh_host):
+    fleet_env.register(fresh_host)
+    key_material = fresh_host.lab.client_key.read_bytes().splitlines()[1]  # a line of the private key body
+    server = fleet_env.serve("--interval", "0.5")
+    runs = fleet_env.data_dir / "runs"
+    needles = [fleet_env.canary.encode(), key_material, b"PRIVATE KEY"]
+    # Look inside the run dirs while runs are in flight (runner's env dump lives there), several times.
+    inspected = 0
+    deadline = time.monotonic() + 20
+    while inspected < 3 and time.monotonic() < deadline:
+        if any(runs.glob("run-*/artifacts/*/command")):
+            assert files_containing(runs, needles) == []
+            inspected += 1
+        time.sleep(0.05)
+    assert inspected >= 1, "never saw a run's artifacts"
+    with fleet_env.store() as store:
+        wait_for(lambda: store.get_agent(fresh_host.name).state == "online", timeout=20, what="online")
+    for name in ("fleet.db", "fleet.db-wal", "fleet.db-shm"):
+        path = fleet_env.data_dir / name
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, name
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(10) == 0
+    assert files_containing(fleet_env.root / "data", needles) == []
+    assert files_containing(fleet_env.root / "cfg", needles) == []

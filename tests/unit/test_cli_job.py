@@ -1,0 +1,98 @@
+"""`hwledger job` submit/list/show/cancel against a real store file (no server)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from hwledger.cli import main
+from hwledger.store import AgentRecord, Store
+
+
+@pytest.fixture
+def db(tmp_path, monkeypatch):
+    path = tmp_path / "data" / "fleet.db"
+    monkeypatch.setenv("HWLEDGER_DB", str(path))
+    with Store.open(path) as store:
+        store.upsert_agent(AgentRecord(name="gpu1", hostname="192.0.2.1", port=22, ssh_user="root", key_path="/k"))
+    return path
+
+
+def _submit(capsys, *argv) -> dict:
+    assert main(["job", "submit", "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_submit_a_command_after_double_dash(db, capsys):
+    job = _submit(capsys, "--agent", "gpu1", "--timeout", "30", "--env", "A=1", "--", "echo", "--not-an-option")
+    assert job["state"] == "queued" and job["agent"] == "gpu1"
+    assert job["spec"]["command"] == ["echo", "--not-an-option"]
+    assert job["spec"]["timeout_s"] == 30 and job["spec"]["env"] == {"A": "1"}
+    uuid.UUID(job["id"])
+    assert job["spec"]["job_id"] == job["id"]
+    with Store.open(db) as store:
+        assert store.get_job(job["id"]).state == "queued"
+
+
+def test_submit_a_job_file_keeps_its_values_literally(db, tmp_path, capsys):
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"command": ["sh", "-c", "echo {{ lookup('pipe','id') }}"], "timeout_s": 5}))
+    job = _submit(capsys, "--agent", "gpu1", "--file", str(spec))
+    assert job["spec"]["command"][2] == "echo {{ lookup('pipe','id') }}"
+    assert job["spec"]["timeout_s"] == 5
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--agent", "gpu1"], "nothing to run"),
+        (["--agent", "gpu1", "--file", "x.json", "--", "true"], "not both"),
+        (["--agent", "nope", "--", "true"], "no registered agent"),
+        (["--agent", "gpu1", "--timeout", "-1", "--", "true"], "timeout_s"),
+        (["--agent", "gpu1", "--env", "NOEQUALS", "--", "true"], "KEY=VALUE"),
+        (["--agent", "gpu1", "--file", "/nonexistent/job.json"], "cannot read"),
+    ],
+)
+def test_submit_errors_are_clear(db, capsys, argv, message):
+    assert main(["job", "submit", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_submit_refuses_an_invalid_spec_naming_the_field(db, tmp_path, capsys):
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"command": "echo hi"}))
+    assert main(["job", "submit", "--agent", "gpu1", "--file", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "command" in err and "list" in err
+
+
+def test_list_show_and_cancel(db, capsys):
+    first = _submit(capsys, "--agent", "gpu1", "--", "true")
+    second = _submit(capsys, "--agent", "gpu1", "--", "printf", "\x1b[31mred")
+    with Store.open(db) as store:
+        store.transition_job(second["id"], ["queued"], "dispatched")
+        store.transition_job(second["id"], ["dispatched"], "running")
+    assert main(["job", "list", "--json"]) == 0
+    assert [j["id"] for j in json.loads(capsys.readouterr().out)] == [first["id"], second["id"]]
+    assert main(["job", "list", "--state", "running"]) == 0
+    out = capsys.readouterr().out
+    assert second["id"] in out and first["id"] not in out and "\x1b" not in out
+
+    assert main(["job", "cancel", first["id"][:8]]) == 0
+    assert "cancelled" in capsys.readouterr().out
+    assert main(["job", "cancel", second["id"]]) == 0
+    assert "the server stops it" in capsys.readouterr().out
+    assert main(["job", "cancel", first["id"]]) == 1  # already over
+    assert "already ended" in capsys.readouterr().out
+
+    assert main(["job", "show", first["id"], "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["state"] == "cancelled"
+    assert [e["new"] for e in shown["events"] if e["kind"] == "job_state"] == ["queued", "cancelled"]
+    assert main(["job", "show", second["id"]]) == 0
+    out = capsys.readouterr().out
+    assert "cancel requested" in out and "\x1b" not in out
+    assert main(["job", "show", str(uuid.uuid4())]) == 2

@@ -1,0 +1,275 @@
+"""The SQLite store: schema versioning, file modes, transactions, job state machine, retention."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import threading
+import time
+import uuid
+
+import pytest
+
+from hwledger.errors import UserError
+from hwledger.store import (
+    SCHEMA_VERSION,
+    AgentRecord,
+    AgentUpdate,
+    HeartbeatRecord,
+    Store,
+    StoreError,
+)
+
+
+def _agent(name: str = "gpu1", **kw) -> AgentRecord:
+    values = dict(name=name, hostname="10.0.0.1", port=22, ssh_user="root", key_path="/k/id_ed25519",
+                  key_fingerprint="SHA256:client", host_key_fingerprint="SHA256:host")
+    values.update(kw)
+    return AgentRecord(**values)
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "state" / "fleet.db"
+
+
+@pytest.fixture
+def store(db):
+    with Store.open(db) as opened:
+        yield opened
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_new_store_is_wal_versioned_and_private_under_a_loose_umask(db):
+    old = os.umask(0o022)
+    try:
+        with Store.open(db) as store:
+            store.upsert_agent(_agent())  # a write creates the -wal file
+            files = [db, db.with_name("fleet.db-wal"), db.with_name("fleet.db-shm")]
+            assert all(f.exists() for f in files)
+            assert [_mode(f) for f in files] == [0o600, 0o600, 0o600]
+            assert _mode(db.parent) == 0o700
+            assert store.schema_version == SCHEMA_VERSION
+            raw = sqlite3.connect(db)
+            assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            raw.close()
+    finally:
+        os.umask(old)
+
+
+def test_existing_loose_file_modes_are_tightened_on_open(db):
+    Store.open(db).close()
+    os.chmod(db, 0o644)
+    Store.open(db).close()
+    assert _mode(db) == 0o600
+
+
+def test_reopening_keeps_data_and_does_not_migrate_again(db):
+    with Store.open(db) as store:
+        store.upsert_agent(_agent())
+    with Store.open(db) as store:
+        assert [a.name for a in store.list_agents()] == ["gpu1"]
+        assert store.schema_version == SCHEMA_VERSION
+
+
+def test_a_store_from_a_newer_hwledger_is_refused_with_advice(db):
+    Store.open(db).close()
+    raw = sqlite3.connect(db)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.commit()
+    raw.close()
+    with pytest.raises(StoreError, match="newer than this hwledger"):
+        Store.open(db)
+
+
+def test_concurrent_first_opens_migrate_once(db):
+    errors = []
+
+    def open_it():
+        try:
+            Store.open(db).close()
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with Store.open(db) as store:
+        assert store.schema_version == SCHEMA_VERSION
+
+
+def test_events_are_append_only(store):
+    store.add_event("test", detail="x")
+    conn = store._conn  # the rule must hold for any SQL, not only for the API
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        conn.execute("UPDATE events SET kind = 'other'")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        conn.execute("DELETE FROM events")
+    assert [e.kind for e in store.list_events()] == ["test"]
+
+
+def test_removed_agent_is_hidden_and_re_registration_starts_afresh(store):
+    store.upsert_agent(_agent())
+    store.set_agent_state("gpu1", "offline", reason="unreachable")
+    assert store.mark_agent_removed("gpu1") is True
+    assert store.mark_agent_removed("gpu1") is False
+    assert store.list_agents() == []
+    assert store.get_agent("gpu1").state == "removed"
+    store.upsert_agent(_agent(hostname="10.0.0.2"))
+    row = store.get_agent("gpu1")
+    assert (row.state, row.hostname, row.consecutive_misses, row.removed_at) == ("pending", "10.0.0.2", 0, None)
+    kinds = [e.kind for e in store.list_events(agent="gpu1")]
+    assert kinds == ["agent_registered", "agent_state", "agent_removed", "agent_registered"]
+
+
+def _count_misses(row, record):
+    if record.ok:
+        return AgentUpdate("online", 0, seen=True)
+    misses = row.consecutive_misses + 1
+    return AgentUpdate("offline" if misses >= 3 else "stale", misses, record.reason, record.msg)
+
+
+def test_heartbeats_update_state_misses_and_emit_events_only_on_change(store):
+    store.upsert_agent(_agent())
+    snap = {"gpus": [{"index": 0}]}
+    changes = store.record_heartbeats([HeartbeatRecord("gpu1", True, snap)], _count_misses)
+    assert [(c.old, c.new) for c in changes] == [("pending", "online")]
+    seen = store.get_agent("gpu1").last_seen
+    assert seen is not None
+    for expected in ("stale", "stale", "offline", "offline"):
+        store.record_heartbeats([HeartbeatRecord("gpu1", False, reason="unreachable", msg="down")], _count_misses)
+        assert store.get_agent("gpu1").state == expected
+    row = store.get_agent("gpu1")
+    assert row.consecutive_misses == 4
+    assert row.last_seen == seen  # a miss does not count as seen
+    states = [(e.detail["old"], e.detail["new"]) for e in store.list_events(kind="agent_state")]
+    assert states == [("pending", "online"), ("online", "stale"), ("stale", "offline")]
+    assert store.latest_snapshot("gpu1").data == snap  # the last good data survives the misses
+
+
+def test_heartbeats_for_an_agent_removed_meanwhile_are_dropped(store):
+    store.upsert_agent(_agent())
+    store.mark_agent_removed("gpu1")
+    assert store.record_heartbeats([HeartbeatRecord("gpu1", True, {"gpus": []})], _count_misses) == []
+    assert store.get_agent("gpu1").state == "removed"
+    assert store.list_snapshots("gpu1") == []
+
+
+def test_snapshot_retention_is_bounded_and_keeps_the_last_good_snapshot(db):
+    with Store.open(db, snapshots_kept=5) as store:
+        store.upsert_agent(_agent())
+        store.upsert_agent(_agent("gpu2"))
+        store.record_heartbeats([HeartbeatRecord("gpu1", True, {"gpus": [], "n": "good"})], _count_misses)
+        for i in range(20):
+            store.record_heartbeats([HeartbeatRecord("gpu1", False, reason="unreachable", msg=str(i)),
+                                     HeartbeatRecord("gpu2", True, {"gpus": [], "n": i})], _count_misses)
+        gpu1 = store.list_snapshots("gpu1")
+        gpu2 = store.list_snapshots("gpu2")
+        assert len(gpu2) == 5 and [s.data["n"] for s in gpu2] == [19, 18, 17, 16, 15]
+        assert len(gpu1) == 6  # the 5 newest failures plus the last good snapshot
+        assert store.latest_snapshot("gpu1").data["n"] == "good"
+        assert [s.msg for s in gpu1[:5]] == ["19", "18", "17", "16", "15"]
+
+
+def test_job_transitions_are_compare_and_set_with_history(store):
+    store.upsert_agent(_agent())
+    job = store.submit_job("gpu1", {"command": ["true"]})
+    assert job.state == "queued"
+    assert store.transition_job(job.id, ["queued"], "dispatched") is True
+    assert store.transition_job(job.id, ["queued"], "dispatched") is False  # someone else moved it
+    assert store.transition_job(job.id, ["dispatched"], "running", attempts=1) is True
+    assert store.transition_job(job.id, ["running"], "succeeded", exit_code=0, result={"state": "succeeded"}) is True
+    done = store.get_job(job.id)
+    assert (done.state, done.attempts, done.exit_code, done.result) == ("succeeded", 1, 0, {"state": "succeeded"})
+    assert done.finished_at is not None and done.terminal
+    assert store.transition_job(job.id, ["running"], "lost") is False
+    history = [(e.detail["old"], e.detail["new"]) for e in store.list_events(job_id=job.id)]
+    assert history == [(None, "queued"), ("queued", "dispatched"), ("dispatched", "running"), ("running", "succeeded")]
+    with pytest.raises(ValueError):
+        store.transition_job(job.id, ["succeeded"], "exploded")
+    with pytest.raises(ValueError):
+        store.transition_job(job.id, ["succeeded"], "lost", spec="{}")
+
+
+def test_cancel_is_immediate_when_queued_and_a_request_when_active(store):
+    store.upsert_agent(_agent())
+    queued = store.submit_job("gpu1", {"command": ["a"]})
+    running = store.submit_job("gpu1", {"command": ["b"]})
+    store.transition_job(running.id, ["queued"], "dispatched")
+    store.transition_job(running.id, ["dispatched"], "running")
+    assert store.request_cancel(queued.id) == "cancelled"
+    assert store.get_job(queued.id).state == "cancelled"
+    assert store.request_cancel(running.id) == "running"
+    assert store.get_job(running.id).state == "running"
+    assert store.cancel_requested(running.id) is True
+    assert store.request_cancel(queued.id) == "cancelled"  # already final: unchanged
+    with pytest.raises(UserError):
+        store.request_cancel(str(uuid.uuid4()))
+
+
+def test_submit_needs_a_registered_agent_and_a_new_id(store):
+    with pytest.raises(UserError, match="no registered agent"):
+        store.submit_job("nope", {"command": ["x"]})
+    store.upsert_agent(_agent())
+    job = store.submit_job("gpu1", {"command": ["x"]})
+    with pytest.raises(UserError, match="already exists"):
+        store.submit_job("gpu1", {"command": ["x"]}, job_id=job.id)
+    store.mark_agent_removed("gpu1")
+    with pytest.raises(UserError, match="no registered agent"):
+        store.submit_job("gpu1", {"command": ["x"]})
+
+
+def test_find_job_by_unique_prefix(store):
+    store.upsert_agent(_agent())
+    a = store.submit_job("gpu1", {"command": ["x"]}, job_id="aaaa1111-0000-4000-8000-000000000001")
+    store.submit_job("gpu1", {"command": ["x"]}, job_id="aaaa2222-0000-4000-8000-000000000002")
+    assert store.find_job("aaaa1").id == a.id
+    with pytest.raises(UserError, match="ambiguous"):
+        store.find_job("aaaa")
+    assert store.find_job("bbbb") is None
+    assert store.find_job("aa") is None  # too short to search
+    assert store.find_job("aaaa_") is None  # LIKE wildcards are literal
+
+
+def test_a_writer_waits_for_another_writer_instead_of_failing(db):
+    with Store.open(db) as first:
+        first.upsert_agent(_agent())
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO events (at, kind) VALUES ('x', 'held')")
+    released = threading.Event()
+
+    def release_later():
+        time.sleep(1.0)
+        holder.execute("COMMIT")
+        released.set()
+
+    threading.Thread(target=release_later).start()
+    with Store.open(db) as second:
+        started = time.monotonic()
+        job = second.submit_job("gpu1", {"command": ["x"]})
+        waited = time.monotonic() - started
+        assert released.is_set() and waited >= 0.8
+        assert second.get_job(job.id) is not None
+        assert [e.kind for e in second.list_events()][-2:] == ["held", "job_state"]
+    holder.close()
+
+
+def test_a_writer_gives_a_clear_error_when_the_lock_is_held_too_long(db):
+    Store.open(db).close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with Store.open(db, busy_timeout_s=0.3) as store:
+            with pytest.raises(StoreError, match="busy"):
+                store.add_event("x")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
