@@ -1,0 +1,490 @@
+"""The fast heartbeat transport: one resident object that fans the probe out over OpenSSH masters.
+
+`SshFanoutHeartbeat` implements `hwledger.server.HeartbeatTransport`. Per tick it runs the probe
+(`probe.remote_script`, one POSIX-sh exec) on every agent at once, each as a plain `ssh` child built by
+`agents.ssh_argv` -- the same options as the Ansible path, so the same pinned known_hosts, the same
+HostKeyAlias, BatchMode, and the same ControlPath (`<control dir>/%C`): a heartbeat reuses the
+agent's ControlPersist master whichever path opened it, and costs a channel, not a handshake. Every
+answer goes through `probe.evaluate` (the one parser) and `server.outcome_from_result` (the one
+classifier), so a host ends in the same state whichever transport asked it.
+
+Why not Ansible for this: ansible-playbook costs ~0.7 s to start plus ~36 ms of controller CPU per
+host per tick (see docs/performance.md); a multiplexed `ssh` exec costs a few ms. Why not one thread
+per host: a single selector loop over the children's non-blocking pipes (and pidfds, so an exit is an
+event, not a poll) keeps the controller's own cost flat from 10 to 1000 hosts.
+
+Bounds, whatever the hosts do:
+- at most `max_parallel` ssh children at a time (also kept under the open-files limit);
+- a per-host deadline, `probe.controller_deadline(query_timeout)` by default (the remote watchdog's
+  timeout plus the connection grace): then the child's process group is SIGKILLed and the host gets
+  the exec-timeout failure, so a hung tool or a black-holed address never stretches a tick further;
+- at most `MAX_STDOUT_BYTES` / `MAX_STDERR_BYTES` read per host;
+- every child is reaped before `tick` returns: nothing is left behind but the ControlPersist masters
+  (which ssh daemonises out of our process group and which expire on their own, or on `close`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import selectors
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
+
+# Imported as a module (not `from ... import`): hwledger.server may import this module in turn.
+from hwledger import server as server_mod
+
+log = logging.getLogger("hwledger.fanout")
+
+DEFAULT_MAX_PARALLEL = 64
+# New connections (a full key exchange each: ~150 ms of client CPU with the default post-quantum KEX, as
+# much again in the host's sshd) at once. A server starting with 1000 agents would otherwise run 64
+# handshakes side by side on a small controller, each slow enough to hit ConnectTimeout.
+DEFAULT_MAX_NEW_CONNECTIONS = 16
+# An agent counts as warm (its master is up) this long after its last answer, well inside ControlPersist.
+WARM_MARGIN_S = 10.0
+# What is read of one exec: the probe sends at most its caps plus frame lines; ssh's own messages are short.
+MAX_STDOUT_BYTES = probe.STDOUT_CAP + probe.STDERR_CAP + 64 * 1024
+MAX_STDERR_BYTES = 64 * 1024
+READ_CHUNK = 64 * 1024
+# Longest sleep of the event loop: how often `cancel` is polled while children run.
+POLL_S = 0.1
+# Open files one child needs here: stdout and stderr pipes and its pidfd, plus one spare.
+FDS_PER_CHILD = 4
+FDS_RESERVED = 64
+CLOSE_EXIT_TIMEOUT_S = 5.0
+_HEADER = probe.HEADER_PREFIX.encode()
+
+
+def remote_command(script: str) -> str:
+    """The exec line sent to the agent: the probe under /bin/sh whatever the login shell is.
+
+    The same wrapping the Ansible path gets from `_low_level_execute_command` (`/bin/sh -c ...`); `exec`
+    so the login shell is replaced, not kept waiting.
+    """
+    return "exec /bin/sh -c " + shlex.quote(script)
+
+
+def max_parallel_for_fd_limit(requested: int) -> int:
+    """`requested`, lowered so that every child's pipes fit under the soft open-files limit."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return requested
+    return max(1, min(requested, (soft - FDS_RESERVED) // FDS_PER_CHILD))
+
+
+@dataclass
+class _Exec:
+    """One ssh child in flight for one agent."""
+
+    agent: agents_schema.Agent
+    proc: subprocess.Popen
+    started: float            # time.time(), for the snapshot's captured_at / query_ms
+    deadline: float           # time.monotonic()
+    pidfd: int | None
+    cold: bool = False          # no master expected: this exec opens the connection
+    stdout: list[bytes] = field(default_factory=list)
+    stderr: list[bytes] = field(default_factory=list)
+    stdout_size: int = 0
+    stderr_size: int = 0
+    exited: bool = False
+    timed_out: bool = False     # killed at the deadline
+    too_large: bool = False     # killed for printing too much
+    ended: float = 0.0
+
+
+class SshFanoutHeartbeat:
+    """A `HeartbeatTransport` that runs the probe on all agents concurrently over multiplexed ssh.
+
+    Resident: create it once per server and keep it; the ssh masters it (or the Ansible path) opened
+    stay warm between ticks for `policy.control_persist_s`. Not thread-safe: one tick at a time.
+    """
+
+    def __init__(
+        self,
+        policy: agents_schema.SshPolicy,
+        *,
+        query_timeout_s: float = server_mod.DEFAULT_QUERY_TIMEOUT_S,
+        host_metrics: bool = True,
+        backend: str = "auto",
+        max_parallel: int = DEFAULT_MAX_PARALLEL,
+        max_new_connections: int = DEFAULT_MAX_NEW_CONNECTIONS,
+        deadline_s: float | None = None,
+        ssh_binary: str = "ssh",
+        on_outcome: Callable[[str, server_mod.HostOutcome], None] | None = None,
+    ) -> None:
+        for name, value in (("max_parallel", max_parallel), ("max_new_connections", max_new_connections)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+        self.policy = policy
+        self.query_timeout_s = probe.check_timeout(query_timeout_s)
+        self.host_metrics = host_metrics
+        self.backend = backend
+        self.max_parallel = max_parallel_for_fd_limit(max_parallel)
+        self.max_new_connections = min(max_new_connections, self.max_parallel)
+        self.deadline_s = probe.controller_deadline(self.query_timeout_s) if deadline_s is None else float(deadline_s)
+        if self.deadline_s <= 0:
+            raise ValueError(f"deadline_s must be positive, got {deadline_s!r}")
+        self.ssh_binary = ssh_binary
+        self.on_outcome = on_outcome
+        self._seen: dict[str, agents_schema.Agent] = {}
+        self._answered: dict[str, tuple[agents_schema.Agent, float]] = {}  # name -> (agent, monotonic time)
+        self._durations: dict[str, float] = {}  # name -> seconds its last exec took
+        agents_schema.prepare_control_dir(policy)
+
+    # -- the protocol ------------------------------------------------------------------------
+
+    def tick(self, agents: Sequence[agents_schema.Agent], *,
+             cancel: Callable[[], bool]) -> dict[str, server_mod.HostOutcome]:
+        """One heartbeat over `agents`. Hosts missing from the answer were not asked (cancelled, or
+        the controller could not start their ssh) and keep their state."""
+        # Only the current agents are remembered: removed ones are forgotten (bounded memory).
+        self._seen = {agent.name: agent for agent in agents}
+        self._answered = {name: seen for name, seen in self._answered.items() if name in self._seen}
+        self._durations = {name: took for name, took in self._durations.items() if name in self._seen}
+        if not agents:
+            return {}
+        results = self.run_probes(agents, cancel=cancel)
+        outcomes: dict[str, server_mod.HostOutcome] = {}
+        for name, result in results.items():
+            outcomes[name] = server_mod.outcome_from_result(result)
+        return outcomes
+
+    # -- the fan-out ---------------------------------------------------------------------------
+
+    def run_probes(self, agents: Sequence[agents_schema.Agent], *,
+                   cancel: Callable[[], bool] = lambda: False) -> dict[str, dict]:
+        """Run the probe on every agent; {agent name: the probe.evaluate() result} for those asked."""
+        loop = _FanoutLoop(self, cancel)
+        try:
+            loop.run(list(agents))
+        finally:
+            loop.abort()  # kills and reaps whatever is still running (only after an exception or a cancel)
+        if loop.spawn_errors and not loop.results:
+            raise server_mod.HeartbeatRunError(
+                f"could not start ssh for any agent: {loop.spawn_errors[0]}")
+        return loop.results
+
+    def is_warm(self, agent: agents_schema.Agent, now: float) -> bool:
+        """Whether the agent's ssh master is (almost certainly) up: it answered within ControlPersist, with
+        the same connection settings. A guess only used for pacing new connections; ssh decides."""
+        seen = self._answered.get(agent.name)
+        if seen is None or seen[0] != agent or self.policy.control_dir is None:
+            return False
+        return now - seen[1] < self.policy.control_persist_s - WARM_MARGIN_S
+
+    def note_connection(self, agent: agents_schema.Agent, connected: bool, duration_s: float) -> None:
+        """Remember whether the agent's connection worked this tick (its shell ran the probe), and how
+        long the exec took."""
+        if connected:
+            self._answered[agent.name] = (agent, time.monotonic())
+        else:
+            self._answered.pop(agent.name, None)
+        self._durations[agent.name] = duration_s
+
+    def last_duration(self, agent: agents_schema.Agent) -> float:
+        """Seconds the agent's last exec took (0 when unknown)."""
+        return self._durations.get(agent.name, 0.0)
+
+    def argv(self, agent: agents_schema.Agent, script: str) -> list[str]:
+        return agents_schema.ssh_argv(agent, self.policy, remote_command(script), ssh_binary=self.ssh_binary)
+
+    def script(self, agent: agents_schema.Agent) -> str:
+        return probe.remote_script(agent.gpu_query_cmd, timeout_s=self.query_timeout_s,
+                                   host_metrics=self.host_metrics)
+
+    def evaluate(self, ex: _Exec, stdout: bytes) -> dict:
+        """The probe result of one finished exec (the one parser: probe.evaluate)."""
+        if ex.timed_out:
+            return probe.exec_timeout_failure(agent=ex.agent.name, timeout_s=self.query_timeout_s)
+        if ex.too_large:
+            return probe.failure(
+                "output_too_large",
+                f"{ex.agent.name}: the exec sent more than {MAX_STDOUT_BYTES} bytes, more than the probe ever "
+                "prints; the remote shell or its start-up files print too much",
+                agent=ex.agent.name)
+        rc = ex.proc.returncode
+        return probe.evaluate(
+            agent=ex.agent.name,
+            cmd=ex.agent.gpu_query_cmd,
+            backend=self.backend,
+            exec_stdout=stdout.decode("utf-8", "surrogateescape"),
+            exec_stderr=b"".join(ex.stderr).decode("utf-8", "replace"),
+            exec_rc=rc if rc is not None and rc >= 0 else 255,
+            started=ex.started,
+            ended=ex.ended,
+            host_metrics=self.host_metrics,
+        )
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def close(self, *, exit_masters: bool = False) -> None:
+        """Forget the agents; with `exit_masters`, ask each agent's ssh master to exit now.
+
+        Without it the masters expire on their own after ControlPersist, which is what lets a
+        restarted server (or the Ansible path) reuse them."""
+        agents = list(self._seen.values())
+        self._seen.clear()
+        if exit_masters:
+            exit_control_masters(agents, self.policy, ssh_binary=self.ssh_binary, max_parallel=self.max_parallel)
+
+
+def control_argv(agent: agents_schema.Agent, policy: agents_schema.SshPolicy, operation: str, *,
+                 ssh_binary: str = "ssh") -> list[str]:
+    """`ssh -O <operation>` for the agent's master, from the one options builder (agents.ssh_argv):
+    the same ControlPath, so the same socket. The remote command slot is dropped."""
+    argv = agents_schema.ssh_argv(agent, policy, "true", ssh_binary=ssh_binary)[:-1]
+    return [argv[0], "-O", operation, *argv[1:]]
+
+
+def exit_control_masters(agents: Iterable[agents_schema.Agent], policy: agents_schema.SshPolicy, *,
+                         ssh_binary: str = "ssh", max_parallel: int = DEFAULT_MAX_PARALLEL) -> int:
+    """`ssh -O exit` for every agent (no master: ssh says so and exits); returns how many exited."""
+    if policy.control_dir is None:
+        return 0
+    pending = list(agents)
+    running: list[subprocess.Popen] = []
+    exited = 0
+    deadline = time.monotonic() + CLOSE_EXIT_TIMEOUT_S
+    while pending or running:
+        while pending and len(running) < max_parallel:
+            argv = control_argv(pending.pop(), policy, "exit", ssh_binary=ssh_binary)
+            try:
+                running.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.DEVNULL, close_fds=True,
+                                                start_new_session=True))
+            except OSError as exc:
+                log.warning("ssh -O exit could not start: %s", exc)
+                pending.clear()
+        proc = running.pop(0)
+        try:
+            exited += proc.wait(timeout=max(0.05, deadline - time.monotonic())) == 0
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.wait()
+    return exited
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the child's process group (it leads one: start_new_session), i.e. the ssh client and,
+    for a first connection through a bastion, its ProxyCommand. A master that ssh already daemonised
+    has its own session and is not touched."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:  # pragma: no cover - the group is ours; kill the leader at least
+        proc.kill()
+
+
+class _FanoutLoop:
+    """One tick's event loop: spawn within the bound, read pipes, reap on pidfd, kill at the deadline.
+
+    An exec is complete when its ssh has exited and its stdout is at end of file. Not stderr: for the
+    first connection through a bastion, the ProxyCommand that ssh starts inherits ssh's stderr and
+    lives on with the master, so stderr is drained once ssh has exited and then closed. (stdout reaches
+    end of file only when every writer closed it: the ssh process and, through a master, the master,
+    which writes the output into the pipe itself.)
+    """
+
+    def __init__(self, transport: SshFanoutHeartbeat, cancel: Callable[[], bool]):
+        self.t = transport
+        self.cancel = cancel
+        self.sel = selectors.DefaultSelector()
+        self.running: dict[int, _Exec] = {}   # pid -> exec
+        self.results: dict[str, dict] = {}
+        self.spawn_errors: list[str] = []
+
+    def run(self, agents: list[agents_schema.Agent]) -> None:
+        now = time.monotonic()
+        # New connections start first (at most max_new_connections at a time): in steady state they are
+        # the few hosts that failed last time, and a black-holed one must not start late and then hold
+        # the tick for its whole deadline. Warm agents fill the other slots, the slowest last time first,
+        # so that a host whose tool takes seconds overlaps with the rest instead of ending the tick.
+        cold = [a for a in agents if not self.t.is_warm(a, now)]
+        warm = sorted((a for a in agents if self.t.is_warm(a, now)), key=self.t.last_duration)
+        cold.reverse()  # pop() from the end: the caller's order
+        while warm or cold or self.running:
+            if self.cancel():
+                log.info("heartbeat cancelled with %d host(s) in flight", len(self.running))
+                return
+            while cold and len(self.running) < self.t.max_parallel and self.cold_running < self.t.max_new_connections:
+                self._spawn(cold.pop(), cold=True)
+            while warm and len(self.running) < self.t.max_parallel:
+                self._spawn(warm.pop(), cold=False)
+            if self.running:
+                self._wait_events()
+                self._enforce_deadlines()
+
+    @property
+    def cold_running(self) -> int:
+        return sum(1 for ex in self.running.values() if ex.cold)
+
+    # -- children ------------------------------------------------------------------------
+
+    def _spawn(self, agent: agents_schema.Agent, *, cold: bool) -> None:
+        try:
+            argv = self.t.argv(agent, self.t.script(agent))
+        except ValueError as exc:  # the agent's query command cannot make a probe
+            self._finish(agent.name, probe.failure("invalid_query", f"{agent.name}: {exc}", agent=agent.name))
+            return
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, close_fds=True, start_new_session=True)
+        except OSError as exc:
+            # A controller problem (no ssh binary, out of processes or files), not the host's: the
+            # host is left out of the answer and keeps its state.
+            self.spawn_errors.append(f"{type(exc).__name__}: {exc}")
+            log.error("agent %s: cannot start ssh: %s", agent.name, exc)
+            return
+        ex = _Exec(agent, proc, time.time(), time.monotonic() + self.t.deadline_s, _pidfd(proc.pid), cold=cold)
+        self.running[proc.pid] = ex
+        for pipe, kind in ((proc.stdout, "o"), (proc.stderr, "e")):
+            os.set_blocking(pipe.fileno(), False)
+            self.sel.register(pipe.fileno(), selectors.EVENT_READ, (ex, kind))
+        if ex.pidfd is not None:
+            self.sel.register(ex.pidfd, selectors.EVENT_READ, (ex, "x"))
+
+    def _wait_events(self) -> None:
+        soonest = min(ex.deadline for ex in self.running.values())
+        timeout = max(0.0, min(POLL_S, soonest - time.monotonic()))
+        polled = [ex for ex in self.running.values() if ex.pidfd is None and not ex.exited]
+        if polled:
+            timeout = min(timeout, 0.005)  # no pidfd on this system: poll for exits
+        for key, _mask in self.sel.select(timeout):
+            ex, kind = key.data
+            if ex.proc.pid not in self.running:
+                continue  # finished by an earlier event of this batch
+            if kind == "x":
+                self._on_exit(ex)
+            else:
+                self._on_readable(ex, kind, key.fd)
+        for ex in polled:
+            if ex.proc.pid in self.running and ex.proc.poll() is not None:
+                self._on_exit(ex)
+
+    def _on_readable(self, ex: _Exec, kind: str, fd: int) -> None:
+        data = _read(fd)
+        if data is None:
+            return
+        if not data:
+            self._close_pipe(ex, kind)
+            self._maybe_done(ex)
+            return
+        if kind == "o":
+            ex.stdout_size += len(data)
+            if ex.stdout_size > MAX_STDOUT_BYTES:
+                ex.too_large = True
+                self._kill(ex)
+                return
+            ex.stdout.append(data)
+        else:
+            ex.stderr_size += len(data)
+            if ex.stderr_size <= MAX_STDERR_BYTES:
+                ex.stderr.append(data)
+
+    def _close_pipe(self, ex: _Exec, kind: str) -> None:
+        pipe = ex.proc.stdout if kind == "o" else ex.proc.stderr
+        if pipe is not None and not pipe.closed:
+            self.sel.unregister(pipe.fileno())
+            pipe.close()
+
+    def _on_exit(self, ex: _Exec) -> None:
+        if ex.pidfd is not None:
+            self.sel.unregister(ex.pidfd)
+            os.close(ex.pidfd)
+            ex.pidfd = None
+        ex.proc.wait()  # it has exited: this reaps at once
+        ex.exited = True
+        self._maybe_done(ex)
+
+    def _maybe_done(self, ex: _Exec) -> None:
+        if not ex.exited or not ex.proc.stdout.closed:
+            return
+        # What ssh itself said is in the pipe by now; a ProxyCommand may keep stderr open for good.
+        fd = ex.proc.stderr.fileno() if not ex.proc.stderr.closed else None
+        while fd is not None:
+            data = _read(fd)
+            if not data:
+                break
+            if ex.stderr_size < MAX_STDERR_BYTES:
+                ex.stderr.append(data)
+            ex.stderr_size += len(data)
+        self._complete(ex)
+
+    def _complete(self, ex: _Exec) -> None:
+        self._release(ex)
+        ex.ended = time.time()
+        stdout = b"".join(ex.stdout)
+        # The remote shell ran the probe (it printed the header): the connection, and so its master, works.
+        self.t.note_connection(ex.agent, not ex.timed_out and _HEADER in stdout[:4096], ex.ended - ex.started)
+        self._finish(ex.agent.name, self.t.evaluate(ex, stdout))
+
+    def _finish(self, name: str, result: dict) -> None:
+        self.results[name] = result
+        if self.t.on_outcome is not None:
+            self.t.on_outcome(name, server_mod.outcome_from_result(result))
+
+    def _release(self, ex: _Exec) -> None:
+        self.running.pop(ex.proc.pid, None)
+        self._close_pipe(ex, "o")
+        self._close_pipe(ex, "e")
+        if ex.pidfd is not None:
+            self.sel.unregister(ex.pidfd)
+            os.close(ex.pidfd)
+            ex.pidfd = None
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for ex in [ex for ex in self.running.values() if now >= ex.deadline]:
+            log.debug("agent %s: no answer within %.1f s; killing its ssh (pid %d)",
+                      ex.agent.name, self.t.deadline_s, ex.proc.pid)
+            ex.timed_out = True
+            self._kill(ex)
+
+    def _kill(self, ex: _Exec) -> None:
+        _kill_group(ex.proc)
+        ex.proc.wait()  # SIGKILL cannot be caught: this reaps at once, so nothing is left behind
+        ex.exited = True
+        self._complete(ex)
+
+    def abort(self) -> None:
+        """Kill and reap every child still running (cancel, or an exception in the loop); their hosts
+        are left out of the answer."""
+        for ex in list(self.running.values()):
+            _kill_group(ex.proc)
+            ex.proc.wait()
+            self._release(ex)
+        self.sel.close()
+
+
+def _read(fd: int) -> bytes | None:
+    """One non-blocking read: data, b"" at end of file, None when nothing is there yet."""
+    try:
+        return os.read(fd, READ_CHUNK)
+    except BlockingIOError:
+        return None
+    except OSError as exc:  # pragma: no cover - a pipe read fails no other way
+        if exc.errno == errno.EIO:
+            return b""
+        raise
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd for the child (Linux 5.3+), so its exit wakes the selector; None elsewhere."""
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None:
+        return None
+    try:
+        return opener(pid)
+    except OSError:
+        return None
