@@ -53,7 +53,7 @@ def test_a_host_going_down_and_coming_back(fleet_env, server_for, lab, fresh_hos
 
         fresh_host.stop()
         seen = []
-        for _ in range(3):
+        for _miss in range(3):
             report = server.tick()
             assert report.outcomes[fresh_host.name].reason == "unreachable"
             seen.append(_states(fleet_env, fresh_host.name, steady.name))
@@ -70,8 +70,8 @@ def test_a_host_going_down_and_coming_back(fleet_env, server_for, lab, fresh_hos
         assert _states(fleet_env, fresh_host.name, steady.name) == ("online", "online")
         with fleet_env.store() as store:
             assert store.get_agent(fresh_host.name).consecutive_misses == 0
-            changes = [(e.detail["old"], e.detail["new"]) for e in store.list_events(agent=fresh_host.name,
-                                                                                      kind="agent_state")]
+            state_events = store.list_events(agent=fresh_host.name, kind="agent_state")
+            changes = [(e.detail["old"], e.detail["new"]) for e in state_events]
         assert changes == [("pending", "online"), ("online", "stale"), ("stale", "offline"), ("offline", "online")]
     finally:
         steady.stop()
@@ -160,12 +160,21 @@ def test_the_runner_wrapper_hands_inventory_and_extra_vars_over_as_data(fleet_en
     assert not by_inventory.exists() and not by_extravars.exists()
 
 
-def test_sigterm_stops_within_two_seconds_leaving_only_ssh_masters(fleet_env, fresh_host):
+def _ssh_clients_to(host) -> dict:
+    return {pid: cmdline for pid, cmdline in processes_mentioning(f"{host.address}").items()
+            if "[mux]" not in cmdline}
+
+
+@pytest.mark.parametrize("transport", ["fanout", "ansible"])
+def test_sigterm_stops_within_two_seconds_leaving_only_ssh_masters(fleet_env, fresh_host, transport):
     fleet_env.register(fresh_host)
     fresh_host.set_tool(delay=20)  # a tick is in flight when the signal comes
-    server = fleet_env.serve("--interval", "1", "--query-timeout", "30")
+    server = fleet_env.serve("--interval", "1", "--query-timeout", "30", "--transport", transport)
     runs = fleet_env.data_dir / "runs"
-    wait_for(lambda: processes_mentioning(runs), timeout=30, what="a heartbeat run in flight")
+    if transport == "ansible":
+        wait_for(lambda: processes_mentioning(runs), timeout=30, what="a heartbeat run in flight")
+    else:
+        wait_for(lambda: _ssh_clients_to(fresh_host), timeout=30, what="a heartbeat probe in flight")
     time.sleep(1.0)
     started = time.monotonic()
     server.send_signal(signal.SIGTERM)
@@ -183,7 +192,8 @@ def test_sigterm_stops_within_two_seconds_leaving_only_ssh_masters(fleet_env, fr
 def test_serve_leaves_no_secret_or_environment_on_disk_and_keeps_files_private(fleet_env, fresh_host):
     fleet_env.register(fresh_host)
     key_material = fresh_host.lab.client_key.read_bytes().splitlines()[1]  # a line of the private key body
-    server = fleet_env.serve("--interval", "0.5")
+    # The ansible-runner transport: its artifacts are where an environment dump would land.
+    server = fleet_env.serve("--interval", "0.5", "--transport", "ansible")
     runs = fleet_env.data_dir / "runs"
     needles = [fleet_env.canary.encode(), key_material, b"PRIVATE KEY"]
     # Look inside the run dirs while runs are in flight (runner's env dump lives there), several times.
