@@ -28,7 +28,6 @@ ENV_KNOWN_HOSTS = "HWLEDGER_KNOWN_HOSTS"
 ENV_DB = "HWLEDGER_DB"
 
 
-
 def _xdg(var: str, fallback: str) -> Path:
     value = os.environ.get(var, "")
     # The XDG spec says relative values are invalid and must be ignored.

@@ -712,7 +712,7 @@ def _where(**equals: Any) -> tuple[str, list[Any]]:
     parts = [(k, v) for k, v in equals.items() if v is not None]
     if not parts:
         return "", []
-    return " WHERE " + " AND ".join(f"{k} = ?" for k, _ in parts), [v for _, v in parts]
+    return " WHERE " + " AND ".join(f"{k} = ?" for k, _value in parts), [v for _key, v in parts]
 
 
 def _split_sql(script: str) -> list[str]:

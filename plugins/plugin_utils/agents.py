@@ -715,7 +715,8 @@ def agent_from_dict(data: Any, source: str = "<agent data>") -> Agent:
             table.pop("bastion")
     agent = _agent_from_table(0, table, problems)
     problems.raise_if_any()
-    assert agent is not None  # no problem reported means an agent was built
+    if agent is None:  # no problem reported must mean an agent was built
+        raise RuntimeError(f"internal error (a bug in hwledger): {source}: no agent built and no problem reported")
     return agent
 
 

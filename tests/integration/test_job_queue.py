@@ -149,7 +149,7 @@ def test_sigterm_during_a_job_stops_in_time_and_the_next_server_cleans_up(fleet_
     job_id = _submit(fleet_env, python_host.name, "sh", "-c",
                      f"echo started >> {marker}; sleep 60; echo done >> {marker}")
     server = fleet_env.serve("--interval", "1")
-    wait_for(lambda: marker.exists(), timeout=60, what="the job to start on the host")
+    wait_for(marker.exists, timeout=60, what="the job to start on the host")
     remote_dir = wait_for(lambda: _job(fleet_env, job_id).remote_dir, timeout=30, what="the remote dir")
     started = time.monotonic()
     server.send_signal(signal.SIGTERM)
@@ -190,10 +190,10 @@ def test_cli_submissions_while_the_server_writes_lose_no_row(fleet_env, lab):
             f"    assert main(['job', 'submit', '--agent', {down.name!r}, '--', 'true']) == 0\n"
         )
         writers = [subprocess.Popen([sys.executable, "-c", script], env=fleet_env.env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for _ in range(8)]
+                                    stderr=subprocess.PIPE, text=True) for _writer in range(8)]
         results = [(w.wait(120), w.stdout.read(), w.stderr.read()) for w in writers]
-        assert all(rc == 0 for rc, _, _ in results), [err for _, _, err in results]
-        submitted = [line for _, out, _ in results for line in out.split()]
+        assert all(rc == 0 for rc, _out, _err in results), [err for _rc, _out, err in results]
+        submitted = [line for _rc, out, _err in results for line in out.split()]
         assert len(submitted) == 40 and len(set(submitted)) == 40
         time.sleep(1)  # a few more ticks write meanwhile
         with fleet_env.store() as store:

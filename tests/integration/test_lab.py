@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def ssh(host: SshHost, cmd: str, **kwargs) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(host.ssh_argv(cmd, **kwargs), capture_output=True, timeout=60)
+    return subprocess.run(host.ssh_argv(cmd, **kwargs), capture_output=True, timeout=60, check=False)
 
 
 def fixture_bytes(name: str) -> bytes:
@@ -237,7 +237,7 @@ def test_host_key_fingerprint_and_known_hosts_line(tmp_path: Path, fresh_host: S
     assert result.returncode == 255  # pinned under an alias, the address itself is unknown
     argv = fresh_host.ssh_argv("true", known_hosts=known)
     argv[1:1] = ["-o", "HostKeyAlias=my-alias"]
-    assert subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+    assert subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode == 0
 
 
 def test_stop_and_start_keep_address_port_and_key(fresh_host: SshHost) -> None:
@@ -258,7 +258,7 @@ def test_stop_and_start_keep_address_port_and_key(fresh_host: SshHost) -> None:
 
 
 def test_many_sessions_at_once(fresh_host: SshHost) -> None:
-    procs = [subprocess.Popen(fresh_host.ssh_argv("nvidia-smi"), stdout=subprocess.PIPE) for _ in range(12)]
+    procs = [subprocess.Popen(fresh_host.ssh_argv("nvidia-smi"), stdout=subprocess.PIPE) for _session in range(12)]
     outputs = [p.communicate(timeout=60)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 12
     assert set(outputs) == {DEFAULT_NVIDIA_STDOUT.encode()}
@@ -268,21 +268,21 @@ def test_many_sessions_at_once(fresh_host: SshHost) -> None:
 
 
 def test_bastion_is_reachable_from_the_controller(bastion_pair: tuple[SshHost, SshHost]) -> None:
-    bastion, _ = bastion_pair
+    bastion, _internal = bastion_pair
     result = ssh(bastion, "echo $SSH_CONNECTION")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[2:] == [bastion.address.encode(), str(bastion.port).encode()]
 
 
 def test_internal_host_is_unreachable_from_the_controller(bastion_pair: tuple[SshHost, SshHost]) -> None:
-    _, internal = bastion_pair
+    _bastion, internal = bastion_pair
     mark = internal.log_mark()
     direct = internal.ssh_argv("true", via_bastion=False)
     direct[1:1] = ["-o", "ConnectTimeout=2"]  # the first value given wins in ssh
     assert not any("ProxyCommand" in arg for arg in direct)
 
     started = time.monotonic()
-    result = subprocess.run(direct, capture_output=True, timeout=30)
+    result = subprocess.run(direct, capture_output=True, timeout=30, check=False)
     assert result.returncode == 255
     assert time.monotonic() - started < 10
     # A raw connect gets refused, unreachable or timed out; where the network answers every
@@ -297,7 +297,7 @@ def test_internal_host_is_unreachable_from_the_controller(bastion_pair: tuple[Ss
     time.sleep(0.2)
     assert "Connection from" not in internal.log_text(since=mark)
     # ... and no route of the lab leads there: the only lab route in this namespace is the bastion's /30.
-    route = subprocess.run(["ip", "route", "get", internal.address], capture_output=True, text=True).stdout
+    route = subprocess.run(["ip", "route", "get", internal.address], capture_output=True, text=True, check=False).stdout
     assert "hwl-" not in route
 
 
@@ -313,7 +313,7 @@ def test_internal_host_is_reached_through_the_bastion(bastion_pair: tuple[SshHos
     *gpus, connection = result.stdout.decode().splitlines(keepends=True)
     assert "".join(gpus) == DEFAULT_NVIDIA_STDOUT
     # The internal sshd saw the connection come from the bastion's side of their private link.
-    client_address, _, server_address, server_port = connection.split()
+    client_address, _client_port, server_address, server_port = connection.split()
     assert server_address == internal.address and int(server_port) == internal.port
     assert client_address != bastion.address and client_address.startswith("10.232.")
     assert f"Connection from {client_address} port" in internal.log_text(since=mark)
@@ -325,7 +325,8 @@ def test_bastion_does_not_forward_packets(bastion_pair: tuple[SshHost, SshHost])
     bastion, internal = bastion_pair
     for ns in (bastion.netns, internal.netns):
         value = subprocess.run(
-            ["ip", "netns", "exec", ns, "cat", "/proc/sys/net/ipv4/ip_forward"], capture_output=True, text=True
+            ["ip", "netns", "exec", ns, "cat", "/proc/sys/net/ipv4/ip_forward"], capture_output=True, text=True,
+            check=False,
         ).stdout
         assert value.strip() == "0", ns
 

@@ -533,7 +533,7 @@ class Lab:
         # Other labs (other test runs on this machine) pick 127.0.x.y too; their ports almost always
         # differ, but when an address:port is taken we simply move on to the next address.
         last_error: Exception | None = None
-        for _ in range(20):
+        for _attempt in range(20):
             host.address = next(self._addresses)
             if not _can_bind(host.address, self.port):
                 continue
@@ -629,7 +629,7 @@ def _can_bind(address: str, port: int) -> bool:
 
 def _free_port() -> int:
     """A port below the ephemeral range that nothing on this machine is bound to (on any address)."""
-    for _ in range(200):
+    for _attempt in range(200):
         port = 20000 + secrets.randbelow(12000)
         if _can_bind("0.0.0.0", port):
             return port

@@ -70,7 +70,7 @@ def delete_link(name: str) -> None:
 def _pick_subnets() -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Network]:
     """A /30 pair not yet used in the root ns (other labs may run at the same time)."""
     used = run(["ip", "-4", "-o", "addr", "show"]).stdout
-    for _ in range(50):
+    for _attempt in range(50):
         offset = random.randrange(OUTER_NET.num_addresses // 4) * 4
         outer = ipaddress.ip_network(f"{OUTER_NET.network_address + offset}/30")
         inner = ipaddress.ip_network(f"{INNER_NET.network_address + offset}/30")

@@ -216,7 +216,7 @@ def create_alias_account(name: str, home: Path, lab_id: str) -> None:
         "--password", "*", "--comment", f"{ACCOUNT_COMMENT} {lab_id}", name,
     ]  # fmt: skip
     # Several test runs may edit /etc/passwd at once: useradd gives up at once on a held lock.
-    for _ in range(100):
+    for _attempt in range(100):
         proc = run(argv, check=False)
         if proc.returncode == 0:
             return
@@ -229,7 +229,7 @@ def create_alias_account(name: str, home: Path, lab_id: str) -> None:
 def delete_account(name: str) -> None:
     # -f: the account shares uid 0 with running processes, which plain userdel refuses.
     # Without -r the home directory (inside the lab dir) is left alone.
-    for _ in range(100):
+    for _attempt in range(100):
         proc = run(["userdel", "-f", name], check=False)
         if proc.returncode == 0 or "does not exist" in proc.stderr:
             return

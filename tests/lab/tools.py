@@ -163,7 +163,7 @@ def write_behaviour(
 
 def _next_version(tools_dir: Path, tool: str) -> Path:
     # Old versions stay: a query already running inside one keeps reading it.
-    n = 1 + sum(1 for _ in tools_dir.glob(f"{tool}.v*"))
+    n = 1 + sum(1 for _version in tools_dir.glob(f"{tool}.v*"))
     while (tools_dir / f"{tool}.v{n}").exists():
         n += 1
     return tools_dir / f"{tool}.v{n}"

@@ -214,7 +214,7 @@ def test_ticks_never_overlap_and_an_overrun_is_recorded(fleet):
     server = Server(fleet, interval_s=0.2, transport=transport)
     server.run(max_ticks=3)
     assert len(transport.calls) == 3 and not transport.overlapped
-    for (_, end), (start, _) in zip(transport.calls, transport.calls[1:]):
+    for (_prev_start, end), (start, _next_end) in zip(transport.calls, transport.calls[1:]):
         assert start >= end  # the next tick started after the previous one ended ...
         assert start - end < 0.15  # ... at once, not an interval later
     with Store.open(fleet.db) as store:
@@ -230,7 +230,7 @@ def test_ticks_keep_their_cadence(fleet):
     transport = _SlowTransport(delay=0.05)
     server = Server(fleet, interval_s=0.3, transport=transport)
     server.run(max_ticks=3)
-    starts = [start for start, _ in transport.calls]
+    starts = [start for start, _end in transport.calls]
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     assert all(0.25 < gap < 0.45 for gap in gaps), gaps
 

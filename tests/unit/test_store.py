@@ -95,7 +95,7 @@ def test_concurrent_first_opens_migrate_once(db):
         except Exception as exc:  # noqa: BLE001 - collected for the assertion
             errors.append(exc)
 
-    threads = [threading.Thread(target=open_it) for _ in range(6)]
+    threads = [threading.Thread(target=open_it) for _thread in range(6)]
     for t in threads:
         t.start()
     for t in threads:
