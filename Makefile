@@ -29,6 +29,7 @@ lint: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/lint.sh
 
 bench: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/bench.txt
 	$(PY) -m bench
 
 clean:

@@ -10,7 +10,9 @@ need_pkgs=()
 command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || need_pkgs+=(openssh-client)
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
-command -v sqlite3 >/dev/null 2>&1 || need_pkgs+=(sqlite3)
+command -v git >/dev/null 2>&1 || need_pkgs+=(git)   # scripts/sanity.sh lists the files through git
+# venv needs ensurepip, which Debian ships separately (python3-venv); ansible-test's venvs need it too.
+"$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "bootstrap: installing ${need_pkgs[*]} with apt-get"
