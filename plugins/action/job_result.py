@@ -1,12 +1,11 @@
 # Copyright: hwledger-fleet developers
 # Apache License 2.0 (see LICENSE)
-"""Validate a fetched job result on the controller and publish it (hwledger.fleet.job_result)."""
+"""Validate a job result read from the remote and publish it on the controller (hwledger.fleet.job_result)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import stat
 
 from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.action import ActionBase
@@ -17,9 +16,11 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs
 ARGUMENT_SPEC = {
     "results_dir": {"type": "path", "required": True},
     "job_id": {"type": "str", "required": True},
+    "read": {"type": "dict", "required": True},
     "sha256": {"type": "str", "default": ""},
-    "discard": {"type": "bool", "default": False},
 }
+
+STDERR_SHOWN_CHARS = 500  # of the remote reader's stderr, in a refusal message
 
 
 class RefusedResult(Exception):
@@ -28,53 +29,48 @@ class RefusedResult(Exception):
         self.reason = reason
 
 
-def _read_bounded(path: str) -> bytes:
-    """The bytes of a regular, non-symlink file of at most RESULT_MAX_BYTES."""
+def result_bytes(read: dict) -> bytes:
+    """The bytes of result.json from the registered result of the task that read it on the remote with
+    `head -c RESULT_MAX_BYTES+1` (so `stdout` holds at most one byte more than the limit)."""
+    if read.get("failed") or read.get("rc") != 0:
+        why = to_text(read.get("stderr") or read.get("msg") or "no output")[:STDERR_SHOWN_CHARS]
+        raise RefusedResult("result_missing", "result.json could not be read on the remote (exit code %s): %r"
+                            % (read.get("rc", "unknown"), why))
+    text = read.get("stdout")
+    if not isinstance(text, str):
+        raise RefusedResult("result_missing", "the remote read of result.json returned no text")
+    if len(text) > jobs.RESULT_MAX_BYTES:
+        # The reader stopped one byte past the limit: the file is bigger (or was swapped for something
+        # endless, such as a symlink to /dev/zero, after it was checked).
+        raise RefusedResult("result_too_large", "result.json holds more than %d bytes (the limit); not accepted"
+                            % jobs.RESULT_MAX_BYTES)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise RefusedResult("result_missing", "no fetched result at %s" % path) from None
-    except OSError as exc:
-        raise RefusedResult("result_not_regular_file", "cannot open %s: %s" % (path, to_text(exc))) from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise RefusedResult("result_not_regular_file", "%s is not a regular file" % path)
-        if info.st_size > jobs.RESULT_MAX_BYTES:
-            raise RefusedResult("result_too_large", "result is %d bytes, over the limit of %d"
-                                % (info.st_size, jobs.RESULT_MAX_BYTES))
-        return handle.read(jobs.RESULT_MAX_BYTES + 1)
+        # The runner writes ASCII only (jobs.encode_result, ensure_ascii): these are exactly its bytes.
+        return text.encode("ascii")
+    except UnicodeEncodeError:
+        raise RefusedResult("result_not_json", "result.json is not the ASCII JSON the runner writes") from None
 
 
-def _remove(path: str) -> bool:
+def verify_and_publish(results_dir: str, job_id: str, raw: bytes, runner_stdout: str) -> dict:
+    """Validate the bytes of a result and write them to <results_dir>/<job_id>.json (0600, atomically: a
+    temp file opened O_CREAT|O_EXCL|O_NOFOLLOW, then renamed). Raises RefusedResult; nothing is written then."""
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def verify_and_publish(results_dir: str, job_id: str, runner_stdout: str) -> dict:
-    """Validate <results_dir>/.<job_id>.json.unverified and rename it to <results_dir>/<job_id>.json.
-    Raises RefusedResult (the unverified file is removed)."""
-    staging = str(jobs.staging_path(results_dir, job_id))
+        parsed = jobs.validate_result(raw, expected_job_id=job_id)
+    except jobs.ResultError as exc:
+        raise RefusedResult(exc.reason, str(exc)) from None
+    expected = jobs.parse_sha256_line(runner_stdout)
+    actual = hashlib.sha256(raw).hexdigest()
+    if expected is not None and expected != actual:
+        raise RefusedResult("result_checksum_mismatch", "the sha256 of the result read, %s, differs from the %s "
+                            "the runner printed" % (actual, expected))
+    problem = jobs.private_dir_problem(results_dir)
+    if problem is not None:
+        raise RefusedResult("results_dir_unsafe", "results_dir is not safe for job results: %s" % problem)
     final = str(jobs.result_path(results_dir, job_id))
     try:
-        raw = _read_bounded(staging)
-        parsed = jobs.validate_result(raw, expected_job_id=job_id)
-        expected = jobs.parse_sha256_line(runner_stdout)
-        actual = hashlib.sha256(raw).hexdigest()
-        if expected is not None and expected != actual:
-            raise RefusedResult("result_checksum_mismatch", "the fetched result's sha256 %s differs from the %s "
-                                "the runner printed" % (actual, expected))
-    except jobs.ResultError as exc:
-        _remove(staging)
-        raise RefusedResult(exc.reason, str(exc)) from None
-    except RefusedResult:
-        _remove(staging)
-        raise
-    os.chmod(staging, 0o600)
-    os.replace(staging, final)
+        jobs.write_atomically(final, raw)
+    except jobs.ResultWriteError as exc:
+        raise RefusedResult("results_dir_unsafe", "cannot publish the result: %s" % exc) from None
     return {"result": parsed, "path": final, "sha256": actual}
 
 
@@ -95,11 +91,9 @@ class ActionModule(ActionBase):
         except jobs.JobSpecError as exc:
             result.update(failed=True, reason="invalid_job", msg=str(exc))
             return result
-        if args["discard"]:
-            result["changed"] = _remove(str(jobs.staging_path(results_dir, job_id)))
-            return result
         try:
-            published = verify_and_publish(results_dir, job_id, args["sha256"])
+            raw = result_bytes(args["read"])
+            published = verify_and_publish(results_dir, job_id, raw, args["sha256"])
         except RefusedResult as exc:
             result.update(failed=True, reason=exc.reason, msg="result of job %s refused (%s): %s"
                           % (job_id, exc.reason, exc))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 
-from ansible.errors import AnsibleActionFail
 from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.action import ActionBase
 from ansible.utils.unsafe_proxy import wrap_var
@@ -20,19 +19,37 @@ ARGUMENT_SPEC = {
 }
 
 
-def _prepare_results_dir(path: str, create: bool) -> str:
-    """The absolute results directory; created 0700 when missing (not in check mode)."""
+# What job_spec returns in place of each env value in `spec` (the exact values are only in job_json).
+ENV_VALUE_MASK = "********"
+
+
+class UnsafeResultsDir(Exception):
+    """results_dir cannot be created, or is not a private directory of ours."""
+
+
+def prepare_results_dir(path: str, create: bool) -> str:
+    """The absolute results directory, created 0700 when missing (not in check mode). An existing one
+    must be a real directory of ours that nobody else can write to: results are published there."""
     path = os.path.abspath(path)
-    if os.path.isdir(path):
-        return path
-    if os.path.lexists(path):
-        raise AnsibleActionFail("results_dir %s exists and is not a directory" % path)
-    if create:
+    if create and not os.path.lexists(path):
         try:
             os.makedirs(path, mode=0o700)
+        except FileExistsError:
+            pass  # created meanwhile (by a parallel run): checked below like any existing directory
         except OSError as exc:
-            raise AnsibleActionFail("cannot create results_dir %s: %s" % (path, to_text(exc))) from None
+            raise UnsafeResultsDir("cannot create results_dir %s: %s" % (path, to_text(exc))) from None
+    if not create and not os.path.lexists(path):
+        return path  # check mode: it would be created
+    problem = jobs.private_dir_problem(path)
+    if problem is not None:
+        raise UnsafeResultsDir("results_dir is not safe for job results: %s" % problem)
     return path
+
+
+def masked_spec(job: dict) -> dict:
+    """The validated job with its env values replaced by ENV_VALUE_MASK (the names stay): env values are
+    often tokens, and the spec is returned to the play, where -v, callbacks and AWX events would show it."""
+    return dict(job, env={name: ENV_VALUE_MASK for name in job["env"]})
 
 
 class ActionModule(ActionBase):
@@ -62,18 +79,25 @@ class ActionModule(ActionBase):
                 errors=[{"field": field, "message": message} for field, message in exc.errors],
             )
             return wrap_var(result)
-        results_dir = _prepare_results_dir(args["results_dir"], create=not self._task.check_mode)
+        try:
+            results_dir = prepare_results_dir(args["results_dir"], create=not self._task.check_mode)
+        except UnsafeResultsDir as exc:
+            result.update(failed=True, reason="results_dir_unsafe", msg=str(exc))
+            return wrap_var(result)
         result.update(
             changed=False,
             job_id=job["job_id"],
-            spec=job,
+            spec=masked_spec(job),
             job_json=jobs.encode_job(job).decode("utf-8"),
             async_s=jobs.async_seconds(job),
             results_dir=results_dir,
             result_path=str(jobs.result_path(results_dir, job["job_id"])),
-            staging_path=str(jobs.staging_path(results_dir, job["job_id"])),
             result_max_bytes=jobs.RESULT_MAX_BYTES,
             runner_source=os.path.abspath(jobs.__file__),
+            # job_json holds the exact env values (often tokens): hide this result from every callback
+            # (the screen at any -v, ansible-runner/AWX events). The registered variable keeps it for the
+            # copy to the remote. A failure above is not hidden: its messages carry no env value.
+            _ansible_no_log=True,
         )
         # Everything returned is data: strings from the job must never be templated again.
         return wrap_var(result)

@@ -6,16 +6,21 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: job_result
-short_description: Validate a fetched hwledger job result and publish it on the controller
+short_description: Validate an hwledger job result read from the remote and publish it on the controller
 version_added: 0.1.0
 description:
-  - Reads C(<results_dir>/.<job_id>.json.unverified), the file the P(hwledger.fleet.job#role) role fetched
-    from the remote, and checks it before anything trusts it. It must be a regular file (not a symlink)
-    of at most 1 MiB, strict JSON, a valid hwledger result whose C(job_id) is O(job_id), and, when the
-    runner printed one, have the sha256 in O(sha256).
-  - A valid result is renamed to C(<results_dir>/<job_id>.json) (mode V(0600)); a refused one is deleted,
-    so C(<job_id>.json) only ever holds a validated result.
-  - Both paths are derived only from the validated O(job_id).
+  - Takes the registered result of the task that read C(result.json) on the remote with
+    C(head -c <limit + 1>) (O(read)), as the P(hwledger.fleet.job#role) role does, and checks the bytes
+    before anything trusts them. They must be at most 1 MiB (the reader stops one byte past the limit,
+    so a file that grew, or was swapped for a symlink to C(/dev/zero) after it was checked, costs the
+    controller at most 1 MiB + 1 byte), ASCII (the runner writes nothing else), strict JSON, a valid hwledger
+    result whose C(job_id) is O(job_id) and, when the runner printed one, have the sha256 in O(sha256).
+  - A valid result is written to C(<results_dir>/<job_id>.json), mode V(0600), atomically (a temp file created
+    with C(O_CREAT|O_EXCL|O_NOFOLLOW) and C(fchmod), then renamed over the target). A target that is a symlink
+    or not a regular file, and a O(results_dir) that is not a real directory of the user writable by nobody
+    else, are refused. A refused result is never written, so C(<job_id>.json) only ever holds a validated
+    result.
+  - The path is derived only from the validated O(job_id).
   - Runs on the controller only and never connects to the host.
 author:
   - hwledger-fleet developers (!UNKNOWN)
@@ -28,17 +33,21 @@ options:
     description: The job's id (a UUID).
     type: str
     required: true
+  read:
+    description:
+      - The registered result of an M(ansible.builtin.command) task that printed C(result.json) with
+        C(argv=[head, -c, <result_max_bytes + 1>, --, <path>]) and C(strip_empty_ends=false). Its C(rc) must be 0;
+        its C(stdout) is the result.
+      - Pass the whole registered variable (C("{{ read }}")), not C("{{ read.stdout }}"), which ansible-core
+        2.18 would parse as a dict.
+    type: dict
+    required: true
   sha256:
     description:
       - What the runner printed on stdout (C(<hex>  <path>)) or a bare hex digest. When it holds a
-        digest, the fetched bytes must match it. Empty skips this check.
+        digest, the bytes read must match it. Empty skips this check.
     type: str
     default: ""
-  discard:
-    description:
-      - Only remove an unverified result left behind (the role does this in its C(always) section).
-    type: bool
-    default: false
 attributes:
   check_mode:
     support: none
@@ -55,10 +64,20 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: Validate the fetched result and publish it as <job_id>.json
+- name: Read the result on the remote, bounded (no_log - the bytes are validated next)
+  ansible.builtin.command:
+    argv: [head, -c, "{{ (job.result_max_bytes + 1) | string }}", --, "{{ job_dir }}/result.json"]
+    strip_empty_ends: false
+  register: result_read
+  no_log: true
+  changed_when: false
+  failed_when: false
+
+- name: Validate the result and publish it as <job_id>.json
   hwledger.fleet.job_result:
     results_dir: /var/lib/hwledger/results
     job_id: 0f8fad5b-d9cb-469f-a165-70867728950e
+    read: "{{ result_read }}"
     sha256: "{{ run.stdout }}"
   register: outcome
 """
@@ -137,8 +156,9 @@ sha256:
   type: str
 reason:
   description:
-    - Why a result was refused, V(result_missing), V(result_not_regular_file), V(result_too_large),
-      V(result_not_json), V(result_invalid), V(result_wrong_job) or V(result_checksum_mismatch).
+    - Why a result was refused, V(result_missing) (it could not be read), V(result_too_large),
+      V(result_not_json), V(result_invalid), V(result_wrong_job), V(result_checksum_mismatch) or
+      V(results_dir_unsafe) (the result could not be published safely).
   returned: failure
   type: str
 """

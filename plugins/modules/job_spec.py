@@ -14,7 +14,12 @@ description:
     P(hwledger.fleet.job#role) role needs to run it.
   - Runs on the controller only and never connects to the host, so an invalid job is rejected before
     anything touches the remote.
-  - Creates O(results_dir) with mode V(0700) when it does not exist (not in check mode).
+  - Creates O(results_dir) with mode V(0700) when it does not exist (not in check mode). An existing
+    O(results_dir) must be a directory (not a symlink) owned by the user and not writable by group or
+    others; anything else is refused, since results are published there.
+  - On success the whole result is hidden from the output and callbacks, as with C(no_log), because
+    RV(job_json) holds the exact env values, which are often tokens; the registered variable keeps it.
+    RV(spec) shows env names with masked values. Failures (invalid job) are shown.
   - "The job spec: C(schema_version) (1), C(job_id) (a UUID; nothing path-like is accepted),
     C(command) (argv list of strings, never a shell string), C(env) (string to string),
     C(workdir) (absolute path on the remote), C(timeout_s) (positive number, default 3600, at most a week),
@@ -81,20 +86,24 @@ job_id:
   type: str
   sample: 0f8fad5b-d9cb-469f-a165-70867728950e
 spec:
-  description: The normalised job spec (every key present, defaults filled).
+  description:
+    - The normalised job spec (every key present, defaults filled), with each env value replaced by
+      C(********) (the names stay).
   returned: success
   type: dict
   sample:
     schema_version: 1
     job_id: 0f8fad5b-d9cb-469f-a165-70867728950e
     command: [nvidia-smi, -L]
-    env: {}
+    env: {HF_TOKEN: "********"}
     workdir: null
     timeout_s: 60
     model_ref: null
     metadata: null
 job_json:
-  description: The normalised spec as the JSON text the runner reads.
+  description:
+    - The normalised spec as the JSON text the runner reads, env values included. Write it with a task that
+      has C(no_log) set.
   returned: success
   type: str
 async_s:
@@ -110,12 +119,8 @@ result_path:
   description: Where the validated result will be published, C(<results_dir>/<job_id>.json).
   returned: success
   type: str
-staging_path:
-  description: Where the result is fetched before it is validated, C(<results_dir>/.<job_id>.json.unverified).
-  returned: success
-  type: str
 result_max_bytes:
-  description: The largest result file accepted, in bytes.
+  description: The largest result file accepted, in bytes (read it with C(head -c) this plus one).
   returned: success
   type: int
   sample: 1048576
@@ -124,12 +129,14 @@ runner_source:
   returned: success
   type: str
 reason:
-  description: V(invalid_job) when the spec does not validate.
+  description:
+    - V(invalid_job) when the spec does not validate; V(results_dir_unsafe) when O(results_dir) cannot be
+      created or is not a private directory of the user.
   returned: failure
   type: str
 errors:
   description: One entry per problem, with the C(field) and a C(message) saying how to fix it.
-  returned: failure
+  returned: when the spec does not validate
   type: list
   elements: dict
 """

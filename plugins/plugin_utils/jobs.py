@@ -576,12 +576,17 @@ def _refuse_unsafe_target(name, dir_fd, display):
 
 
 def write_result(path, result):
-    """Write a result atomically and return the sha256 hex digest of the bytes written.
+    """Write a result atomically and return the sha256 hex digest of the bytes written (see write_atomically)."""
+    return write_atomically(path, encode_result(result))
+
+
+def write_atomically(path, data):
+    """Write `data` to `path` atomically and return the sha256 hex digest of the bytes written.
 
     A temp file is created next to the target with O_CREAT|O_EXCL|O_NOFOLLOW and mode 0600, written,
-    fsync'ed and renamed over the target; a target that is a symlink or not a regular file is refused.
+    fsync'ed and renamed over the target; a target that is a symlink or not a regular file is refused
+    (ResultWriteError).  Used by the runner for result.json and by the controller to publish a result.
     """
-    data = encode_result(result)
     display = os.fspath(path)
     directory, name = os.path.split(os.path.abspath(display))
     if not name:
@@ -612,6 +617,32 @@ def write_result(path, result):
         if dir_fd is not None:
             os.close(dir_fd)
     return hashlib.sha256(data).hexdigest()
+
+
+def private_dir_problem(path):
+    """Why `path` is not a safe private directory for results, or None when it is: it must be a real
+    directory (not a symlink), owned by the effective user, and writable by nobody else.  Another user
+    who can write there could plant or swap result files (or symlinks) under the names we publish."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return "%s does not exist" % path
+    except OSError as exc:
+        return "cannot inspect %s: %s" % (path, exc.strerror or exc)
+    if stat.S_ISLNK(info.st_mode):
+        return ("%s is a symlink (to %s); give the real directory instead, so nobody can re-point it"
+                % (path, os.path.realpath(path)))
+    if not stat.S_ISDIR(info.st_mode):
+        return "%s exists and is not a directory" % path
+    if info.st_uid != os.geteuid():
+        return ("%s is owned by uid %d, not by you (uid %d); use a directory of your own"
+                % (path, info.st_uid, os.geteuid()))
+    if info.st_mode & 0o022:
+        return ("%s is writable by %s (mode %04o): another user could plant files there; run chmod go-w %s "
+                "(or chmod 700) or choose another directory"
+                % (path, "group and others" if info.st_mode & 0o022 == 0o022 else
+                   "its group" if info.st_mode & 0o020 else "others", stat.S_IMODE(info.st_mode), path))
+    return None
 
 
 def _create_temp(directory, name, dir_fd, at, data):

@@ -112,8 +112,9 @@ class Run:
 
 
 def run_playbook(fleet: Fleet, host: SshHost, tmp_path: Path, job: dict | None = None, *, job_text: str | None = None,
-                 as_dict: bool = False, timeout: float = 240, limit: str | None = None, **extra_vars) -> Run:
-    """ansible-playbook hwledger.fleet.job -i fleet.hwledger.yml -l HOST -e @vars.json"""
+                 as_dict: bool = False, timeout: float = 240, limit: str | None = None,
+                 options: tuple[str, ...] = (), **extra_vars) -> Run:
+    """ansible-playbook hwledger.fleet.job -i fleet.hwledger.yml -l HOST -e @vars.json [options]"""
     results_dir = tmp_path / "results"
     variables = {
         "hwledger_results_dir": str(results_dir),
@@ -140,7 +141,7 @@ def run_playbook(fleet: Fleet, host: SshHost, tmp_path: Path, job: dict | None =
     }
     proc = subprocess.run(
         [str(ANSIBLE_BIN / "ansible-playbook"), "hwledger.fleet.job", "-i", str(fleet.inventory), "-l", limit or host.name,
-         "-e", f"@{vars_file}"],
+         "-e", f"@{vars_file}", *options],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
     job_id = job.get("job_id") if isinstance(job, dict) else None
@@ -444,18 +445,40 @@ def hostile_host(fleet: Fleet, lab: Lab) -> SshHost:
         "cat printed\n"
     )
     script.chmod(0o755)
+    # The role reads result.json with `head -c LIMIT+1 -- DIR/result.json` after checking it with stat.
+    # This head first swaps the file for a symlink when told to (swap-to), as any process of the job's
+    # user could do between that check and the read, then runs the real head and counts what it printed.
+    (host.bin_dir / "head").rename(host.bin_dir / "head.real")
+    wrapper = host.bin_dir / "head"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"behaviour={behaviour}\n"
+        'if [ -e "$behaviour/swap-to" ] && [ "$#" -eq 4 ] && [ "$3" = "--" ]; then\n'
+        '  case "$4" in */result.json)\n'
+        '    rm -f -- "$4" && ln -s "$(cat "$behaviour/swap-to")" "$4" && echo "$4" >> "$behaviour/swapped";;\n'
+        "  esac\n"
+        "fi\n"
+        f'{host.bin_dir}/head.real "$@" > "$behaviour/read-out"; status=$?\n'
+        'wc -c < "$behaviour/read-out" > "$behaviour/read-count"\n'
+        'cat "$behaviour/read-out"; rm -f "$behaviour/read-out"\n'
+        "exit $status\n"
+    )
+    wrapper.chmod(0o755)
     return host
 
 
-def behave(host: SshHost, *, payload: bytes = b"", printed: str = "", symlink_to: str | None = None) -> None:
+def behave(host: SshHost, *, payload: bytes = b"", printed: str = "", symlink_to: str | None = None,
+           swap_to: str | None = None) -> None:
     behaviour = host.dir / "hostile"
     (behaviour / "payload").write_bytes(payload)
     (behaviour / "printed").write_text(printed)
-    link_file = behaviour / "symlink-to"
-    if symlink_to is None:
-        link_file.unlink(missing_ok=True)
-    else:
-        link_file.write_text(symlink_to)
+    for name in ("swapped", "read-count"):
+        (behaviour / name).unlink(missing_ok=True)
+    for name, value in (("symlink-to", symlink_to), ("swap-to", swap_to)):
+        if value is None:
+            (behaviour / name).unlink(missing_ok=True)
+        else:
+            (behaviour / name).write_text(value)
 
 
 def valid_result_for(job_id: str) -> bytes:
@@ -501,6 +524,106 @@ def test_an_honest_result_from_the_hostile_host_is_accepted(fleet, hostile_host,
     run = run_playbook(fleet, hostile_host, tmp_path, job, hwledger_job_runner="hwledger")
     assert run.rc == 0, run.output
     assert run.result["stdout_tail"] == "all fine\n"
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "a 4 GiB file"])
+def test_result_swapped_after_its_check_is_read_bounded_and_refused(fleet, hostile_host, tmp_path, target):
+    """result.json passes the stat checks (a small regular file of ours), then becomes a symlink to something
+    endless or huge before it is read: the read stops one byte past the limit and the result is refused."""
+    job = jobs.new_job(["true"], timeout_s=60)
+    data = valid_result_for(job["job_id"])
+    if target == "/dev/zero":
+        swap_to = "/dev/zero"
+    else:
+        huge = tmp_path / "huge"
+        with huge.open("wb") as handle:
+            handle.truncate(4 << 30)  # sparse: no disk used here
+        swap_to = str(huge)
+    behave(hostile_host, payload=data, printed="%s  result.json\n" % hashlib.sha256(data).hexdigest(),
+           swap_to=swap_to)
+    started = time.monotonic()
+    run = run_playbook(fleet, hostile_host, tmp_path, job, hwledger_job_runner="hwledger")
+    behaviour = hostile_host.dir / "hostile"
+    assert (behaviour / "swapped").is_file(), "the swap never happened: " + run.output[-3000:]
+    assert run.rc == 2, run.output
+    assert "result_too_large" in run.output and f"more than {jobs.RESULT_MAX_BYTES} bytes" in run.output, run.output
+    # What reached the controller is what head printed: one byte past the limit, not the endless rest.
+    assert int((behaviour / "read-count").read_text()) == jobs.RESULT_MAX_BYTES + 1
+    assert run.result_files() == []
+    assert time.monotonic() - started < 120
+
+
+def test_results_dir_writable_by_others_is_refused_before_the_remote_is_touched(fleet, untouched_host, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    results.chmod(0o777)
+    mark = untouched_host.log_mark()
+    run = run_playbook(fleet, untouched_host, tmp_path, jobs.new_job(["true"], timeout_s=60))
+    assert run.rc == 2
+    assert "results_dir is not safe for job results" in run.output and "writable by group and others" in run.output
+    assert "Accepted publickey" not in untouched_host.log_text(since=mark)
+    assert run.result_files() == []
+
+
+# --- secrets in env ------------------------------------------------------------------------------------
+
+
+def canary_job() -> tuple[dict, str]:
+    """A job whose env holds a fresh canary value; it succeeds only if it got that exact value, and it
+    never prints it (it compares the value's sha256)."""
+    canary = "hwl-canary-" + secrets.token_hex(16)
+    digest = hashlib.sha256(canary.encode()).hexdigest()
+    check = 'test "$(printf %s "$TOKEN" | sha256sum)" = "$1  -"'
+    return jobs.new_job(["sh", "-c", check, "sh", digest], env={"TOKEN": canary}, timeout_s=60), canary
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["job_file", "job_dict"])
+def test_env_values_never_reach_the_ansible_output(fleet, py_host, tmp_path, as_dict):
+    job, canary = canary_job()
+    run = run_playbook(fleet, py_host, tmp_path, job, as_dict=as_dict, options=("-vvv", "--diff"))
+    assert run.rc == 0, run.output[-4000:]
+    assert run.result["state"] == "succeeded"  # the job got the exact value
+    assert "SSH: EXEC" in run.output and job["job_id"] in run.output  # the output is verbose indeed
+    assert canary not in run.output
+    assert canary not in (run.results_dir / f"{job['job_id']}.json").read_text()
+
+
+def test_env_values_never_reach_ansible_runner_events(fleet, py_host, tmp_path):
+    """The server runs the role through ansible-runner: its events (what AWX stores too) and artifacts."""
+    import ansible_runner
+
+    job, canary = canary_job()
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(job))
+    private_dir = tmp_path / "runner"
+    private_dir.mkdir(mode=0o700)
+    events: list[dict] = []
+    env = {
+        "PATH": f"{ANSIBLE_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+        "ANSIBLE_COLLECTIONS_PATH": str(REPO / "collections"),
+        "ANSIBLE_NOCOLOR": "1",
+    }
+    extravars = {
+        "hwledger_job_file": str(job_file),
+        "hwledger_results_dir": str(tmp_path / "results"),
+        "hwledger_job_poll_s": 1,
+        "hwledger_job_tmp_base": str(fleet.tmp_base),
+        "ansible_python_interpreter": str(py_host.bin_dir / "python3"),
+    }
+    runner = ansible_runner.run(
+        private_data_dir=str(private_dir), playbook="hwledger.fleet.job", inventory=str(fleet.inventory),
+        limit=py_host.name, extravars=extravars, envvars=env, verbosity=3, quiet=True,
+        event_handler=lambda event: events.append(event) or True,
+    )
+    assert runner.status == "successful", runner.stdout.read()[-4000:]
+    assert json.loads((tmp_path / "results" / f"{job['job_id']}.json").read_text())["state"] == "succeeded"
+    assert any(e.get("event") == "runner_on_ok" and e["event_data"].get("task_action", "").endswith("job_spec")
+               for e in events)
+    assert canary not in json.dumps(events)
+    for path in private_dir.rglob("*"):
+        if path.is_file():
+            assert canary.encode() not in path.read_bytes(), path
 
 
 @pytest.fixture

@@ -406,49 +406,181 @@ def test_jobs_py_validate_reports_bad_fields(tmp_path):
 # --- the controller side: hwledger.fleet.job_result's checks -------------------------------------------
 
 
-def stage(results_dir: Path, data: bytes, job_id: str = JOB_ID) -> Path:
-    path = jobs.staging_path(results_dir, job_id)
-    path.write_bytes(data)
+def read_of(data: bytes | str, rc: int = 0, stderr: str = "") -> dict:
+    """What the role's bounded-read task registers: ansible.builtin.command running head -c on result.json."""
+    text = data.decode("latin-1") if isinstance(data, bytes) else data
+    return {"rc": rc, "stdout": text, "stderr": stderr, "changed": False, "failed": False}
+
+
+def publish(results_dir: Path, read: dict, printed: str = "") -> dict:
+    from ansible_collections.hwledger.fleet.plugins.action import job_result
+
+    return job_result.verify_and_publish(str(results_dir), JOB_ID, job_result.result_bytes(read), printed)
+
+
+def publish_refusal(results_dir: Path, read: dict, printed: str = ""):
+    from ansible_collections.hwledger.fleet.plugins.action import job_result
+
+    with pytest.raises(job_result.RefusedResult) as info:
+        publish(results_dir, read, printed)
+    return info.value
+
+
+@pytest.fixture
+def results_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "results"
+    path.mkdir(mode=0o700)
     return path
 
 
-def test_valid_fetched_result_is_published_0600(tmp_path):
-    from ansible_collections.hwledger.fleet.plugins.action import job_result
+def test_encoded_results_are_ascii_whatever_the_job_printed():
+    """job_result refuses non-ASCII bytes: that relies on the runner writing ASCII only."""
+    data = jobs.encode_result(result(stdout_tail="caf\u00e9 \u2603 \U0001f600 \udcff\n",
+                                     stderr_tail=jobs.decode_tail(b"\xff\xfe broken \xe2\x82")))
+    assert max(data) < 0x80
+    assert jobs.validate_result(data, expected_job_id=JOB_ID)["stdout_tail"].startswith("caf\u00e9 \u2603")
 
+
+def test_valid_result_is_published_0600_with_the_exact_bytes(results_dir):
     data = jobs.encode_result(result())
-    staged = stage(tmp_path, data)
-    staged.chmod(0o644)
-    published = job_result.verify_and_publish(str(tmp_path), JOB_ID, "%s  /x/result.json\n" % hashlib.sha256(data).hexdigest())
-    final = tmp_path / (JOB_ID + ".json")
+    old_umask = os.umask(0)  # the mode must not depend on the umask
+    try:
+        published = publish(results_dir, read_of(data), "%s  /x/result.json\n" % hashlib.sha256(data).hexdigest())
+    finally:
+        os.umask(old_umask)
+    final = results_dir / (JOB_ID + ".json")
     assert published["path"] == str(final) and published["result"]["state"] == "succeeded"
+    assert published["sha256"] == hashlib.sha256(data).hexdigest()
     assert final.read_bytes() == data and oct(final.stat().st_mode & 0o777) == "0o600"
-    assert not staged.exists()
+    assert sorted(p.name for p in results_dir.iterdir()) == [JOB_ID + ".json"]  # no temp file left
+
+
+def test_a_rerun_of_the_same_job_id_replaces_the_result(results_dir):
+    publish(results_dir, read_of(jobs.encode_result(result(stdout_tail="first\n"))))
+    publish(results_dir, read_of(jobs.encode_result(result(stdout_tail="second\n"))))
+    assert json.loads((results_dir / (JOB_ID + ".json")).read_text())["stdout_tail"] == "second\n"
 
 
 @pytest.mark.parametrize(
-    "make, reason",
-    [(lambda d: stage(d, b" " * (jobs.RESULT_MAX_BYTES + 1)), "result_too_large"),
-     (lambda d: stage(d, b"{"), "result_not_json"),
-     (lambda d: stage(d, jobs.encode_result(result(job_id=str(uuid.uuid4())))), "result_wrong_job"),
-     (lambda d: jobs.staging_path(d, JOB_ID).symlink_to(d / "victim"), "result_not_regular_file"),
-     (lambda d: None, "result_missing")],
+    "read, reason",
+    [(read_of(b" " * jobs.RESULT_MAX_BYTES + b"x"), "result_too_large"),  # what head -c MAX+1 gives at most
+     (read_of(b"\0" * (jobs.RESULT_MAX_BYTES + 1)), "result_too_large"),  # a symlink to /dev/zero
+     (read_of(b"{"), "result_not_json"),
+     (read_of(jobs.encode_result(result()).replace(b"GPU 0", b"GPU \xc3\xa9")), "result_not_json"),  # not ASCII
+     (read_of(jobs.encode_result(result(job_id=str(uuid.uuid4())))), "result_wrong_job"),
+     (read_of(jobs.encode_result(result(state="owned"))), "result_invalid"),
+     (read_of(b"", rc=1, stderr="head: cannot open 'result.json' for reading: No such file or directory"),
+      "result_missing"),
+     ({"failed": True, "msg": "[Errno 2] No such file or directory: b'head'", "rc": 2}, "result_missing")],
+    ids=["over the limit", "endless zeros", "not json", "not ascii", "another job", "schema", "read failed",
+         "no head"],
 )
-def test_refused_fetched_results_are_deleted(tmp_path, make, reason):
-    from ansible_collections.hwledger.fleet.plugins.action import job_result
-
-    (tmp_path / "victim").write_bytes(jobs.encode_result(result()))
-    make(tmp_path)
-    with pytest.raises(job_result.RefusedResult) as info:
-        job_result.verify_and_publish(str(tmp_path), JOB_ID, "")
-    assert info.value.reason == reason
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"]  # nothing staged or published is left
+def test_refused_results_are_never_written(results_dir, read, reason):
+    assert publish_refusal(results_dir, read).reason == reason
+    assert list(results_dir.iterdir()) == []
 
 
-def test_checksum_mismatch_is_refused(tmp_path):
-    from ansible_collections.hwledger.fleet.plugins.action import job_result
+def test_a_result_just_at_the_limit_is_not_refused_for_its_size(results_dir):
+    data = jobs.encode_result(result())
+    padded = data[:-1] + b" " * (jobs.RESULT_MAX_BYTES - len(data)) + b"\n"  # JSON allows the whitespace
+    assert len(padded) == jobs.RESULT_MAX_BYTES
+    assert publish(results_dir, read_of(padded))["result"]["state"] == "succeeded"
 
-    stage(tmp_path, jobs.encode_result(result()))
-    with pytest.raises(job_result.RefusedResult) as info:
-        job_result.verify_and_publish(str(tmp_path), JOB_ID, "%s  result.json" % ("0" * 64))
-    assert info.value.reason == "result_checksum_mismatch"
-    assert list(tmp_path.iterdir()) == []
+
+def test_read_failure_message_escapes_the_remote_stderr(results_dir):
+    error = publish_refusal(results_dir, read_of(b"", rc=1, stderr="head: \x1b[31mred\x1b[0m"))
+    assert "\x1b" not in str(error) and "\\x1b[31mred" in str(error)
+
+
+def test_checksum_mismatch_is_refused(results_dir):
+    error = publish_refusal(results_dir, read_of(jobs.encode_result(result())), "%s  result.json" % ("0" * 64))
+    assert error.reason == "result_checksum_mismatch"
+    assert list(results_dir.iterdir()) == []
+
+
+def test_a_symlink_at_the_result_path_is_not_followed(results_dir, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("controller secret\n")
+    (results_dir / (JOB_ID + ".json")).symlink_to(victim)
+    assert publish_refusal(results_dir, read_of(jobs.encode_result(result()))).reason == "results_dir_unsafe"
+    assert victim.read_text() == "controller secret\n"
+    assert [p.name for p in results_dir.iterdir()] == [JOB_ID + ".json"]  # no temp file left
+
+
+def test_results_dir_that_became_group_writable_is_refused_at_publish(results_dir):
+    results_dir.chmod(0o770)
+    error = publish_refusal(results_dir, read_of(jobs.encode_result(result())))
+    assert error.reason == "results_dir_unsafe" and "writable by its group" in str(error)
+    assert list(results_dir.iterdir()) == []
+
+
+# --- the controller side: hwledger.fleet.job_spec ----------------------------------------------------------
+
+
+def test_spec_returned_to_the_play_masks_env_values_but_job_json_is_exact():
+    from ansible_collections.hwledger.fleet.plugins.action import job_spec
+
+    job = jobs.validate_job(minimal(env={"HF_TOKEN": "hf_secret_value", "MODE": "fast"}))
+    masked = job_spec.masked_spec(job)
+    assert masked["env"] == {"HF_TOKEN": job_spec.ENV_VALUE_MASK, "MODE": job_spec.ENV_VALUE_MASK}
+    assert "hf_secret_value" not in json.dumps(masked) and "fast" not in json.dumps(masked["env"])
+    assert {k: v for k, v in masked.items() if k != "env"} == {k: v for k, v in job.items() if k != "env"}
+    assert job["env"]["HF_TOKEN"] == "hf_secret_value"  # the validated job itself is untouched
+    assert json.loads(jobs.encode_job(job))["env"]["HF_TOKEN"] == "hf_secret_value"
+
+
+def test_missing_results_dir_is_created_0700(tmp_path):
+    from ansible_collections.hwledger.fleet.plugins.action import job_spec
+
+    path = tmp_path / "a" / "results"
+    assert job_spec.prepare_results_dir(str(path), create=True) == str(path)
+    assert path.is_dir() and oct(path.stat().st_mode & 0o777) == "0o700"
+
+
+def test_missing_results_dir_is_not_created_in_check_mode(tmp_path):
+    from ansible_collections.hwledger.fleet.plugins.action import job_spec
+
+    assert job_spec.prepare_results_dir(str(tmp_path / "results"), create=False) == str(tmp_path / "results")
+    assert not (tmp_path / "results").exists()
+
+
+def test_private_existing_results_dir_is_accepted(tmp_path):
+    from ansible_collections.hwledger.fleet.plugins.action import job_spec
+
+    path = tmp_path / "results"
+    path.mkdir(mode=0o755)  # readable by others is fine: the results are 0600; writable is not
+    path.chmod(0o755)
+    assert job_spec.prepare_results_dir(str(path), create=True) == str(path)
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [(lambda p: (p.mkdir(), p.chmod(0o775)), "writable by its group (mode 0775)"),
+     (lambda p: (p.mkdir(), p.chmod(0o1777)), "writable by group and others (mode 1777)"),
+     (lambda p: (p.mkdir(), p.chmod(0o702)), "writable by others"),
+     (lambda p: p.write_text("not a dir"), "exists and is not a directory"),
+     (lambda p: ((p.parent / "real").mkdir(mode=0o700), p.symlink_to(p.parent / "real")), "is a symlink")],
+    ids=["group-writable", "world-writable sticky", "other-writable", "a file", "a symlink"],
+)
+def test_unsafe_existing_results_dirs_are_refused(tmp_path, make, needle):
+    from ansible_collections.hwledger.fleet.plugins.action import job_spec
+
+    path = tmp_path / "results"
+    make(path)
+    with pytest.raises(job_spec.UnsafeResultsDir) as info:
+        job_spec.prepare_results_dir(str(path), create=True)
+    assert needle in str(info.value) and str(path) in str(info.value)
+    assert "results_dir is not safe for job results" in str(info.value)
+
+
+def test_results_dir_of_another_user_is_refused(tmp_path):
+    from ansible_collections.hwledger.fleet.plugins.action import job_spec
+
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    path = tmp_path / "results"
+    path.mkdir(mode=0o700)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(job_spec.UnsafeResultsDir) as info:
+        job_spec.prepare_results_dir(str(path), create=True)
+    assert "is owned by uid 65534, not by you" in str(info.value)
