@@ -24,7 +24,7 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
 
 from bench.fleet import Agent
 from bench.measure import Meter, Sample
-from hwledger.fanout import SshFanoutHeartbeat, remote_command
+from hwledger.fanout import SshFanoutHeartbeat
 from hwledger.server import Fleet, Server, TickReport, inventory_for
 from tests.lab import write_agents_toml
 
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def bench_command(query_cmd: str, timeout_s: float) -> str:
     """The remote command (a) and (b) run: the product's probe, wrapped as the product sends it."""
-    return remote_command(probe.remote_script(query_cmd, timeout_s=timeout_s, host_metrics=True))
+    return probe.ssh_command(probe.remote_script(query_cmd, timeout_s=timeout_s, host_metrics=True))
 
 
 @dataclass

@@ -30,7 +30,6 @@ import logging
 import os
 import resource
 import selectors
-import shlex
 import signal
 import subprocess
 import time
@@ -63,15 +62,6 @@ FDS_PER_CHILD = 4
 FDS_RESERVED = 64
 CLOSE_EXIT_TIMEOUT_S = 5.0
 _HEADER = probe.HEADER_PREFIX.encode()
-
-
-def remote_command(script: str) -> str:
-    """The exec line sent to the agent: the probe under /bin/sh whatever the login shell is.
-
-    The same wrapping the Ansible path gets from `_low_level_execute_command` (`/bin/sh -c ...`); `exec`
-    so the login shell is replaced, not kept waiting.
-    """
-    return "exec /bin/sh -c " + shlex.quote(script)
 
 
 def max_parallel_for_fd_limit(requested: int) -> int:
@@ -196,7 +186,7 @@ class SshFanoutHeartbeat:
         return self._durations.get(agent.name, 0.0)
 
     def argv(self, agent: agents_schema.Agent, script: str) -> list[str]:
-        return agents_schema.ssh_argv(agent, self.policy, remote_command(script), ssh_binary=self.ssh_binary)
+        return agents_schema.ssh_argv(agent, self.policy, probe.ssh_command(script), ssh_binary=self.ssh_binary)
 
     def script(self, agent: agents_schema.Agent) -> str:
         return probe.remote_script(agent.gpu_query_cmd, timeout_s=self.query_timeout_s,

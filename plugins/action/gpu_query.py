@@ -17,12 +17,12 @@ from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
 from ansible.utils.unsafe_proxy import wrap_var
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, telemetry
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import DEFAULT_GPU_QUERY_CMD
 
 display = Display()
 
-BACKENDS = ("auto", "nvidia", "rocm", "amdsmi")
+BACKENDS = ("auto",) + telemetry.BACKENDS
 
 ARGUMENT_SPEC = {
     "cmd": {"type": "str"},
@@ -147,12 +147,14 @@ class ActionModule(ActionBase):
             except BaseException as exc:  # pylint: disable=broad-exception-caught
                 outcome["error"] = exc
 
-        children_before = _child_pids()
         worker = threading.Thread(target=target, name="hwledger-gpu-query", daemon=True)
         worker.start()
         worker.join(deadline_s)
         if worker.is_alive():
-            started_here = _child_pids() - children_before
+            # Ansible forks a fresh worker process for each host and task, so its children now are the
+            # ones this exec started. /proc is scanned only here, past the deadline: a scan costs
+            # milliseconds on a controller with a thousand ssh masters, too much for every exec.
+            started_here = _child_pids()
             display.vvv("hwledger.fleet.gpu_query: no answer within %.1f s; terminating %s"
                         % (deadline_s, sorted(started_here) or "nothing"))
             _terminate(started_here)

@@ -22,8 +22,9 @@ description:
   - Every agent is added to the group C(hwledger_agents); agents whose C(gpu_query_cmd) runs
     C(nvidia-smi) are added to C(hwledger_nvidia), those running C(rocm-smi) or C(amd-smi) to
     C(hwledger_rocm), and those with a bastion to C(hwledger_via_bastion).
-  - "Each host gets C(ansible_host), C(ansible_port), C(ansible_user), C(ansible_ssh_private_key_file),
-    C(ansible_ssh_common_args), C(hwledger_gpu_query_cmd) and C(hwledger_agent) (the agent's configuration as a
+  - "Each host gets C(ansible_connection=ssh), C(ansible_host), C(ansible_port), C(ansible_user),
+    C(ansible_ssh_private_key_file), C(ansible_ssh_common_args), C(ansible_ssh_host_key_checking=true) (unless
+    O(host_key_checking=off)), C(hwledger_gpu_query_cmd) and C(hwledger_agent) (the agent's configuration as a
     dictionary: C(name), C(hostname), C(ssh_user), C(ssh_key_path), C(ssh_port), C(gpu_query_cmd),
     C(host_key_fingerprint) and C(bastion))."
   - "C(ansible_ssh_common_args) carries the host key policy (O(host_key_checking) against O(known_hosts_file),
@@ -49,12 +50,16 @@ description:
   - The agents file must not be group- or world-writable and must belong to you or root, as OpenSSH requires
     of C(~/.ssh/config); whoever can edit it can run commands on this machine through a bastion C(ProxyCommand).
 notes:
-  - "Keep C(host_key_checking = True) in the C([defaults]) section of C(ansible.cfg) (and do not set
-    E(ANSIBLE_HOST_KEY_CHECKING=False)). When it is false, the C(ssh) connection plugin puts
-    C(-o StrictHostKeyChecking=no) before C(ansible_ssh_common_args), and ssh uses the first value it is
-    given for an option, which disables this plugin's host key checking."
-  - For the same reason, options in C(ssh_args) (C([ssh_connection]) section) win over the ones this plugin
-    sets; Ansible's default C(ssh_args) sets C(ControlPersist=60s), which then applies instead of 300s.
+  - "Host key checking is enforced per host, whatever Ansible's global setting: when Ansible's
+    C(host_key_checking) is false (ansible-runner, and so AWX, sets E(ANSIBLE_HOST_KEY_CHECKING=False) by
+    default), the C(ssh) connection plugin puts C(-o StrictHostKeyChecking=no) before
+    C(ansible_ssh_common_args), and ssh uses the first value it is given for an option. The host variable
+    C(ansible_ssh_host_key_checking=true) takes precedence over the environment and C(ansible.cfg), so that
+    option is never added; C(ansible_connection=ssh) keeps the hosts off C(paramiko), which would ignore
+    C(ansible_ssh_common_args). Do not override either variable for these hosts."
+  - Options in C(ssh_args) (C([ssh_connection]) section) come before C(ansible_ssh_common_args) and so win
+    over the ones this plugin sets; Ansible's default C(ssh_args) sets C(ControlPersist=60s), which then
+    applies instead of 300s.
     Ansible's C(timeout) setting likewise wins over O(connect_timeout) for Ansible connections.
   - Values from the agents file are untrusted data. Strings are marked unsafe, so a value containing
     C({{ }}) or C({% %}) is never rendered as a template, on ansible-core 2.18 and 2.19.

@@ -16,10 +16,10 @@ description:
   - Runs the host's GPU query command (C(nvidia-smi --query-gpu=...), C(rocm-smi ... --csv|--json),
     C(amd-smi ...)) as B(one) shell command over the host's own connection, parses its output on the
     controller and returns it as the fact C(hwledger_snapshot).
-  - The remote host needs only a POSIX C(sh) with C(mktemp), C(head -c), C(wc), C(tr) and C(sleep)
-    (coreutils or busybox) and the GPU tool itself. No Python, no module transfer, no temporary files
-    left behind; with SSH multiplexing (ControlMaster/ControlPersist) a query costs one channel, not a
-    handshake.
+  - The remote host needs only a POSIX C(sh) with C(mktemp), C(head -c), C(rm) and C(sleep) (coreutils or
+    busybox) and the GPU tool itself; C(setsid) and C(nproc) (or C(getconf)) are used when present. No Python,
+    no module transfer, no temporary files left behind; with SSH multiplexing (ControlMaster/ControlPersist) a
+    query costs one channel, not a handshake.
   - The command runs under a watchdog on the host. After O(timeout) seconds it is sent SIGTERM (its whole
     process group when C(setsid) exists), one second later SIGKILL, and the answer comes back at once with
     RV(reason=timeout). Independently, the controller stops waiting O(timeout) + 3 seconds after the
@@ -74,7 +74,8 @@ options:
   host_metrics:
     description:
       - Also read the host's load averages, memory and CPU count in the same command (Linux C(/proc)).
-      - On hosts without C(/proc) the RV(ansible_facts.hwledger_snapshot.host) values are V(null).
+      - On hosts without C(/proc) the RV(ansible_facts.hwledger_snapshot.host) values are V(null). With
+        V(false) the snapshot has no RV(ansible_facts.hwledger_snapshot.host) key.
     type: bool
     default: true
 extends_documentation_fragment:
@@ -123,7 +124,9 @@ notes:
     C(timeout) (the tool or the connection did not finish within O(timeout)),
     C(unparseable) (output that is not a GPU list, binary output, or a host where the query could not be
     set up), C(output_too_large) (more than 1 MiB of output), and, on hwledger's direct SSH path only
-    (Ansible reports these hosts as UNREACHABLE instead), C(host_key_changed) and C(unreachable).
+    (Ansible reports these hosts as UNREACHABLE instead), C(host_key_changed) (the host presented a key
+    other than the pinned one), C(host_key_unknown) (no key is pinned for the host; register it with
+    C(hwledger fleet register-ssh)) and C(unreachable) (any other SSH failure).
   - A GPU whose values read C([GPU requires reset]) (or another marker of a broken device) gets that
     text as its RV(ansible_facts.hwledger_snapshot.gpus[].health); the other GPUs of the host stay usable.
   - Facts land in the fact cache (and in AWX's per-host facts with C(use_fact_cache)). A failed query
@@ -224,15 +227,18 @@ ansible_facts:
               type: int
               sample: 85520809984
             utilization_gpu_percent:
-              description: GPU utilisation in percent.
+              description: GPU utilisation in percent. A number as the tool printed it, an integer for a
+                whole value (as nvidia-smi, rocm-smi and amd-smi print it) and a float for a decimal one.
               type: float
               sample: 0
             temperature_c:
-              description: GPU (edge) temperature in degrees Celsius.
+              description: GPU (edge) temperature in degrees Celsius. An integer when the tool printed a whole
+                number (nvidia-smi C(31)), a float when it printed a decimal (rocm-smi C(31.0)).
               type: float
               sample: 31
             power_draw_w:
-              description: Power draw in watts.
+              description: Power draw in watts. A float when the tool printed a decimal (nvidia-smi C(69.90 W)),
+                an integer when it printed a whole number.
               type: float
               sample: 69.9
             health:
@@ -241,17 +247,20 @@ ansible_facts:
               type: str
               sample: ok
             fields:
-              description: Every queried field by the tool's own header name, with V(null) for unavailable
-                values.
+              description: Every queried field by the tool's own name for it (for nvidia-smi the header name
+                without its unit, such as C(memory.total)), with the tool's text as the value and V(null) for
+                unavailable values.
               type: dict
-              sample: {"index": "0", "name": "NVIDIA H100 80GB HBM3", "memory.total [MiB]": "81559 MiB"}
+              sample: {"index": "0", "name": "NVIDIA H100 80GB HBM3", "memory.total": "81559 MiB"}
         host:
-          description: Host CPU and memory from the same command; V(null) when O(host_metrics=false).
+          description: Host CPU and memory from the same command. The key is absent when
+            O(host_metrics=false).
           type: dict
-          returned: success
+          returned: success, when O(host_metrics=true)
           contains:
             cpu_count:
-              description: Online CPUs (C(nproc), else C(getconf _NPROCESSORS_ONLN), else C(/proc/cpuinfo)).
+              description: Online CPUs (C(nproc), else C(getconf _NPROCESSORS_ONLN); V(null) when neither
+                exists).
               type: int
               sample: 64
             load1:
@@ -283,13 +292,14 @@ msg:
   description: On failure, what went wrong and what to do about it.
   returned: failure
   type: str
-  sample: "gpu-box-1: nvidia-smi was not found on the host (exit status 127); install the NVIDIA driver
-    utilities or set gpu_query_cmd"
+  sample: "gpu-box-1: 'nvidia-smi' was not found on the host (exit status 127): it must be on the PATH of the
+    SSH user's non-interactive shell, which is often shorter than a login shell's (e.g. without /usr/local/bin
+    or /opt/rocm/bin). Install the vendor's tools there, or give gpu_query_cmd the tool's full path."
 reason:
   description:
     - On failure, the machine-readable cause, one of V(tool_not_found), V(driver_unavailable),
       V(nvml_error), V(no_devices), V(invalid_query), V(invalid_arguments), V(timeout), V(unparseable),
-      V(output_too_large), V(host_key_changed), V(unreachable).
+      V(output_too_large), V(host_key_changed), V(host_key_unknown), V(unreachable).
   returned: failure
   type: str
   sample: tool_not_found

@@ -969,8 +969,17 @@ def agent_groups(agent: Agent, gpu_tool: str | None) -> list[str]:
 
 
 def host_vars(agent: Agent, policy: SshPolicy) -> dict:
-    """The inventory variables of an agent (plain data; the inventory plugin marks strings unsafe)."""
-    return {
+    """The inventory variables of an agent (plain data; the inventory plugin marks strings unsafe).
+
+    The host key policy lives in ``ansible_ssh_common_args``, which the ssh connection plugin puts after
+    its own options; ssh keeps the first value of an option, so Ansible's ``host_key_checking`` set to
+    false (ansible-runner and AWX set ANSIBLE_HOST_KEY_CHECKING=False by default) would put
+    ``StrictHostKeyChecking=no`` first and win. A host variable beats the environment and ansible.cfg
+    for that plugin option, so it is pinned here, and the connection is pinned to ``ssh`` because
+    paramiko would ignore the common args altogether.
+    """
+    variables: dict[str, Any] = {
+        "ansible_connection": "ssh",
         "ansible_host": agent.hostname,
         "ansible_port": agent.ssh_port,
         "ansible_user": agent.ssh_user,
@@ -979,3 +988,6 @@ def host_vars(agent: Agent, policy: SshPolicy) -> dict:
         "hwledger_gpu_query_cmd": agent.gpu_query_cmd,
         "hwledger_agent": agent_to_dict(agent),
     }
+    if policy.host_key_checking != "off":
+        variables["ansible_ssh_host_key_checking"] = True
+    return variables

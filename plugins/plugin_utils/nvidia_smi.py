@@ -25,6 +25,9 @@ import functools
 import re
 from dataclasses import dataclass
 
+# The default query command belongs to the agents schema (the gpu_query_cmd default); it is also the
+# command this parser suggests. agents is standard library only, so this adds no dependency or cycle.
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import DEFAULT_GPU_QUERY_CMD
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.telemetry_base import (
     MAX_GPUS,
     MIB,
@@ -40,7 +43,6 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils.telemetry_base impo
 )
 
 TOOL = "nvidia-smi"
-DEFAULT_QUERY = "nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader"
 SEPARATOR = ", "
 MAX_COLUMNS = 1024
 
@@ -159,7 +161,7 @@ def classify_failure(text: str, rc: int | None) -> QueryFailure | None:
         return QueryFailure(
             "invalid_arguments",
             "nvidia-smi rejected its arguments%s: %s gpu_query_cmd must be a GPU query such as `%s`."
-            % (status, option.group(1).strip() or "(no detail).", DEFAULT_QUERY))
+            % (status, option.group(1).strip() or "(no detail).", DEFAULT_GPU_QUERY_CMD))
     return _failure_from_exit_status(rc)
 
 
@@ -253,7 +255,7 @@ def _columns_and_rows(query: CsvQuery, lines: list[tuple[int, str]]):
     if not query.fields:
         raise unparseable(
             "cannot tell which column is which: the output has no header line and the command has no "
-            "--query-gpu= list. Use a command such as `%s`." % DEFAULT_QUERY)
+            "--query-gpu= list. Use a command such as `%s`." % DEFAULT_GPU_QUERY_CMD)
     return [(name, "") for name in query.fields], lines
 
 
@@ -280,7 +282,7 @@ def _looks_like_header(columns: list[tuple[str, str]]) -> bool:
 def _process_list_failure(what: str) -> QueryFailure:
     return unparseable(
         "this is a process list (%s), not a GPU list. Query GPUs instead, e.g. `%s`."
-        % (what, DEFAULT_QUERY))
+        % (what, DEFAULT_GPU_QUERY_CMD))
 
 
 def _split_row(columns: list[tuple[str, str]], line_no: int, line: str) -> list[str]:

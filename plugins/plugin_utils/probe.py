@@ -5,8 +5,8 @@
 Used by the ``hwledger.fleet.gpu_query`` action plugin, by ``hwledger gpu parse`` and by the app's
 direct-ssh heartbeat, so there is one script and one parser.
 
-What the remote needs: a POSIX ``sh`` with ``mktemp``, ``head -c``, ``tr`` and ``sleep`` (coreutils or
-busybox). No Python. The script
+What the remote needs: a POSIX ``sh`` with ``mktemp``, ``head -c``, ``rm`` and ``sleep`` (coreutils or
+busybox); ``setsid`` and ``nproc`` (or ``getconf``) are used when present. No Python. The script
 
 * runs the configured query command with ``/bin/sh -c`` (in its own process group when ``setsid`` exists),
   stdin from /dev/null, stdout and stderr into two files of a private ``mktemp -d`` directory (0700, removed
@@ -18,19 +18,19 @@ busybox). No Python. The script
   tool's output cannot end a section by accident. The token is discoverable from the header line
   (``HWLEDGER-PROBE/1 <token>``), which is printed before the tool starts.
 
-Frames (``T`` is the token)::
+Frames (``T`` is the token; an empty line comes before the header)::
 
     HWLEDGER-PROBE/1 T
-    T stdout <bytes written by the tool>     # content sections: at most a cap of bytes follow, then
-    <stdout, capped>                         # a newline that is not part of the content,
-    T end                                    # then the end line
-    T stderr <bytes> / <content> / T end
+    T stdout -                 # a content section: its name and "-", then its content (at most
+    <stdout, capped>           # STDOUT_CAP bytes: one more than is accepted, so an over-long output
+    T end                      # shows by its length), a newline that is not part of it, the end line
+    T stderr - / <stderr, at most STDERR_CAP bytes> / T end
     T rc <exit status of the tool>
-    T timeout                                # only when the watchdog fired
-    T fatal <n> / <message> / T end          # only when the probe itself could not run the tool
+    T timeout                  # only when the watchdog fired
+    T fatal - / <message> / T end                                 # only when the probe could not run the tool
     T loadavg - / <first bytes of /proc/loadavg> / T end          # host metrics, when asked for
     T meminfo - / <MemTotal and MemAvailable lines> / T end
-    T cpus <online CPU count or empty>
+    T cpus <online CPU count, or empty>
     T done
 
 The remote is not trusted: everything parsed here is bounded and treated as data. The token is not a
@@ -65,14 +65,21 @@ MAX_TIMEOUT_S = 3600.0
 
 _CONTENT_SECTIONS = frozenset({"stdout", "stderr", "fatal", "loadavg", "meminfo"})
 _LINE_SECTIONS = frozenset({"rc", "timeout", "cpus", "done"})
-_TOKEN_RE = re.compile("^" + re.escape(HEADER_PREFIX) + r"(hwl[0-9a-f]{24})\r?$", re.MULTILINE)
+_TOKEN_PATTERN = r"hwl[0-9a-f]{24}"
+_TOKEN_RE = re.compile("^" + re.escape(HEADER_PREFIX) + "(" + _TOKEN_PATTERN + r")\r?$", re.MULTILINE)
+# One frame line: token, section name, optional argument. The token is captured and compared with the
+# header's, so one compiled pattern serves every (random) token.
+_FRAME_LINE_RE = re.compile("(" + _TOKEN_PATTERN + r") ([a-z]+)(?: ([^\n]*))?\n")
 _INT_RE = re.compile(r"-?[0-9]{1,12}")
 
-# ssh's own messages (exit status 255) that mean the host key did not match the pinned one.
-_HOST_KEY_MARKERS = (
-    "REMOTE HOST IDENTIFICATION HAS CHANGED",
-    "Host key verification failed",
-)
+# ssh's own messages (exit status 255) about host keys. OpenSSH ends both a changed and an unknown key
+# with "Host key verification failed."; only a changed one comes with the banner (and the "Offending
+# ... key in FILE:LINE" line, which names the entry that no longer matches).
+_HOST_KEY_CHANGED_RE = re.compile(
+    r"REMOTE HOST IDENTIFICATION HAS CHANGED|^Offending (?:[A-Za-z0-9-]{1,32} key|key for IP) in ", re.MULTILINE)
+_HOST_KEY_FAILED_MARKER = "Host key verification failed"
+# ssh's messages come first and are short: a longer text is only searched this far.
+_SSH_MESSAGE_CHARS = 65536
 
 _SCRIPT = r"""B=@TOKEN@
 C=@CMD@
@@ -97,14 +104,13 @@ trap 'exit 130' INT
 trap 'exit 141' PIPE
 trap 'exit 143' TERM
 trap 'to=1' USR1
+# Sizes are not measured (that would cost processes on every heartbeat): each section is capped at its
+# limit + 1 byte, so the controller sees an over-long output by its length alone.
 emit() {
-  printf '%s %s %s\n' "$B" "$1" "$2"
-  head -c "$3" "$4" 2>/dev/null
+  printf '%s %s -\n' "$B" "$1"
+  head -c "$2" "$3" 2>/dev/null
   printf '\n%s end\n' "$B"
 }
-# Sizes are not measured (that cost two processes per section on every heartbeat): each section is
-# capped at its limit + 1 byte, so the controller sees an over-long output by its length alone.
-size() { printf -; }
 if [ -n "$d" ]; then
   ( ulimit -f @FILEBLOCKS@ 2>/dev/null
     command -v setsid >/dev/null 2>&1 && exec setsid /bin/sh -c "$C"
@@ -122,8 +128,8 @@ if [ -n "$d" ]; then
   kill "$w" 2>/dev/null; w=
   [ -e "$d/t" ] && to=1
   [ "$to" = 1 ] || p=
-  emit stdout "$(size "$d/o")" @STDOUTCAP@ "$d/o"
-  emit stderr "$(size "$d/e")" @STDERRCAP@ "$d/e"
+  emit stdout @STDOUTCAP@ "$d/o"
+  emit stderr @STDERRCAP@ "$d/e"
   printf '%s rc %s\n' "$B" "$rc"
   [ "$to" = 1 ] && printf '%s timeout\n' "$B"
 else
@@ -138,8 +144,8 @@ if [ "$M" = 1 ]; then
     case $l in MemTotal:*|MemAvailable:*) printf '%.128s\n' "$l" ;; esac
   done </proc/meminfo 2>/dev/null
   printf '%s end\n' "$B"
-  n=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || grep -c '^processor' /proc/cpuinfo 2>/dev/null)
-  printf '%s cpus %s\n' "$B" "$(printf '%s' "$n" | tr -dc 0-9 | head -c 9)"
+  n=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null)
+  printf '%s cpus %.9s\n' "$B" "${n%%[!0-9]*}"
 fi
 printf '%s done\n' "$B"
 """
@@ -179,7 +185,7 @@ def remote_script(cmd: str, *, timeout_s: float, host_metrics: bool, token: str 
         raise ValueError("the GPU query command contains a NUL byte")
     timeout_s = check_timeout(timeout_s)
     token = token or new_token()
-    if not re.fullmatch(r"hwl[0-9a-f]{24}", token):
+    if not re.fullmatch(_TOKEN_PATTERN, token):
         raise ValueError("a probe token is 'hwl' and 24 lowercase hex digits")
     replacements = {
         "@TOKEN@": token,
@@ -204,9 +210,11 @@ def remote_script(cmd: str, *, timeout_s: float, host_metrics: bool, token: str 
 def ssh_command(script: str) -> str:
     """The remote command for a plain ``ssh host COMMAND`` exec of ``script`` (the app's direct path).
 
-    sshd hands COMMAND to the user's login shell, which may not be POSIX; this makes it start /bin/sh.
+    sshd hands COMMAND to the user's login shell, which may not be POSIX; this makes it run /bin/sh, as
+    the Ansible path does (``_low_level_execute_command``). ``exec`` replaces the login shell instead of
+    keeping it waiting.
     """
-    return "/bin/sh -c " + shlex.quote(script)
+    return "exec /bin/sh -c " + shlex.quote(script)
 
 
 def controller_deadline(timeout_s: float) -> float:
@@ -223,7 +231,6 @@ class Frames:
 
     def __init__(self) -> None:
         self.content: dict[str, str] = {}
-        self.sizes: dict[str, int | None] = {}
         self.values: dict[str, str] = {}
         self.complete = False
 
@@ -241,20 +248,18 @@ def split_frames(text: str) -> Frames | None:
         if header is None:  # pragma: no cover - the replacement cannot remove the header
             return None
     frames = Frames()
-    line_re = re.compile(re.escape(token) + r" ([a-z]+)(?: ([^\n]*))?\n")
     end_marker = "\n" + token + " end\n"
     pos = header.end() + 1
     while pos < len(text):
-        match = line_re.match(text, pos)
-        if match is None:
+        match = _FRAME_LINE_RE.match(text, pos)
+        if match is None or match.group(1) != token:
             break  # anything else (a cut connection, junk) ends the frames; what was read stays
-        name, arg = match.group(1), (match.group(2) or "")
+        name, arg = match.group(2), (match.group(3) or "")
         if name in _CONTENT_SECTIONS:
             end = text.find(end_marker, match.end())
             if end < 0:
                 break
             frames.content[name] = text[match.end():end]
-            frames.sizes[name] = _bounded_int(arg)
             pos = end + len(end_marker)
         elif name in _LINE_SECTIONS:
             frames.values[name] = arg
@@ -345,14 +350,41 @@ def exec_timeout_failure(*, agent: str, timeout_s: float) -> dict:
     )
 
 
+def classify_ssh_failure(stderr: str) -> str | None:
+    """The failure reason for what ssh printed when it failed: ``"host_key_changed"``, ``"host_key_unknown"``
+    or None (not a host key problem: the caller reports it as ``"unreachable"``).
+
+    ``host_key_changed`` needs OpenSSH's "REMOTE HOST IDENTIFICATION HAS CHANGED" banner or its
+    "Offending ... key" line; "Host key verification failed" without them means no key is pinned for the
+    host (or ssh gave no detail), ``host_key_unknown``. Works on ssh's stderr as it is and on a message
+    that embeds it (Ansible's "Failed to connect to the host via ssh: ..."); only its first 64 KiB are read.
+    """
+    text = (stderr or "")[:_SSH_MESSAGE_CHARS]
+    if _HOST_KEY_CHANGED_RE.search(text):
+        return "host_key_changed"
+    if _HOST_KEY_FAILED_MARKER in text:
+        return "host_key_unknown"
+    return None
+
+
 def _ssh_failure(agent: str, exec_rc: int, exec_stdout: str, exec_stderr: str) -> dict:
     head = telemetry.output_head(exec_stderr, exec_stdout)
-    if any(marker in (exec_stderr or "") for marker in _HOST_KEY_MARKERS):
+    reason = classify_ssh_failure(exec_stderr)
+    if reason == "host_key_changed":
         return failure(
-            "host_key_changed",
+            reason,
             "%s: ssh refused the host key: it is not the key pinned for this host in hwledger's "
             "known_hosts (the host was re-installed, the address now points elsewhere, or someone is "
             "in between). Check the host out of band, then re-key it (hwledger fleet register-ssh)." % agent,
+            agent=agent, rc=exec_rc, head=head,
+        )
+    if reason == "host_key_unknown":
+        return failure(
+            reason,
+            "%s: ssh refused to connect: no host key is pinned for this host (or its bastion) in hwledger's "
+            "known_hosts; it was never registered, or its entry was removed. Register the host (hwledger "
+            "fleet register-ssh pins its key once you confirm the fingerprint), or pin its key in that "
+            "known_hosts under the alias hwledger-agent-%s." % (agent, agent),
             agent=agent, rc=exec_rc, head=head,
         )
     return failure(
@@ -463,14 +495,12 @@ def evaluate(*, agent: str, cmd: str, backend: str, exec_stdout: str, exec_stder
             agent=agent, rc=exec_rc, head=telemetry.output_head(exec_stdout, exec_stderr), host=host,
         )
 
-    stdout_size = frames.sizes.get("stdout")
-    if (stdout_size is not None and stdout_size > telemetry.MAX_OUTPUT_BYTES) or \
-            len(stdout) > telemetry.MAX_OUTPUT_BYTES:
+    # The host sends at most one byte more than is accepted (STDOUT_CAP): more than the limit means cut.
+    if len(stdout) > telemetry.MAX_OUTPUT_BYTES:
         return failure(
             "output_too_large",
-            "%s: the query printed %s bytes, more than the %d accepted; that is not GPU telemetry. "
-            "Check gpu_query_cmd (%s)" % (agent, stdout_size if stdout_size is not None else "too many",
-                                          telemetry.MAX_OUTPUT_BYTES, cmd),
+            "%s: the query printed more than the %d bytes accepted; that is not GPU telemetry. "
+            "Check gpu_query_cmd (%s)" % (agent, telemetry.MAX_OUTPUT_BYTES, cmd),
             agent=agent, rc=tool_rc, head=telemetry.output_head(stdout), host=host,
         )
 

@@ -29,6 +29,7 @@ import re
 import shlex
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import amd_smi, nvidia_smi, rocm_smi
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import DEFAULT_GPU_QUERY_CMD
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.telemetry_base import (
     GPU_KEYS,
     HEALTH_OK,
@@ -278,15 +279,15 @@ def _nvidia_warnings(cmd: str) -> list[str]:
     query = nvidia_smi.parse_command(cmd)
     if query.kind is None:
         return ["`%s` has no --query-gpu=... list, so nvidia-smi prints its human table, which hwledger does "
-                "not read. Use `%s`." % (cmd, nvidia_smi.DEFAULT_QUERY)]
+                "not read. Use `%s`." % (cmd, DEFAULT_GPU_QUERY_CMD)]
     if query.kind != "gpu":
         return ["`%s` lists processes (--query-%s), not GPUs. Use `%s`."
-                % (cmd, query.kind, nvidia_smi.DEFAULT_QUERY)]
+                % (cmd, query.kind, DEFAULT_GPU_QUERY_CMD)]
     if query.header is None:
         return ["`%s` has no --format=csv: nvidia-smi requires it with --query-gpu. Use `%s --format=csv,noheader`."
                 % (cmd, cmd.rstrip())]
     if not query.fields:
-        return ["`%s` has an empty --query-gpu list. Use `%s`." % (cmd, nvidia_smi.DEFAULT_QUERY)]
+        return ["`%s` has an empty --query-gpu list. Use `%s`." % (cmd, DEFAULT_GPU_QUERY_CMD)]
     return []
 
 

@@ -184,6 +184,19 @@ def test_a_rotated_host_key_is_refused_and_nothing_is_learned(pinned: Pinned, fr
     assert ssh_clients(pinned.policy.control_dir) == []
 
 
+def test_a_host_with_no_pinned_key_is_host_key_unknown(pinned: Pinned, fresh_host: SshHost) -> None:
+    """ssh says "Host key verification failed." for an unknown key as for a changed one; only the banner
+    tells them apart, and an unregistered host must be told to register, not to re-key."""
+    agent = agents_schema.agent_from_dict(fresh_host.agent_entry())  # nothing pinned for it
+    mark = fresh_host.log_mark()
+    outcome = SshFanoutHeartbeat(pinned.policy, query_timeout_s=TIMEOUT_S).tick([agent], cancel=never)[agent.name]
+    assert outcome.reason == "host_key_unknown", outcome
+    assert "register-ssh" in outcome.msg
+    assert pinned.known_hosts.read_text() == ""  # nothing was learned
+    assert "Accepted publickey" not in fresh_host.log_text(since=mark)
+    assert ssh_clients(pinned.policy.control_dir) == []
+
+
 def test_the_serve_tick_records_snapshots_and_states_in_the_store(lab: Lab, tmp_path: Path,
                                                                   fresh_host: SshHost) -> None:
     broken = lab.add_loopback_host(lab.unique_name("broken"),

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as A
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
 from tests.lab import SshHost, known_hosts_line, write_agents_toml
 from tests.lab.netns import INNER_NET  # the bastion <-> internal links, inside the namespaces only
 
@@ -59,12 +60,13 @@ class Fleet:
     def policy(self) -> A.SshPolicy:
         return A.SshPolicy(known_hosts=str(self.known_hosts), control_dir=str(self.control_dir), connect_timeout=5)
 
-    def raw(self, command: str = "echo ok") -> subprocess.CompletedProcess:
-        env = {key: value for key, value in os.environ.items() if not key.startswith("ANSIBLE_")}
-        env.update({"ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCAL_TEMP": str(self.dir / "tmp")})
+    def raw(self, command: str = "echo ok", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        environment = {key: value for key, value in os.environ.items() if not key.startswith("ANSIBLE_")}
+        environment.update({"ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCAL_TEMP": str(self.dir / "tmp")})
+        environment.update(env or {})
         return subprocess.run([str(BIN / "ansible"), "all", "-i", str(self.config), "-m", "ansible.builtin.raw",
                                "-a", command, "-o", "-T", "10"],
-                              cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=120,
+                              cwd=REPO, env=environment, check=False, capture_output=True, text=True, timeout=120,
                               stdin=subprocess.DEVNULL)
 
     def close(self) -> None:
@@ -151,7 +153,27 @@ def test_changed_host_key_is_unreachable_and_nothing_is_learned(fresh_host, flee
         assert host_lines(proc.stdout)[fresh_host.name].startswith("UNREACHABLE!"), proc.stdout
         assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in proc.stdout, proc.stdout
         assert "Host key verification failed" in proc.stdout, proc.stdout
+        assert probe.classify_ssh_failure(proc.stdout) == "host_key_changed"  # as the server reads it
         assert fleet.known_hosts.read_bytes() == pinned
+    assert "Accepted publickey" not in fresh_host.log_text(since=mark)  # never authenticated to it
+
+
+def test_a_changed_host_key_is_refused_even_when_ansible_turns_host_key_checking_off(fresh_host, fleet_factory):
+    """ansible-runner (and so AWX) exports ANSIBLE_HOST_KEY_CHECKING=False by default. Ansible's ssh plugin
+    then puts "-o StrictHostKeyChecking=no" before the plugin's common args, and ssh keeps the first value:
+    the host variables must keep that option out, or ssh would log in to the impostor with our key."""
+    fleet = fleet_factory([fresh_host])
+    assert fleet.raw().returncode == 0
+    fleet.close()  # no master left: the next connection must do a full handshake
+    fleet = fleet_factory([fresh_host])
+    pinned = fleet.known_hosts.read_bytes()
+    fresh_host.rotate_host_key()
+    mark = fresh_host.log_mark()
+    proc = fleet.raw(env={"ANSIBLE_HOST_KEY_CHECKING": "False"})
+    assert host_lines(proc.stdout)[fresh_host.name].startswith("UNREACHABLE!"), proc.stdout + proc.stderr
+    assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in proc.stdout, proc.stdout
+    assert "Host key verification failed" in proc.stdout, proc.stdout
+    assert fleet.known_hosts.read_bytes() == pinned
     assert "Accepted publickey" not in fresh_host.log_text(since=mark)  # never authenticated to it
 
 
@@ -160,6 +182,7 @@ def test_a_missing_key_is_learned_only_with_accept_new(fresh_host, fleet_factory
     proc = fleet.raw()
     assert host_lines(proc.stdout)[fresh_host.name].startswith("UNREACHABLE!")
     assert "Host key verification failed" in proc.stdout
+    assert probe.classify_ssh_failure(proc.stdout) == "host_key_unknown"  # as the server reads it
     assert fleet.known_hosts.read_text() == ""
     fleet.configure("accept-new")
     assert fleet.raw().returncode == 0

@@ -230,6 +230,8 @@ def test_host_vars_match_the_options():
     agent = A.Agent(**GOOD_AGENT, bastion=A.Bastion(**GOOD_BASTION))
     pol = policy()
     assert A.host_vars(agent, pol) == {
+        "ansible_connection": "ssh",
+        "ansible_ssh_host_key_checking": True,
         "ansible_host": "gpu-1.example.com",
         "ansible_port": 22,
         "ansible_user": "ubuntu",
@@ -242,6 +244,21 @@ def test_host_vars_match_the_options():
                            "bastion": {"hostname": "bastion.example.com", "ssh_user": "jump",
                                        "ssh_key_path": "/keys/bastion_key", "ssh_port": 2222}},
     }
+
+
+@pytest.mark.parametrize("checking", ["yes", "accept-new"])
+def test_host_vars_enforce_host_key_checking_whatever_ansible_is_told(checking):
+    """ansible-runner/AWX export ANSIBLE_HOST_KEY_CHECKING=False; the host variable (which beats the
+    environment for the ssh plugin's host_key_checking) keeps "-o StrictHostKeyChecking=no" out."""
+    variables = A.host_vars(A.Agent(**GOOD_AGENT), policy(host_key_checking=checking))
+    assert variables["ansible_ssh_host_key_checking"] is True
+    assert variables["ansible_connection"] == "ssh"  # paramiko would ignore ansible_ssh_common_args
+
+
+def test_host_vars_leave_host_key_checking_alone_when_the_policy_is_off():
+    variables = A.host_vars(A.Agent(**GOOD_AGENT), policy(host_key_checking="off"))
+    assert "ansible_ssh_host_key_checking" not in variables
+    assert variables["ansible_connection"] == "ssh"
 
 
 ssh_binary = shutil.which("ssh")

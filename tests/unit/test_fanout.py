@@ -421,4 +421,4 @@ def test_outcomes_are_classified_like_the_ansible_path_s() -> None:
     assert gone.reason == "no_answer"
     watchdog = probe.failure("timeout", "a: killed", agent="a", rc=143)
     assert outcome_from_result(watchdog).reason == "timeout"
-    assert json.loads(json.dumps(fanout.remote_command("echo 'x'"))).startswith("exec /bin/sh -c ")
+    assert json.loads(json.dumps(probe.ssh_command("echo 'x'"))).startswith("exec /bin/sh -c ")

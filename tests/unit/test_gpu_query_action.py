@@ -16,10 +16,12 @@ from pathlib import Path
 from unittest.mock import MagicMock
 
 import pytest
+import yaml
 from ansible.errors import AnsibleActionFail, AnsibleConnectionFailure
 from ansible.playbook.task import Task
 
 from ansible_collections.hwledger.fleet.plugins.action import gpu_query
+from ansible_collections.hwledger.fleet.plugins.modules import gpu_query as gpu_query_doc
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import DEFAULT_GPU_QUERY_CMD
 
@@ -214,6 +216,22 @@ def test_the_controller_stops_waiting_at_the_deadline_and_ends_its_ssh(monkeypat
     assert 1.5 <= elapsed < 1.5 + 1.5
     # The stand-in ssh client was terminated by the action, not by the finally block above.
     assert children and children[0].returncode == -signal.SIGTERM
+
+
+def test_an_exec_that_answers_in_time_does_not_scan_the_process_table(bin_dir, shell, monkeypatch):
+    """Scanning /proc costs milliseconds per exec with a thousand ssh masters: only a late exec pays it."""
+    scans: list[int] = []
+    monkeypatch.setattr(gpu_query, "_child_pids", lambda: scans.append(1) or set())
+    fake_tool(bin_dir, "nvidia-smi", "printf '0, GPU A, 1024 MiB, 1000 MiB\\n'")
+    result = make_action({}, shell).run(task_vars=dict(TASK_VARS))
+    assert not result.get("failed"), result
+    assert scans == []
+
+
+def test_backend_choices_are_the_documented_ones():
+    """The choices come from the parsers (telemetry.BACKENDS); the module documentation must list the same."""
+    documented = yaml.safe_load(gpu_query_doc.DOCUMENTATION)["options"]["backend"]["choices"]
+    assert gpu_query.ARGUMENT_SPEC["backend"]["choices"] == documented
 
 
 def test_results_are_plain_data(bin_dir, shell):

@@ -121,8 +121,8 @@ def test_stdout_stderr_and_rc_come_back_exactly_and_separately(shell, bin_dir, r
     assert frames.content["stdout"] == "line 1\n\nlast line without newline"
     assert frames.content["stderr"] == "warn 1\nwarn 2"
     assert frames.values["rc"] == "3"
-    # Sizes are not measured on the host (it would cost processes at every heartbeat).
-    assert frames.sizes["stdout"] is None and frames.sizes["stderr"] is None
+    # Sizes are not measured on the host (it would cost processes at every heartbeat): "-" stands for one.
+    assert re.search(r"^hwl[0-9a-f]{24} stdout -$", run.stdout, re.M)
     assert "timeout" not in frames.values
     assert frames.complete
 
@@ -219,8 +219,9 @@ def test_ssh_command_starts_sh_with_the_script(bin_dir, remote_tmp):
     env = {"PATH": "%s:/usr/bin:/bin" % bin_dir, "TMPDIR": str(remote_tmp)}
     # What sshd does with the command: hand it to the login shell (here bash, if present, else sh).
     login_shell = shutil.which("bash") or "/bin/sh"
-    proc = subprocess.run([login_shell, "-c", probe.ssh_command(script)], capture_output=True, env=env,
-                          timeout=30, check=False)
+    command = probe.ssh_command(script)
+    assert command.startswith("exec /bin/sh -c ")  # the login shell is replaced, not kept waiting
+    proc = subprocess.run([login_shell, "-c", command], capture_output=True, env=env, timeout=30, check=False)
     frames = probe.split_frames(proc.stdout.decode())
     assert frames is not None and frames.content["stdout"] == "ok\n" and frames.complete
 
@@ -272,6 +273,29 @@ def test_host_metrics_come_back_even_when_the_tool_fails(bin_dir, remote_tmp):
     assert all(isinstance(host[key], float) and host[key] >= 0 for key in ("load1", "load5", "load15"))
 
 
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("nproc_body, expected", [
+    ("echo 12", 12),
+    ("printf '6 (of 8)\\n'", 6),   # anything after the leading digits is dropped
+    ("exit 1", 3),                  # a failing nproc: getconf's answer
+    ("echo x12", None),             # no leading digits: no count
+])
+def test_the_cpu_count_is_nproc_s_leading_digits(shell, bin_dir, remote_tmp, nproc_body, expected):
+    fake_tool(bin_dir, "nproc", nproc_body)
+    fake_tool(bin_dir, "getconf", "echo 3")
+    fake_tool(bin_dir, "gputool", "echo ok")
+    frames = run_probe("gputool", bin_dir=bin_dir, remote_tmp=remote_tmp, shell=shell).frames()
+    host = probe.parse_host_metrics(None, None, frames.values.get("cpus"))
+    assert host["cpu_count"] == expected
+
+
+def test_the_host_metrics_start_one_process_at_most():
+    """They run on every host at every heartbeat: builtins only, apart from nproc/getconf."""
+    script = probe.remote_script("x", timeout_s=1, host_metrics=True)
+    metrics = script[script.index('if [ "$M" = 1 ]'):]
+    assert metrics.count("$(") == 1 and " | " not in metrics
+
+
 def test_no_host_metrics_when_not_asked(bin_dir, remote_tmp):
     fake_tool(bin_dir, "gputool", "echo ok")
     frames = run_probe("gputool", bin_dir=bin_dir, remote_tmp=remote_tmp, host_metrics=False).frames()
@@ -283,6 +307,27 @@ def test_the_script_runs_without_the_appended_sleep(bin_dir, remote_tmp):
     fake_tool(bin_dir, "gputool", "echo ok")
     frames = run_probe("gputool", bin_dir=bin_dir, remote_tmp=remote_tmp, suffix="").frames()
     assert frames.content["stdout"] == "ok\n" and frames.complete
+
+
+def test_splitting_compiles_no_pattern_per_token(bin_dir, remote_tmp, monkeypatch):
+    """Every exec has a new random token: a pattern compiled per token would miss re's cache every time."""
+    fake_tool(bin_dir, "gputool", "echo ok")
+    run = run_probe("gputool", bin_dir=bin_dir, remote_tmp=remote_tmp)
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("re.compile called while splitting frames")
+
+    monkeypatch.setattr(probe.re, "compile", no_compile)
+    frames = run.frames()
+    assert frames.content["stdout"] == "ok\n" and frames.complete
+
+
+def test_a_frame_line_with_another_token_ends_the_frames():
+    token, other = "hwl" + "a" * 24, "hwl" + "b" * 24
+    text = ("HWLEDGER-PROBE/1 {t}\n{t} stdout -\nok\n{t} end\n{o} rc 0\n{t} rc 0\n{t} done\n"
+            .format(t=token, o=other))
+    frames = probe.split_frames(text)
+    assert frames.content == {"stdout": "ok"} and "rc" not in frames.values and not frames.complete
 
 
 def test_every_script_gets_a_fresh_token():
@@ -444,10 +489,42 @@ def test_ssh_host_key_change_is_host_key_changed():
     assert "re-key" in result["msg"]
 
 
-def test_unknown_host_key_is_host_key_changed_too():
+def test_unknown_host_key_is_host_key_unknown():
     result = synthetic("", "No ED25519 host key is known for [127.0.0.5]:2222 and you have requested strict "
                            "checking.\nHost key verification failed.\n", 255)
-    assert result["reason"] == "host_key_changed"
+    assert result["reason"] == "host_key_unknown"
+    assert "hwledger fleet register-ssh" in result["msg"] and "hwledger-agent-box1" in result["msg"]
+
+
+CHANGED_STDERR = (
+    "@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n"
+    "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\n"
+    "@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n"
+    "IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\n"
+    "Offending ED25519 key in /home/u/.config/hwledger/known_hosts:3\n"
+    "Host key for hwledger-agent-box1 has changed and you have requested strict checking.\n"
+    "Host key verification failed.\n")
+
+
+@pytest.mark.parametrize("stderr, expected", [
+    (CHANGED_STDERR, "host_key_changed"),
+    # Only the "Offending" line left (e.g. the banner cut off): still a changed key.
+    ("Offending ECDSA key in /k:1\nHost key verification failed.\n", "host_key_changed"),
+    ("No ED25519 host key is known for hwledger-agent-box1 and you have requested strict checking.\n"
+     "Host key verification failed.\n", "host_key_unknown"),
+    # ssh said nothing more than the generic line: nothing shows a change, so the key is unknown.
+    ("Host key verification failed.\r\n", "host_key_unknown"),
+    # Ansible's unreachable message embeds ssh's stderr.
+    ("Failed to connect to the host via ssh: " + CHANGED_STDERR, "host_key_changed"),
+    ("Failed to connect to the host via ssh: Host key verification failed.", "host_key_unknown"),
+    ("ssh: connect to host 10.0.0.9 port 22: Connection refused\n", None),
+    ("kex_exchange_identification: read: Connection reset by peer\n", None),
+    ("Permission denied (publickey).\n", None),
+    ("", None),
+    (None, None),
+])
+def test_classify_ssh_failure(stderr, expected):
+    assert probe.classify_ssh_failure(stderr) == expected
 
 
 def test_other_ssh_failures_are_unreachable():

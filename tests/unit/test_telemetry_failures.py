@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
+import yaml
 
+from ansible_collections.hwledger.fleet.plugins.modules import gpu_query as gpu_query_doc
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import telemetry
 
 DEFAULT_CMD = "nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader"
@@ -167,7 +170,15 @@ def test_unknown_reason_is_a_programming_error():
 def test_reasons_are_the_documented_set():
     assert telemetry.REASONS == {
         "tool_not_found", "driver_unavailable", "nvml_error", "no_devices", "invalid_query", "invalid_arguments",
-        "timeout", "unparseable", "output_too_large", "host_key_changed", "unreachable"}
+        "timeout", "unparseable", "output_too_large", "host_key_changed", "host_key_unknown", "unreachable"}
+
+
+def test_every_reason_is_documented_in_the_module():
+    """The gpu_query documentation lists each reason twice: RETURN's reason and the notes."""
+    returned = yaml.safe_load(gpu_query_doc.RETURN)["reason"]["description"]
+    notes = yaml.safe_load(gpu_query_doc.DOCUMENTATION)["notes"]
+    assert set(re.findall(r"V\(([a-z_]+)\)", " ".join(returned))) == telemetry.REASONS
+    assert set(re.findall(r"C\(([a-z_]+)\) \(", " ".join(notes))) >= telemetry.REASONS
 
 
 def test_build_snapshot_has_exactly_the_design_keys():
