@@ -37,10 +37,17 @@ class Block:
     header: int
 
 
-def read_agents(path: Path) -> list[agents_schema.Agent]:
-    """The agents in the file ([] when it does not exist yet); schema errors become UserError."""
+def read_agents(path: Path, *, missing_ok: bool = True) -> list[agents_schema.Agent]:
+    """The agents in the file; schema errors become UserError.
+
+    A missing file is [] for the commands that create it (`register-ssh` writes the first agent); the
+    server passes `missing_ok=False`: for it a vanished file is an error, never "every agent was removed".
+    """
     if not path.exists():
-        return []
+        if missing_ok:
+            return []
+        raise UserError(f"the agents file {path} does not exist (moved or deleted?); restore it, or point "
+                        "--config / HWLEDGER_CONFIG at it (`hwledger fleet register-ssh` creates it)")
     try:
         found, _warnings = agents_schema.load_agents_file(str(path))
     except agents_schema.AgentsFileError as exc:

@@ -51,7 +51,7 @@ RUN_DIR_PREFIX = "run-"
 CONNECT_TIMEOUT_S = 10
 CANCEL_POLL_S = 0.2
 
-# Events worth keeping for a caller that does not say otherwise: per-host outcomes and the stats.
+# The events a run keeps (in memory): per-host outcomes and the stats.
 HOST_OUTCOME_EVENTS = frozenset({
     "runner_on_ok", "runner_on_failed", "runner_on_unreachable", "runner_on_skipped",
     "runner_item_on_ok", "runner_item_on_failed", "playbook_on_stats",
@@ -81,10 +81,6 @@ class PlaybookRun:
     stats: dict = field(default_factory=dict)
     output_tail: str = ""            # the last lines Ansible printed (for a failed run's message)
     error: str | None = None         # a runner-side exception, if any
-
-    def last(self, host: str) -> HostEvent | None:
-        events = self.host_events.get(host) or []
-        return events[-1] if events else None
 
 
 def _search_path() -> str:
@@ -192,7 +188,6 @@ class AnsibleRuns:
         limit: str | None = None,
         cancel: Callable[[], bool] | None = None,
         on_event: Callable[[HostEvent], None] | None = None,
-        keep_events: Iterable[str] = HOST_OUTCOME_EVENTS,
         timeout_s: float | None = None,
         label: str = "run",
         on_private_dir: Callable[[Path], None] | None = None,
@@ -208,7 +203,6 @@ class AnsibleRuns:
         """
         import ansible_runner  # imported here: ~0.2 s, and CLI commands that never run Ansible skip it
 
-        keep = frozenset(keep_events)
         started = time.monotonic()
         private_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{label}-", dir=self.runs_dir))
         with self._lock:
@@ -222,7 +216,7 @@ class AnsibleRuns:
                 tail.extend(stdout.splitlines()[-20:])
                 del tail[:-40]
             name = event.get("event", "")
-            if name not in keep:
+            if name not in HOST_OUTCOME_EVENTS:
                 return False
             data = event.get("event_data") or {}
             if name == "playbook_on_stats":

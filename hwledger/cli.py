@@ -7,12 +7,16 @@ Each module in `hwledger.commands` exposes `register(subparsers)`, which adds it
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from hwledger import __version__
+from hwledger.display import printable
 from hwledger.errors import UserError
 
 COMMAND_MODULES = ("fleet", "job", "gpu", "run")
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by SIGPIPE (128 + 13)
+EXIT_OS_ERROR = 1
 
 
 def build_parser(only: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
@@ -44,10 +48,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"hwledger: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`hwledger job list | head`): nothing more to say, and nobody to say it to.
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        # A file hwledger had to read or write (a full disk, a permission, a path that is not a directory).
+        where = f" ({exc.filename})" if exc.filename else ""
+        _error(f"{exc.strerror or exc}{where}")
+        return EXIT_OS_ERROR
+
+
+def _error(message: str) -> None:
+    # Messages can quote remote text (an ssh error, a host's output): escape control characters, keep lines.
+    lines = message.split("\n")
+    print("hwledger: error: " + "\n".join(printable(line) for line in lines), file=sys.stderr)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail (and print) again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file (captured by a test): there is no final flush to fail
 
 
 if __name__ == "__main__":

@@ -265,10 +265,6 @@ def unpin(path: Path, alias: str) -> bool:
         return True
 
 
-def alias_in_use(path: Path, alias: str) -> bool:
-    return bool(pinned_keys(path, alias))
-
-
 # ---------------------------------------------------------------------------------------------
 # Learning a host's key
 

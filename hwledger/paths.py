@@ -10,6 +10,8 @@ Precedence for every path: the command-line flag, then the environment variable,
 
 Everything else the app writes (fetched job results, ansible-runner private dirs, SSH control sockets)
 lives in the store's directory, so pointing `HWLEDGER_DB` somewhere else moves all of it together.
+That directory is created 0700 when missing; an existing one is never chmod-ed, and refused when group or
+others can write to it (`ensure_data_dir`).
 """
 
 from __future__ import annotations
@@ -75,19 +77,63 @@ def runs_dir(db: Path) -> Path:
     return data_dir(db) / "runs"
 
 
-def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) as 0700 and refuse a directory another user could tamper with.
+def _make_dirs(path: Path) -> bool:
+    """Create `path` and every missing parent as 0700 (as XDG asks for its base dirs). True when `path`
+    itself was created here. `Path.mkdir(parents=True)` would give the parents the umask's mode instead."""
+    missing = []
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            break
+        missing.append(candidate)
+    created = False
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+            created = directory == path
+        except FileExistsError:
+            created = False  # another process made it meanwhile: checked like any existing dir
+        except OSError as exc:
+            raise UserError(f"cannot create the directory {directory}: {exc.strerror or exc}; "
+                            "point hwledger at a path it can create (e.g. the default ~/.local/share/hwledger)"
+                            ) from None
+    return created
 
-    Why: a world-writable or foreign-owned state dir lets another local user plant files or
-    symlinks where the app writes results and run dirs.
-    """
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+def _plain_dir_of_ours(path: Path, what: str) -> os.stat_result:
     info = os.lstat(path)
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise UserError(f"{path} is not a plain directory; remove it or point hwledger elsewhere")
+        raise UserError(f"{what} {path} is not a plain directory; remove it or point hwledger elsewhere")
     if info.st_uid != os.getuid():
-        raise UserError(f"{path} is owned by uid {info.st_uid}, not by you; hwledger keeps private files there")
-    if info.st_mode & 0o077:
+        raise UserError(f"{what} {path} is owned by uid {info.st_uid}, not by you; hwledger keeps private "
+                        "files there")
+    return info
+
+
+def ensure_data_dir(path: Path) -> Path:
+    """The store's directory: created 0700 when missing; an existing one is used as it is, never chmod-ed.
+
+    Why never chmod-ed: the user chose it (`--db /tmp/fleet.db`), and tightening /tmp, say, would break
+    every other program using it. Why refused when group- or world-writable: another local user could
+    plant files or symlinks where hwledger writes the store, results and run dirs.
+    """
+    if _make_dirs(path):
+        return path
+    info = _plain_dir_of_ours(path, "the store's directory")
+    if info.st_mode & 0o022:
+        raise UserError(f"the store's directory {path} is writable by group or others (mode "
+                        f"{stat.S_IMODE(info.st_mode):04o}), so another user could tamper with hwledger's files "
+                        "there; keep the store in a private directory (e.g. the default ~/.local/share/hwledger, "
+                        "or a new directory: hwledger creates it 0700)")
+    return path
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """One of hwledger's own directories (`results/`, `runs/`, `cm/` beside the store, `/tmp/hwledger-<uid>`):
+    created 0700 (with any missing parent), refused when it is a symlink or another user's, and forced
+    back to 0700 when it is looser: it is hwledger's by name, so nobody else's mode is changed.
+    """
+    _make_dirs(path)
+    if _plain_dir_of_ours(path, "hwledger's directory").st_mode & 0o077:
         os.chmod(path, 0o700)
     return path
 
@@ -102,6 +148,7 @@ def control_dir(db: Path) -> Path:
     # ControlPath is "<dir>/%C" (40 hex characters) and ssh adds a random suffix while creating the
     # socket; the agents module knows the limit (one home for ssh options).
     if len(os.fsencode(str(preferred))) <= MAX_CONTROL_DIR_BYTES:
+        ensure_data_dir(data_dir(db))
         return ensure_private_dir(preferred)
     digest = hashlib.sha256(os.fsencode(str(data_dir(db).resolve()))).hexdigest()[:12]
     base = ensure_private_dir(Path("/tmp") / f"hwledger-{os.getuid()}")

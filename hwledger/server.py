@@ -2,7 +2,8 @@
 
 One tick (every `--interval`, never overlapping; an overrun is recorded and the next tick starts at
 once):
-1. read ssh-agents.toml again (registrations and removals apply without a restart);
+1. read ssh-agents.toml again (registrations and removals apply without a restart; a file that is
+   missing or does not parse keeps the last good list of agents);
 2. run one heartbeat over every agent that is not blocked (`host_key_changed`) through the
    heartbeat transport (pluggable: `AnsibleHeartbeat` runs the `hwledger.fleet.heartbeat` playbook
    through the app's ansible-runner wrapper; a faster transport can take its place);
@@ -16,16 +17,24 @@ Job states, each committed to the store *before* it is acted on:
 run. `running` is written before the job playbook starts; the run's private dir is recorded before
 ansible-playbook starts, so after a crash the old run (an orphan that may still be fetching the result)
 is found by that exact path and waited for. Then the controller results dir decides: a valid result
-file gives the job its state from the result; none gives `lost` and a pending clean-up of the remote
-temp dir. A job is never started twice.
+file gives the job its state from the result (the file is deleted once that is committed: the store
+holds the result); none gives `lost` and a pending clean-up of the remote temp dir. A job is never
+started twice. SIGTERM stops a running job's playbook at once: the job ends `lost` and the next server
+cleans its remote temp dir. A cancel of a `dispatched` job ends it at once (`cancelled`), and the
+worker's dispatched -> running compare-and-set then fails, so it never starts.
+
+One server per store: `run` holds an flock on `<data dir>/serve.lock` for the process's life.
 
 Agent states: `pending` (registered, never answered), `online`, `stale` (1 or 2 missed heartbeats),
-`offline` (3 or more), `error` (the host answers but its GPU tool fails), `host_key_changed` (the host
-presented another key than the pinned one: no heartbeat, no job, until it is registered again).
+`offline` (3 or more), `error` (the host answers but its GPU tool fails, or no host key is pinned for
+it: the message says to register it), `host_key_changed` (the host presented another key than the
+pinned one: no heartbeat, no job, until it is registered again).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -40,10 +49,11 @@ from typing import Protocol
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs as jobs_schema
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
 
 from hwledger import paths
 from hwledger.agents_file import read_agents
-from hwledger.ansible_runs import AnsibleRuns, HostEvent, PlaybookRun, processes_using
+from hwledger.ansible_runs import AnsibleRuns, HostEvent, PlaybookRun, processes_using, terminate_processes_using
 from hwledger.display import printable
 from hwledger.errors import UserError
 from hwledger.store import (
@@ -79,7 +89,10 @@ INVENTORY_GROUP = agents_schema.GROUP_ALL
 # host that did answer.
 MISS_REASONS = frozenset({"unreachable", "no_answer"})
 BLOCKING_REASONS = frozenset({"host_key_changed"})
-HOST_KEY_MARKERS = ("REMOTE HOST IDENTIFICATION HAS CHANGED", "Host key verification failed")
+# No key is pinned for the host (ssh: "No ... host key is known"): nothing is blocked, since nothing was
+# ever trusted, but the agent cannot be reached until someone registers it (the message says how).
+HOST_KEY_UNKNOWN = "host_key_unknown"
+HOST_KEY_UNKNOWN_MSG = "no pinned host key: run hwledger fleet register-ssh (--replace) for this agent"
 
 CRASH_ENV = "HWLEDGER_CRASH_AT"
 CRASH_POINTS = ("dispatched", "running", "remote_dir", "fetched", "finished")
@@ -115,11 +128,17 @@ class Fleet:
 
     @property
     def results_dir(self) -> Path:
+        self.check_data_dir()  # before anything is made inside it
         return paths.ensure_private_dir(paths.results_dir(self.db))
 
     @property
     def runs_dir(self) -> Path:
+        self.check_data_dir()
         return paths.ensure_private_dir(paths.runs_dir(self.db))
+
+    def check_data_dir(self) -> Path:
+        """The store's directory, created 0700 or checked (see `paths.ensure_data_dir`)."""
+        return paths.ensure_data_dir(paths.data_dir(self.db))
 
     def policy(self) -> agents_schema.SshPolicy:
         try:
@@ -130,8 +149,8 @@ class Fleet:
             raise UserError(str(exc)) from None
         return policy
 
-    def load_agents(self) -> list[agents_schema.Agent]:
-        return read_agents(self.config)
+    def load_agents(self, *, missing_ok: bool = True) -> list[agents_schema.Agent]:
+        return read_agents(self.config, missing_ok=missing_ok)
 
     def open_store(self) -> Store:
         return Store.open(self.db)
@@ -187,11 +206,11 @@ class HeartbeatRunError(Exception):
 
 def outcome_from_result(res: dict, *, unreachable: bool = False) -> HostOutcome:
     """Classify a gpu_query result (or an unreachable result) into a HostOutcome."""
-    msg = str(res.get("msg") or "")[:2000]
+    full_msg = str(res.get("msg") or "")
+    msg = full_msg[:2000]
     if unreachable:
-        if any(marker in msg for marker in HOST_KEY_MARKERS):
-            return HostOutcome(False, reason="host_key_changed", msg=msg)
-        return HostOutcome(False, reason="unreachable", msg=msg)
+        # The one classifier of ssh's host key messages (the fan-out transport's probe uses it too).
+        return HostOutcome(False, reason=probe.classify_ssh_failure(full_msg) or "unreachable", msg=msg)
     facts = res.get("ansible_facts") or {}
     snapshot = facts.get("hwledger_snapshot") if isinstance(facts, dict) else None
     if not res.get("failed") and isinstance(snapshot, dict):
@@ -258,6 +277,9 @@ def decide_agent_state(row: AgentRow, record: HeartbeatRecord) -> AgentUpdate:
     reason = record.reason or "error"
     if reason in BLOCKING_REASONS:
         return AgentUpdate("host_key_changed", row.consecutive_misses, reason, record.msg)
+    if reason == HOST_KEY_UNKNOWN:
+        detail = f" ({record.msg})" if record.msg else ""
+        return AgentUpdate("error", row.consecutive_misses, reason, HOST_KEY_UNKNOWN_MSG + detail)
     if reason in MISS_REASONS:
         misses = row.consecutive_misses + 1
         if misses >= OFFLINE_AFTER_MISSES:
@@ -417,13 +439,16 @@ def settle_job(store: Store, job: JobRow, results_dir: Path, outcome: JobRunOutc
                *, interrupted: str | None = None) -> str | None:
     """Give an active job its one terminal state. Returns it (None when another writer got there first).
 
-    A valid result file decides, whatever else happened (no fetched result is ever lost). Otherwise:
+    A valid result file decides, whatever else happened (no fetched result is ever lost). Once the
+    result is committed with the job's state, the file is deleted: the store holds it. Otherwise:
     cancelled when a cancel was asked for, failed when the playbook failed on a reachable host, lost
     when nobody can say what happened on the host (its temp dir is then cleaned up later).
     """
     result, rejected = read_result(results_dir, job.id)
     current = store.get_job(job.id)
     if current is None or current.terminal:
+        if current is not None and result is not None and current.result == result:
+            _discard_result_file(results_dir, job.id)  # committed earlier, deleted before a crash
         return None
     if result is not None:
         state = _RESULT_STATE_TO_JOB[result["state"]]
@@ -434,6 +459,8 @@ def settle_job(store: Store, job: JobRow, results_dir: Path, outcome: JobRunOutc
             error = "the job ran past its timeout and was killed on the host"
         ok = store.transition_job(job.id, JOB_ACTIVE_STATES, state, result=result,
                                   exit_code=result.get("exit_code"), error=error)
+        if ok:
+            _discard_result_file(results_dir, job.id)
         return state if ok else None
     if rejected is not None:
         ok = store.transition_job(job.id, JOB_ACTIVE_STATES, "failed", error=rejected, cleanup_pending=True)
@@ -448,6 +475,27 @@ def settle_job(store: Store, job: JobRow, results_dir: Path, outcome: JobRunOutc
     why = interrupted or (outcome.msg if outcome else "") or "no result was fetched"
     ok = store.transition_job(job.id, JOB_ACTIVE_STATES, "lost", error=why, cleanup_pending=True)
     return "lost" if ok else None
+
+
+def _discard_result_file(results_dir: Path, job_id: str) -> None:
+    """Delete a result file whose content is committed in the store (the one copy that counts)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(jobs_schema.result_path(results_dir, job_id))
+
+
+def discard_settled_results(store: Store, results_dir: Path) -> int:
+    """Delete result files left by a server that stopped between committing a result and deleting its
+    file. Only files whose exact result the store holds for a finished job; the others are kept."""
+    removed = 0
+    for entry in results_dir.glob("*.json"):
+        job = store.get_job(entry.stem)
+        if job is None or not job.terminal or job.result is None:
+            continue
+        result, _rejected = read_result(results_dir, job.id)
+        if result is not None and result == job.result:
+            _discard_result_file(results_dir, job.id)
+            removed += 1
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,6 +534,34 @@ class _Orphan:
     deadline: float
 
 
+SERVE_LOCK_NAME = "serve.lock"
+
+
+def take_serve_lock(data_dir: Path) -> int:
+    """An exclusive lock on `<data dir>/serve.lock`, held as long as the returned descriptor is open.
+
+    Why: two servers on one store would both heartbeat every host, race for the same jobs, and each take
+    the other's running jobs for a crashed server's leftovers when it starts. flock is released by the kernel when the
+    process dies, however it dies, so a stale lock never blocks a restart. The descriptor is not
+    inherited (O_CLOEXEC), so an ssh ControlPersist master that outlives the server cannot hold it.
+    """
+    path = data_dir / SERVE_LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise UserError(f"cannot open the server lock {path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise UserError(f"another `hwledger fleet serve` (pid {holder or 'unknown'}) already serves the store in "
+                        f"{data_dir} (it holds {path}); stop it first, or give this one another --db") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Server:
     def __init__(
         self,
@@ -512,7 +588,11 @@ class Server:
         self._orphans: dict[str, _Orphan] = {}
         self._agents: dict[str, agents_schema.Agent] = {}
         self._config_error: str | None = None
+        self._config_error_logged_at: float | None = None
         self._config_signature: tuple | None = None
+        self._job_workers: dict[str, str] = {}  # agent name -> id of the job its worker runs
+        self._unsettled: set[str] = set()  # jobs whose worker failed, to settle (retried each tick)
+        self._lock_fd: int | None = None
         self._event_windows: dict[str, tuple[float | None, int]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -535,6 +615,9 @@ class Server:
             if count:  # occurrences not recorded yet
                 self.store.add_event(kind, occurrences=count)
         self.store.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases serve.lock
+            self._lock_fd = None
 
     def run(self, *, once: bool = False, max_ticks: int | None = None) -> int:
         """Run ticks until stopped (SIGTERM/SIGINT), or one tick with `once`."""
@@ -543,6 +626,7 @@ class Server:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 installed.append((sig, signal.signal(sig, self.request_stop)))
         try:
+            self._lock_fd = take_serve_lock(self.fleet.check_data_dir())
             self.recover()
             log.info("serving the agents of %s every %.1f s (store %s)", self.fleet.config, self.interval_s,
                      self.fleet.db)
@@ -623,6 +707,9 @@ class Server:
         removed = self.runs.sweep(keep=keep)
         if removed:
             log.info("removed %d run dir(s) left by a previous server", len(removed))
+        discarded = discard_settled_results(self.store, self.results_dir)
+        if discarded:
+            log.info("removed %d result file(s) already recorded in the store", discarded)
 
     @staticmethod
     def _job_deadline_s(job: JobRow) -> float:
@@ -633,7 +720,7 @@ class Server:
             pids = processes_using(orphan.run_dir)
             job = self.store.get_job(job_id)
             if pids and job is not None and (job.cancel_requested or time.monotonic() > orphan.deadline):
-                _kill_process_groups(pids)
+                terminate_processes_using(orphan.run_dir)
                 pids = processes_using(orphan.run_dir)
             if pids:
                 continue
@@ -647,6 +734,9 @@ class Server:
     # -- one tick --------------------------------------------------------------------------
 
     def _reload_agents(self) -> None:
+        """Apply the agents file's additions and removals. A file that is missing or does not parse is an
+        error (logged at most once a minute) and the agents of the last good read are kept: an agent is
+        removed only when a file that parsed no longer lists it, never because the file vanished."""
         try:
             info = os.stat(self.fleet.config)
             signature: tuple | None = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_mode, info.st_uid)
@@ -655,14 +745,13 @@ class Server:
         if signature is not None and signature == self._config_signature:
             return  # unchanged since the last tick (edits are atomic renames: a new inode)
         try:
-            agents = self.fleet.load_agents()
+            agents = self.fleet.load_agents(missing_ok=False)
         except UserError as exc:
-            if str(exc) != self._config_error:
-                self._config_error = str(exc)
-                self.store.add_event("config_error", msg=str(exc)[:2000])
-                log.error("cannot read %s, keeping the previous agents: %s", self.fleet.config, exc)
+            self._config_problem(str(exc))
             return
-        self._config_error = None
+        if self._config_error is not None:
+            log.info("%s can be read again", self.fleet.config)
+        self._config_error = self._config_error_logged_at = None
         self._config_signature = signature
         self._agents = {agent.name: agent for agent in agents}
         known = {row.name: row for row in self.store.list_agents(include_removed=True)}
@@ -674,6 +763,18 @@ class Server:
         for name, row in known.items():
             if row.state != "removed" and name not in self._agents:
                 self.store.mark_agent_removed(name)
+
+    def _config_problem(self, message: str) -> None:
+        """Log and record an unreadable agents file: at once when the problem is new, then once a minute."""
+        self._config_signature = None  # read it again next tick, whatever its signature
+        now = time.monotonic()
+        last = self._config_error_logged_at
+        if message == self._config_error and last is not None and now - last < EVENT_THROTTLE_S:
+            return
+        self._config_error, self._config_error_logged_at = message, now
+        self.store.add_event("config_error", msg=message[:2000])
+        log.error("cannot read the agents file, keeping the %d agent(s) of the last good read: %s",
+                  len(self._agents), printable(message, limit=600))
 
     def tick(self) -> TickReport:
         report = TickReport(started=time.monotonic())
@@ -701,12 +802,33 @@ class Server:
     # -- dispatch --------------------------------------------------------------------------
 
     def _reap(self) -> None:
+        """Forget finished workers. A job worker that died of an exception may have left its job active,
+        with no run behind it: such a job is settled here (its result file, if one was fetched, else
+        `lost` with its remote clean-up pending), so no job stays `running` forever."""
         for name, future in list(self._busy.items()):
             if future.done():
                 del self._busy[name]
+                job_id = self._job_workers.pop(name, None)
                 exc = future.exception()
                 if exc is not None:
-                    log.error("worker for %s failed: %s", name, exc)
+                    log.error("worker for %s failed: %s", name, printable(f"{type(exc).__name__}: {exc}", limit=600))
+                    if job_id is not None:
+                        self._unsettled.add(job_id)
+        for job_id in list(self._unsettled):
+            self._settle_failed_worker_job(job_id)
+
+    def _settle_failed_worker_job(self, job_id: str) -> None:
+        try:
+            job = self.store.get_job(job_id)
+            if job is not None and not job.terminal:
+                state = settle_job(self.store, job, self.results_dir, None,
+                                   interrupted="the server's job worker failed; see the server log")
+                log.warning("job %s: its worker failed, now %s", job_id, state)
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            # E.g. the store stayed busy: try again at the next tick rather than forget the job.
+            log.error("job %s: cannot settle it yet: %s", job_id, exc)
+            return
+        self._unsettled.discard(job_id)
 
     def _dispatch(self, answered: Sequence[str]) -> list[str]:
         """Hand the next job (or a pending clean-up) of each agent that answered to a worker."""
@@ -728,6 +850,7 @@ class Server:
                     crash_point("dispatched")
                 log.info("job %s dispatched to %s", job.id, name)
                 self._busy[name] = self._pool.submit(self._job_worker, job.id, agent)
+                self._job_workers[name] = job.id
                 started.append(job.id)
                 continue
             pending = self.store.list_jobs(agent=name, states=["cancelled", "lost", "failed"])
@@ -820,20 +943,3 @@ def _remote_dir_of(event: HostEvent) -> str | None:
     if isinstance(path, str) and is_job_dir(path):
         return path
     return None
-
-
-def _kill_process_groups(pids: Sequence[int]) -> None:
-    groups = set()
-    for pid in pids:
-        try:
-            groups.add(os.getpgid(pid))
-        except ProcessLookupError:
-            continue
-    groups.discard(os.getpgrp())
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for group in groups:
-            try:
-                os.killpg(group, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hwledger.errors import UserError
-from hwledger.paths import ensure_private_dir
+from hwledger.paths import ensure_data_dir
 
 SCHEMA_VERSION = 1
 DEFAULT_BUSY_TIMEOUT_S = 15.0
@@ -303,7 +303,7 @@ class Store:
         snapshots_kept: int = DEFAULT_SNAPSHOTS_KEPT,
     ) -> "Store":
         path = Path(path)
-        ensure_private_dir(path.parent)
+        ensure_data_dir(path.parent)
         if path.is_symlink():
             raise StoreError(f"store {path} is a symlink; point HWLEDGER_DB/--db at the real file")
         try:
@@ -582,16 +582,18 @@ class Store:
         return _job(rows[0]) if rows else None
 
     def list_jobs(self, *, agent: str | None = None, states: Iterable[str] | None = None,
-                  limit: int | None = None) -> list[JobRow]:
+                  newest: int | None = None) -> list[JobRow]:
+        """Jobs oldest first; with `newest`, only the newest N of them (chosen by SQL, not in Python)."""
         where, params = _where(agent=agent)
         states = list(states or [])
         if states:
             where += (" AND " if where else " WHERE ") + f"state IN ({', '.join('?' * len(states))})"
             params += states
-        sql = f"SELECT {_JOB_COLUMNS} FROM jobs{where} ORDER BY created_at, id"
-        if limit:
-            sql += f" LIMIT {int(limit)}"
-        return [_job(r) for r in self._conn.execute(sql, params)]
+        if newest is None:
+            sql = f"SELECT {_JOB_COLUMNS} FROM jobs{where} ORDER BY created_at, id"
+            return [_job(r) for r in self._conn.execute(sql, params)]
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs{where} ORDER BY created_at DESC, id DESC LIMIT ?"
+        return [_job(r) for r in reversed(self._conn.execute(sql, [*params, int(newest)]).fetchall())]
 
     def transition_job(self, job_id: str, from_states: Iterable[str], to_state: str, **fields: Any) -> bool:
         """Compare-and-set a job's state (and ride-along columns) in one committed transaction.
@@ -642,8 +644,9 @@ class Store:
     def request_cancel(self, job_id: str) -> str:
         """Cancel a job. Returns the job's state afterwards.
 
-        A queued job is cancelled at once; a dispatched or running one is flagged and the server
-        stops it (and records `cancelled`); a finished one is left as it is.
+        A queued or dispatched job is cancelled at once: nothing of it has started (a worker's
+        dispatched -> running compare-and-set then fails, so it never starts). A running one is flagged
+        and the server stops it (and records `cancelled`); a finished one is left as it is.
         """
         now = utc_now()
         with self._write() as conn:
@@ -651,12 +654,13 @@ class Store:
             if row is None:
                 raise UserError(f"no job {job_id}")
             state, agent = row
-            if state == "queued":
+            if state in ("queued", "dispatched"):
+                why = "cancelled before dispatch" if state == "queued" else "cancelled before it started"
                 conn.execute(
-                    "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, updated_at = ?, finished_at = ? "
-                    "WHERE id = ?", (now, now, job_id))
-                self._event(conn, "job_state", agent=agent, job_id=job_id, at=now, old="queued", new="cancelled",
-                            error="cancelled before dispatch")
+                    "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, updated_at = ?, finished_at = ?, "
+                    "error = ? WHERE id = ?", (now, now, why, job_id))
+                self._event(conn, "job_state", agent=agent, job_id=job_id, at=now, old=state, new="cancelled",
+                            error=why)
                 return "cancelled"
             if state in JOB_ACTIVE_STATES:
                 conn.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (now, job_id))
@@ -673,9 +677,6 @@ class Store:
             (agent,),
         ).fetchone()
         return _job(row) if row else None
-
-    def count_jobs(self) -> dict[str, int]:
-        return dict(self._conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import shlex
 import socket
 import sys
 from pathlib import Path
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
 
 from hwledger import agents_file, hostkeys
 from hwledger.display import dumps, human_age, human_bytes, printable, table
@@ -29,6 +31,7 @@ from hwledger.server import (
 from hwledger.store import JOB_ACTIVE_STATES, Store, age_seconds
 
 DEFAULT_STALE_AFTER_S = 30.0
+MAX_INTERVAL_S = 86400  # a day; beyond it a wait's timeout can overflow, and nobody means it
 EXIT_HOST_KEY_UNCONFIRMED = 3
 EXIT_HEARTBEAT_FAILED = 1
 
@@ -66,8 +69,13 @@ def register(subparsers) -> None:
 
     remove = sub.add_parser("remove", parents=[files], help="remove an agent",
                             description="Remove an agent from ssh-agents.toml (comments kept), unpin its host "
-                                        "key and mark it removed in the store; its queued jobs are cancelled.")
+                                        "key (and its bastion's, when no other agent uses that bastion) and "
+                                        "mark it removed in the store; its queued jobs are cancelled. Refused "
+                                        "while one of its jobs is dispatched or running, unless --force.")
     remove.add_argument("name", metavar="NAME")
+    remove.add_argument("--force", action="store_true",
+                        help="remove it even while a job runs on it: that job is cancelled (its remote temp dir "
+                             "may stay on the host, as its key is no longer pinned)")
     remove.set_defaults(func=cmd_remove)
 
     serve = sub.add_parser("serve", parents=[files], help="run heartbeats and jobs",
@@ -461,35 +469,60 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_active_jobs(fleet: Fleet, name: str) -> None:
+    with fleet.open_store() as store:
+        active = store.list_jobs(agent=name, states=JOB_ACTIVE_STATES)
+    if active:
+        listing = ", ".join(f"{job.id} ({job.state})" for job in active)
+        raise UserError(f"agent {name!r} has {len(active)} job(s) dispatched or running: {listing}. Wait for them "
+                        f"(`hwledger job list --agent {name}`), cancel them (`hwledger job cancel ID`), or remove "
+                        "the agent anyway with --force (the jobs are cancelled)")
+
+
+def _bastion_still_used(configured: dict[str, agents_schema.Agent], agent: agents_schema.Agent) -> bool:
+    """Whether another agent goes through the same bastion entry of known_hosts (same host and port,
+    whatever its user or key)."""
+    alias = agents_schema.bastion_known_hosts_alias(agent.bastion)
+    return any(other.bastion is not None and agents_schema.bastion_known_hosts_alias(other.bastion) == alias
+               for name, other in configured.items() if name != agent.name)
+
+
 def cmd_remove(args: argparse.Namespace) -> int:
     fleet = _fleet(args)
+    if not args.force:
+        _refuse_active_jobs(fleet, args.name)
     configured = {a.name: a for a in agents_file.read_agents(fleet.config)}
     agent = configured.get(args.name)
     in_file = agents_file.remove_agent(fleet.config, args.name)
     unpinned = False
     if agent is not None:
         unpinned = hostkeys.unpin(fleet.known_hosts, agents_schema.known_hosts_alias(agent))
-        if agent.bastion is not None and not any(
-                a.bastion == agent.bastion for name, a in configured.items() if name != agent.name):
+        if agent.bastion is not None and not _bastion_still_used(configured, agent):
             hostkeys.unpin(fleet.known_hosts, agents_schema.bastion_known_hosts_alias(agent.bastion))
     with fleet.open_store() as store:
         in_store = store.mark_agent_removed(args.name)
-        cancelled = []
+        cancelled, stopping = [], []
         for job in store.list_jobs(agent=args.name, states=["queued", *JOB_ACTIVE_STATES]):
-            store.request_cancel(job.id)
-            cancelled.append(job.id)
+            # Queued and dispatched jobs end at once; a running one is stopped by the server.
+            (cancelled if store.request_cancel(job.id) == "cancelled" else stopping).append(job.id)
     if not (in_file or in_store):
         raise UserError(f"no agent named {args.name!r} in {fleet.config} or the store; see `hwledger fleet list`")
     print(f"removed {args.name}"
           f"{f' from {fleet.config}' if in_file else ''}"
           f"{'; host key unpinned' if unpinned else ''}"
-          f"{f'; {len(cancelled)} job(s) cancelled' if cancelled else ''}")
+          f"{f'; {len(cancelled)} job(s) cancelled' if cancelled else ''}"
+          f"{f'; {len(stopping)} running job(s) asked to stop' if stopping else ''}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.interval <= 0:
-        raise UserError("--interval must be a positive number of seconds")
+    if not math.isfinite(args.interval) or not 0 < args.interval <= MAX_INTERVAL_S:
+        raise UserError(f"--interval must be a finite number of seconds above 0 and at most {MAX_INTERVAL_S}, "
+                        f"got {args.interval}")
+    try:
+        probe.check_timeout(args.query_timeout)
+    except ValueError as exc:
+        raise UserError(f"--query-timeout: {exc}") from None
     if args.max_ticks is not None and args.max_ticks < 1:
         raise UserError("--max-ticks must be at least 1")
     if args.max_parallel_jobs < 1:

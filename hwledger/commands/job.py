@@ -57,8 +57,9 @@ def register(subparsers) -> None:
     show.set_defaults(func=cmd_show)
 
     cancel = sub.add_parser("cancel", parents=[files], help="cancel a job",
-                            description="Cancel a queued job at once; a running one is stopped by the server "
-                                        "and its remote temp dir removed.")
+                            description="Cancel a queued or dispatched job at once (nothing of it has "
+                                        "started); a running one is stopped by the server and its remote "
+                                        "temp dir removed.")
     cancel.add_argument("job_id", metavar="ID")
     cancel.set_defaults(func=cmd_cancel)
 
@@ -140,8 +141,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UserError("--limit must be at least 1")
     with _store(args) as store:
-        jobs = store.list_jobs(agent=args.agent, states=args.state)
-    jobs = jobs[-args.limit:]
+        jobs = store.list_jobs(agent=args.agent, states=args.state, newest=args.limit)
     if args.json:
         print(dumps([job_to_dict(job) for job in jobs]))
         return 0

@@ -98,7 +98,8 @@ def test_kill_9_at_a_transition_then_restart(point, fleet_env, python_host, tmp_
     if job.state == "succeeded":
         assert runs == ["ran"]
         assert job.result["stdout_tail"].strip() == "result-out"
-        assert jobs_schema.result_path(fleet_env.data_dir / "results", job_id).exists()
+        # The result is in the store; its file was deleted once that was committed (or at the restart).
+        assert not jobs_schema.result_path(fleet_env.data_dir / "results", job_id).exists()
         assert job.attempts == 1
     # Nothing left behind: the remote dir, the old run's processes and its private dir.
     if job.remote_dir:

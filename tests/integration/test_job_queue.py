@@ -91,6 +91,8 @@ def test_jobs_go_on_the_next_answered_heartbeat_one_per_agent_while_heartbeats_g
     done = _wait_terminal(fleet_env, first)
     assert done.state == "succeeded" and done.exit_code == 0
     assert done.result["stdout_tail"].strip() == "out-first"
+    # The store holds the result: the fetched file does not pile up in results/.
+    assert not (fleet_env.data_dir / "results" / f"{first}.json").exists()
     assert done.attempts == 1 and not done.cleanup_pending
 
     srv.wait_for_workers(timeout=60)

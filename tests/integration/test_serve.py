@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from hwledger.server import Server
+from hwledger import hostkeys
+from hwledger.fanout import SshFanoutHeartbeat
+from hwledger.server import HOST_KEY_UNKNOWN_MSG, Server
 from tests.integration.fleet_support import FleetEnv, files_containing, processes_mentioning, wait_for
 
 
@@ -119,6 +121,43 @@ def test_a_changed_host_key_blocks_the_host_until_it_is_registered_again(fleet_e
         store.request_cancel(job.id)
     server.tick()
     assert _states(fleet_env, fresh_host.name) == ("online",)
+
+
+@pytest.mark.parametrize("transport", ["fanout", "ansible"])
+def test_a_host_without_a_pinned_key_is_an_error_that_says_to_register_it(fleet_env, server_for, fresh_host,
+                                                                          transport):
+    fleet_env.register(fresh_host)  # --skip-heartbeat: no ssh master exists yet
+    assert hostkeys.unpin(fleet_env.known_hosts, f"hwledger-agent-{fresh_host.name}")
+    fleet = fleet_env.fleet()
+    server = server_for(transport=SshFanoutHeartbeat(fleet.policy()) if transport == "fanout" else None)
+    for _tick in range(2):  # not blocked: every tick asks again
+        report = server.tick()
+        assert report.outcomes[fresh_host.name].reason == "host_key_unknown"
+    with fleet_env.store() as store:
+        row = store.get_agent(fresh_host.name)
+    assert (row.state, row.state_reason) == ("error", "host_key_unknown")
+    assert row.state_msg.startswith(HOST_KEY_UNKNOWN_MSG)
+    proc = fleet_env.hw("fleet", "register-ssh", "--host", f"{fresh_host.user}@{fresh_host.address}:{fresh_host.port}",
+                        "--key", str(fresh_host.lab.client_key), "--name", fresh_host.name, "--replace",
+                        "--host-key-fingerprint", fresh_host.host_key_fingerprint, "--skip-heartbeat")
+    assert proc.returncode == 0, proc.stderr
+    server.tick()
+    assert _states(fleet_env, fresh_host.name) == ("online",)
+
+
+def test_a_second_server_on_the_same_store_exits_naming_the_first(fleet_env, fresh_host):
+    fleet_env.register(fresh_host)
+    first = fleet_env.serve("--interval", "1")
+    with fleet_env.store() as store:
+        wait_for(lambda: store.get_agent(fresh_host.name).state == "online", timeout=30, what="first server ticking")
+    second = fleet_env.hw("fleet", "serve", "--once", timeout=60)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"(pid {first.pid})" in second.stderr and "Traceback" not in second.stderr
+    assert first.poll() is None, fleet_env.server_log()
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(10) == 0
+    # The lock went with the first server: a new one serves.
+    assert fleet_env.hw("fleet", "serve", "--once", timeout=60).returncode == 0
 
 
 def test_templates_and_escapes_from_the_config_or_the_host_stay_data(fleet_env, server_for, fresh_host, tmp_path):

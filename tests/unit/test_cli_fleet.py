@@ -143,8 +143,64 @@ def test_remove_edits_file_known_hosts_store_and_cancels_queued_jobs(env, capsys
     assert "no agent named" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("argv", "message"), [(["--interval", "0"], "--interval"), (["--max-ticks", "0"], "--max-ticks"),
-                                               (["--max-parallel-jobs", "0"], "--max-parallel-jobs")])
+def test_remove_keeps_a_bastion_pinned_while_another_agent_goes_through_it(env, capsys):
+    # Same bastion host and port (one known_hosts entry), reached with another login and key.
+    via_root = agents_schema.Bastion(hostname="bastion.example.com", ssh_user="root", ssh_key_path="/keys/a")
+    via_ops = agents_schema.Bastion(hostname="bastion.example.com", ssh_user="ops", ssh_key_path="/keys/b")
+    first = _register_offline(env, "gpu1", None, bastion=via_root)
+    _register_offline(env, "gpu2", None, bastion=via_ops)
+    alias = agents_schema.bastion_known_hosts_alias(first.bastion)
+    hostkeys.pin(env.known_hosts, alias, [hostkeys.HostKey("ssh-ed25519", "BBBB")])
+    assert main(["fleet", "remove", "gpu1"]) == 0
+    assert hostkeys.pinned_keys(env.known_hosts, alias) != []  # gpu2 still needs it
+    assert main(["fleet", "remove", "gpu2"]) == 0
+    assert hostkeys.pinned_keys(env.known_hosts, alias) == []  # the last user is gone
+    capsys.readouterr()
+
+
+def test_remove_is_refused_while_a_job_runs_unless_forced(env, capsys):
+    _register_offline(env, "gpu1", None)
+    with Store.open(env.db) as store:
+        running = store.submit_job("gpu1", {"command": ["sleep", "60"]})
+        store.transition_job(running.id, ["queued"], "dispatched")
+        store.transition_job(running.id, ["dispatched"], "running")
+        dispatched = store.submit_job("gpu1", {"command": ["true"]})
+        store.transition_job(dispatched.id, ["queued"], "dispatched")
+    assert main(["fleet", "remove", "gpu1"]) == 2
+    err = capsys.readouterr().err
+    assert running.id in err and dispatched.id in err and "--force" in err
+    # Refused before anything changed.
+    assert [a.name for a in agents_file.read_agents(env.config)] == ["gpu1"]
+    assert hostkeys.pinned_keys(env.known_hosts, "hwledger-agent-gpu1") != []
+    with Store.open(env.db) as store:
+        assert store.get_agent("gpu1").state == "pending"
+
+    assert main(["fleet", "remove", "gpu1", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "1 job(s) cancelled" in out and "1 running job(s) asked to stop" in out
+    with Store.open(env.db) as store:
+        assert store.get_agent("gpu1").state == "removed"
+        assert store.get_job(dispatched.id).state == "cancelled"  # nothing of it had started
+        assert store.get_job(running.id).state == "running" and store.cancel_requested(running.id)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--interval", "0"], "--interval"),
+        (["--interval", "inf"], "--interval must be a finite number"),
+        (["--interval", "nan"], "--interval must be a finite number"),
+        (["--interval=-inf"], "--interval"),
+        (["--interval", "1e300"], "--interval must be a finite number"),
+        (["--max-ticks", "0"], "--max-ticks"),
+        (["--max-parallel-jobs", "0"], "--max-parallel-jobs"),
+        (["--query-timeout", "0"], "--query-timeout"),
+        (["--query-timeout", "0", "--transport", "ansible"], "--query-timeout"),
+        (["--query-timeout", "99999", "--transport", "ansible"], "--query-timeout"),
+        (["--query-timeout", "-5", "--transport", "fanout"], "--query-timeout"),
+    ],
+)
 def test_serve_rejects_bad_numbers(env, capsys, argv, message):
     assert main(["fleet", "serve", *argv]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

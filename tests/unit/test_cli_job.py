@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
 
 from hwledger.cli import main
+from hwledger.commands import job as job_commands
+from hwledger.errors import UserError
 from hwledger.store import AgentRecord, Store
 
 
@@ -96,3 +101,42 @@ def test_list_show_and_cancel(db, capsys):
     out = capsys.readouterr().out
     assert "cancel requested" in out and "\x1b" not in out
     assert main(["job", "show", str(uuid.uuid4())]) == 2
+
+
+def test_list_newest_limit(db, capsys):
+    ids = [_submit(capsys, "--agent", "gpu1", "--", "echo", str(n))["id"] for n in range(3)]
+    assert main(["job", "list", "--json", "--limit", "2"]) == 0
+    assert [j["id"] for j in json.loads(capsys.readouterr().out)] == ids[1:]
+
+
+def test_a_reader_that_goes_away_ends_the_listing_quietly(db):
+    with Store.open(db) as store:
+        for _job in range(3):
+            store.submit_job("gpu1", {"command": ["true"]})
+    env = dict(os.environ, HWLEDGER_DB=str(db))
+    proc = subprocess.Popen([sys.executable, "-m", "hwledger", "job", "list"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc.stdout.close()  # like `| head` having exited: the first write gets EPIPE
+    _out, err = proc.communicate(timeout=60)
+    assert err == b"", err.decode(errors="replace")
+    assert proc.returncode == 141
+
+
+def test_error_messages_escape_control_characters_and_keep_lines(db, capsys, monkeypatch):
+    def fails(_args):
+        raise UserError("host said \x1b[2Jcleared\nsecond line")
+
+    monkeypatch.setattr(job_commands, "cmd_list", fails)
+    assert main(["job", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "host said \\x1b[2Jcleared\nsecond line" in err
+
+
+def test_a_file_error_is_a_message_not_a_traceback(db, capsys, monkeypatch):
+    def fails(_args):
+        raise PermissionError(13, "Permission denied", "/srv/hwledger/results")
+
+    monkeypatch.setattr(job_commands, "cmd_list", fails)
+    assert main(["job", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "hwledger: error: Permission denied (/srv/hwledger/results)"

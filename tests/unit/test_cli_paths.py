@@ -1,4 +1,5 @@
-"""Where hwledger keeps its files: flag > environment > XDG default, and private directories."""
+"""Where hwledger keeps its files: flag > environment > XDG default, private directories, and the store's
+directory (created private, never chmod-ed when it exists, refused when others can write to it)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import MAX_CONTROL_DIR_BYTES
 from hwledger import paths
+from hwledger.cli import main
 from hwledger.errors import UserError
+from hwledger.store import Store
 
 
 def test_precedence_flag_then_environment_then_xdg(tmp_path, monkeypatch):
@@ -66,3 +69,44 @@ def test_private_dirs_are_tightened_and_symlinks_refused(tmp_path):
     link.symlink_to(loose)
     with pytest.raises(UserError, match="not a plain directory"):
         paths.ensure_private_dir(link)
+
+
+def test_a_shared_existing_store_dir_is_refused_and_left_as_it_is(tmp_path, capsys):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: `--db /tmp/fleet.db` must not turn /tmp into 0700
+    with pytest.raises(UserError, match="writable by group or others.*private directory"):
+        Store.open(shared / "fleet.db")
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
+    assert not (shared / "fleet.db").exists()
+    assert main(["job", "list", "--db", str(shared / "fleet.db")]) == 2
+    err = capsys.readouterr().err
+    assert "private directory" in err and "Traceback" not in err
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
+
+
+def test_an_existing_store_dir_only_we_can_write_is_used_unchanged(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    mine.chmod(0o755)
+    Store.open(mine / "fleet.db").close()
+    assert stat.S_IMODE(os.stat(mine).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(mine / "fleet.db").st_mode) == 0o600
+
+
+def test_missing_store_dirs_are_created_private_whatever_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        Store.open(tmp_path / "a" / "b" / "fleet.db").close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "a" / "b").st_mode) == 0o700
+
+
+def test_a_store_dir_that_cannot_be_created_is_a_clear_error(capsys):
+    with pytest.raises(UserError, match="cannot create the directory /dev/null/sub"):
+        Store.open("/dev/null/sub/fleet.db")
+    assert main(["job", "list", "--db", "/dev/null/x.db"]) == 2
+    err = capsys.readouterr().err
+    assert "store's directory /dev/null is not a plain directory" in err and "Traceback" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -15,14 +16,19 @@ import pytest
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs as jobs_schema
 from hwledger import agents_file, paths
+from hwledger import server as server_mod
+from hwledger.errors import UserError
 from hwledger.server import (
+    HOST_KEY_UNKNOWN_MSG,
     OFFLINE_AFTER_MISSES,
+    SERVE_LOCK_NAME,
     Fleet,
     HostOutcome,
     JobRunOutcome,
     Server,
     agent_record,
     decide_agent_state,
+    discard_settled_results,
     is_job_dir,
     outcome_from_result,
     read_result,
@@ -55,6 +61,16 @@ def test_agent_state_rules(row, record, expected):
     assert update.seen == (expected[0] in ("online", "error"))
 
 
+def test_no_pinned_host_key_is_an_error_that_says_what_to_do_and_blocks_nothing():
+    update = decide_agent_state(_row("online", 1), HeartbeatRecord(
+        "a", False, reason="host_key_unknown", msg="No ED25519 host key is known for hwledger-agent-a"))
+    assert (update.state, update.consecutive_misses, update.seen) == ("error", 1, False)
+    assert update.msg.startswith(HOST_KEY_UNKNOWN_MSG) and "No ED25519 host key is known" in update.msg
+    assert "register-ssh" in update.msg
+    # Not the blocking state: the next heartbeat still asks the host (after it is registered again).
+    assert decide_agent_state(_row("error"), HeartbeatRecord("a", True, {})).state == "online"
+
+
 def test_offline_takes_three_misses():
     assert OFFLINE_AFTER_MISSES == 3
 
@@ -72,6 +88,11 @@ def test_result_classification():
     assert changed.reason == "host_key_changed"
     down = outcome_from_result({"msg": "Connection refused"}, unreachable=True)
     assert down.reason == "unreachable"
+    # No key pinned: ssh also ends with "Host key verification failed", but nothing changed.
+    unknown = outcome_from_result({"msg": "Failed to connect to the host via ssh: No ED25519 host key is known for "
+                                          "hwledger-agent-a and you have requested strict checking.\r\n"
+                                          "Host key verification failed."}, unreachable=True)
+    assert unknown.reason == "host_key_unknown"
 
 
 @pytest.mark.parametrize(
@@ -122,8 +143,26 @@ def test_a_result_file_decides_whatever_the_run_said(store, tmp_path):
     job = store.get_job(job_id)
     assert state == "failed" and job.exit_code == 7 and job.result["stdout_tail"] == "out"
     assert not job.cleanup_pending
+    # Committed to the store: the file is gone, the store holds the result.
+    assert not jobs_schema.result_path(results, job_id).exists()
     # Settled once: a second settle changes nothing.
     assert settle_job(store, job, results, None) is None
+    assert store.get_job(job_id).result == job.result
+
+
+def test_result_files_already_in_the_store_are_removed_at_start(store, tmp_path):
+    results = tmp_path / "results"
+    done, active = _running_job(store), _running_job(store)
+    _write_result(results, done)
+    settle_job(store, store.get_job(done), results, JobRunOutcome("completed"))
+    # A server that stopped between committing the result and deleting the file left it behind ...
+    result_bytes = jobs_schema.encode_result(store.get_job(done).result)
+    jobs_schema.result_path(results, done).write_bytes(result_bytes)
+    # ... and a running job's file, not committed yet, must stay: it decides that job's state.
+    _write_result(results, active)
+    assert discard_settled_results(store, results) == 1
+    assert not jobs_schema.result_path(results, done).exists()
+    assert jobs_schema.result_path(results, active).exists()
 
 
 def test_without_a_result_the_job_is_lost_and_its_remote_dir_cleaned_later(store, tmp_path):
@@ -242,3 +281,96 @@ def test_stop_interrupts_a_tick_quickly(fleet):
     started = time.monotonic()
     server.run()
     assert time.monotonic() - started < 2.0
+
+
+def test_a_second_server_on_the_same_store_is_refused_naming_the_first(fleet):
+    made: list[Server] = []
+
+    def serve() -> None:  # a store connection is used by the thread that opened it
+        made.append(Server(fleet, interval_s=0.05, transport=_SlowTransport(delay=0)))
+        made[0].run()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        lock = fleet.db.parent / SERVE_LOCK_NAME
+        deadline = time.monotonic() + 10
+        while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stat.S_IMODE(os.stat(lock).st_mode) == 0o600
+        second = Server(fleet, interval_s=0.05, transport=_SlowTransport(delay=0))
+        with pytest.raises(UserError, match=f"another `hwledger fleet serve` \\(pid {os.getpid()}\\)"):
+            second.run(once=True)
+    finally:
+        while thread.is_alive() and not made:
+            time.sleep(0.01)
+        made[0].request_stop()
+        thread.join(10)
+    # Released with the server: the next one starts.
+    assert Server(fleet, interval_s=0.05, transport=_SlowTransport(delay=0)).run(once=True) == 0
+
+
+def test_a_vanished_or_broken_agents_file_removes_no_agent(fleet):
+    transport = _SlowTransport(delay=0)
+    server = Server(fleet, interval_s=1, transport=transport)
+    try:
+        assert server.tick().asked == 1
+        good = fleet.config.read_text()
+        fleet.config.unlink()
+        for _tick in range(3):
+            report = server.tick()
+            assert report.asked == 1 and report.outcomes["a"].ok  # still heartbeated
+        fleet.config.write_text("[[agents]]\nname = \n")
+        fleet.config.chmod(0o600)
+        server.tick()
+        with Store.open(fleet.db) as store:
+            assert store.get_agent("a").state == "online"
+            errors = [e.detail["msg"] for e in store.list_events(kind="config_error")]
+        # Once per problem (then at most once a minute), each saying what is wrong.
+        assert len(errors) == 2, errors
+        assert "does not exist" in errors[0] and str(fleet.config) in errors[0]
+        fleet.config.write_text(good)
+        fleet.config.chmod(0o600)
+        assert server.tick().asked == 1
+        # A file that parses and no longer lists the agent is a removal, as before.
+        fleet.config.write_text(agents_file.NEW_FILE_HEADER)
+        fleet.config.chmod(0o600)
+        assert server.tick().asked == 0
+        with Store.open(fleet.db) as store:
+            assert store.get_agent("a").state == "removed"
+    finally:
+        server.close()
+
+
+class _CompletingJobs:
+    """Job runs that end at once as completed (no SSH), and clean-ups that do nothing."""
+
+    def run(self, job, agent, *, cancel, on_event, on_private_dir):
+        return JobRunOutcome("completed")
+
+    def cleanup(self, job_id, agent, remote_dir, *, cancel):
+        return JobRunOutcome("completed")
+
+
+def test_a_job_worker_that_dies_after_running_does_not_leave_the_job_running(fleet, monkeypatch):
+    real_settle = server_mod.settle_job
+
+    def settle_failing_in_workers(*args, **kwargs):
+        if threading.current_thread().name.startswith("hwledger-job"):
+            raise RuntimeError("store exploded")
+        return real_settle(*args, **kwargs)
+
+    monkeypatch.setattr(server_mod, "settle_job", settle_failing_in_workers)
+    with Store.open(fleet.db) as store:
+        job_id = store.submit_job("a", jobs_schema.new_job(["true"])).id
+    server = Server(fleet, interval_s=1, transport=_SlowTransport(delay=0), jobs=_CompletingJobs())
+    try:
+        assert server.tick().dispatched == [job_id]
+        server.wait_for_workers(timeout=10)
+    finally:
+        server.close()
+    with Store.open(fleet.db) as store:
+        job = store.get_job(job_id)
+        history = [e.detail["new"] for e in store.list_events(job_id=job_id) if e.kind == "job_state"]
+    assert job.state == "lost" and job.cleanup_pending and "worker failed" in job.error
+    assert history == ["queued", "dispatched", "running", "lost"]

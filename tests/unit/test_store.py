@@ -273,3 +273,32 @@ def test_a_writer_gives_a_clear_error_when_the_lock_is_held_too_long(db):
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+def test_cancelling_a_dispatched_job_ends_it_and_the_worker_cannot_start_it(store):
+    store.upsert_agent(_agent())
+    job = store.submit_job("gpu1", {"command": ["true"]})
+    store.transition_job(job.id, ["queued"], "dispatched")
+    assert store.request_cancel(job.id) == "cancelled"
+    cancelled = store.get_job(job.id)
+    assert cancelled.state == "cancelled" and cancelled.finished_at is not None
+    assert cancelled.error == "cancelled before it started"
+    # The worker's compare-and-set from dispatched fails: the job never runs.
+    assert store.transition_job(job.id, ["dispatched"], "running") is False
+    history = [(e.detail["old"], e.detail["new"]) for e in store.list_events(job_id=job.id)]
+    assert history == [(None, "queued"), ("queued", "dispatched"), ("dispatched", "cancelled")]
+
+
+def test_list_jobs_newest_picks_the_last_n_in_sql_oldest_first(store):
+    store.upsert_agent(_agent())
+    store.upsert_agent(_agent("gpu2"))
+    ids = []
+    for number in range(5):
+        ids.append(store.submit_job("gpu1", {"command": [str(number)]}).id)
+        store.submit_job("gpu2", {"command": [str(number)]})
+        time.sleep(0.002)  # distinct created_at (millisecond timestamps)
+    assert [j.id for j in store.list_jobs(agent="gpu1", newest=2)] == ids[3:]
+    assert [j.id for j in store.list_jobs(agent="gpu1", newest=50)] == ids
+    assert [j.id for j in store.list_jobs(agent="gpu1")] == ids
+    store.request_cancel(ids[4])
+    assert [j.id for j in store.list_jobs(agent="gpu1", states=["queued"], newest=1)] == [ids[3]]
