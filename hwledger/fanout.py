@@ -126,6 +126,9 @@ class SshFanoutHeartbeat:
             raise ValueError(f"deadline_s must be positive, got {deadline_s!r}")
         self.ssh_binary = ssh_binary
         self.on_outcome = on_outcome
+        # Called about every POLL_S while a tick runs: lets the caller act on outcomes that came in
+        # (the server writes them to the store) while slow hosts still hold the tick open.
+        self.on_progress: Callable[[], None] | None = None
         self._seen: dict[str, agents_schema.Agent] = {}
         self._answered: dict[str, tuple[agents_schema.Agent, float]] = {}  # name -> (agent, monotonic time)
         self._durations: dict[str, float] = {}  # name -> seconds its last exec took
@@ -314,6 +317,8 @@ class _FanoutLoop:
             if self.running:
                 self._wait_events()
                 self._enforce_deadlines()
+            if self.t.on_progress is not None:
+                self.t.on_progress()
 
     @property
     def cold_running(self) -> int:

@@ -65,6 +65,7 @@ from hwledger.store import (
     JobRow,
     StateChange,
     Store,
+    StoreError,
     age_seconds,
     utc_now,
 )
@@ -296,6 +297,54 @@ def decide_agent_state(row: AgentRow, record: HeartbeatRecord) -> AgentUpdate:
 def record_outcomes(store: Store, outcomes: dict[str, HostOutcome]) -> list[StateChange]:
     records = [HeartbeatRecord(name, o.ok, o.snapshot, o.reason, o.msg or None) for name, o in outcomes.items()]
     return store.record_heartbeats(records, decide_agent_state)
+
+
+class _TickRecorder:
+    """Writes a tick's outcomes to the store while the tick runs, in batches at most FLUSH_EVERY_S
+    apart, for transports that report outcomes as they come (`on_outcome` / `on_progress`, the
+    fan-out). A host that hangs until its deadline then no longer holds back the others' snapshots:
+    they are in the store within a fraction of a second of their answer, not at the end of the tick."""
+
+    FLUSH_EVERY_S = 0.25
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.pending: dict[str, HostOutcome] = {}
+        self.recorded: set[str] = set()
+        self.changes: list[StateChange] = []
+        self._last_flush = time.monotonic()
+
+    def attach(self, transport: object) -> Callable[[], None]:
+        """Hook into a streaming transport; returns the function that unhooks it (a no-op otherwise)."""
+        if not hasattr(transport, "on_outcome") or not hasattr(transport, "on_progress"):
+            return lambda: None
+        previous = transport.on_outcome
+
+        def on_outcome(name: str, outcome: HostOutcome) -> None:
+            self.pending[name] = outcome
+            if previous is not None:
+                previous(name, outcome)
+
+        transport.on_outcome, transport.on_progress = on_outcome, self.flush_due
+
+        def detach() -> None:
+            transport.on_outcome, transport.on_progress = previous, None
+        return detach
+
+    def flush_due(self) -> None:
+        if self.pending and time.monotonic() - self._last_flush >= self.FLUSH_EVERY_S:
+            try:
+                self.flush()
+            except StoreError as exc:  # the end of the tick records what is still pending
+                log.warning("recording heartbeats during the tick failed (retried at its end): %s", exc)
+
+    def flush(self) -> None:
+        batch = self.pending
+        self._last_flush = time.monotonic()
+        if batch:
+            self.changes += record_outcomes(self.store, batch)
+            self.pending = {}
+            self.recorded.update(batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -784,14 +833,20 @@ class Server:
         rows = {row.name: row for row in self.store.list_agents()}
         targets = [a for name, a in self._agents.items() if rows.get(name) and rows[name].state != "host_key_changed"]
         report.asked = len(targets)
+        recorder = _TickRecorder(self.store)
+        detach = recorder.attach(self.transport)
         try:
             report.outcomes = self.transport.tick(targets, cancel=self.stop_event.is_set)
         except HeartbeatRunError as exc:
             report.error = str(exc)
             self._throttled_event("heartbeat_failed", msg=str(exc)[:2000], hosts=len(targets))
             log.error("heartbeat run failed (no host state changed): %s", printable(exc))
+        finally:
+            detach()
+        report.changes = recorder.changes
         if report.outcomes and not self.stop_event.is_set():
-            report.changes = record_outcomes(self.store, report.outcomes)
+            late = {name: o for name, o in report.outcomes.items() if name not in recorder.recorded}
+            report.changes = report.changes + record_outcomes(self.store, late)
             for change in report.changes:
                 log.info("agent %s: %s -> %s%s", change.agent, change.old, change.new,
                          f" ({change.reason}: {printable(change.msg, limit=300)})" if change.reason else "")

@@ -1,0 +1,69 @@
+"""A serve tick writes each host's heartbeat to the store as it comes in (real sshd, real SQLite).
+
+Issue 6: a host that hangs must not hold back the other hosts' snapshots until the tick's deadline.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from hwledger.fanout import SshFanoutHeartbeat
+from hwledger.server import Fleet, Server
+from hwledger.store import Store
+from tests.lab import Lab, SshHost, known_hosts_line, write_agents_toml
+
+QUERY_TIMEOUT_S = 4  # the hung host's tool is killed on its host then; the tick lasts until about then
+
+
+def test_answers_are_recorded_while_a_hung_host_holds_the_tick(lab: Lab, tmp_path: Path, fresh_host: SshHost):
+    hung = lab.add_loopback_host(lab.unique_name("hung"), delay=60)
+    data = Path(tempfile.mkdtemp(prefix="hwls-", dir="/tmp"))  # the control dir lives below the store
+    try:
+        fleet = Fleet(tmp_path / "ssh-agents.toml", tmp_path / "known_hosts", data / "fleet.db")
+        write_agents_toml(fleet.config, [fresh_host.agent_entry(), hung.agent_entry()])
+        fleet.known_hosts.write_text("".join(
+            f"{known_hosts_line(f'hwledger-agent-{h.name}', h)}\n" for h in (fresh_host, hung)))
+        fleet.known_hosts.chmod(0o600)
+        transport = SshFanoutHeartbeat(fleet.policy(), query_timeout_s=QUERY_TIMEOUT_S)
+        server = Server(fleet, transport=transport)
+        seen: list[float] = []
+        ticking = threading.Event()
+        ticking.set()
+
+        def watch(started: float) -> None:  # a second connection, as `hwledger fleet status` has
+            with Store.open(fleet.db) as store:
+                while ticking.is_set() and not seen:
+                    if store.latest_snapshot(fresh_host.name) is not None:
+                        seen.append(time.monotonic() - started)
+                    time.sleep(0.05)
+
+        try:
+            started = time.monotonic()
+            watcher = threading.Thread(target=watch, args=(started,))
+            watcher.start()
+            report = server.tick()
+            tick_s = time.monotonic() - started
+            ticking.clear()
+            watcher.join(10)
+        finally:
+            ticking.clear()
+            server.close()
+            transport.close(exit_masters=True)
+        seen_at = seen[0] if seen else None
+        assert seen_at is not None, "the answering host's snapshot only appeared after the tick ended"
+        assert seen_at < QUERY_TIMEOUT_S - 1, (seen_at, tick_s)
+        assert tick_s >= QUERY_TIMEOUT_S  # the hung host really held the tick open meanwhile
+        assert report.outcomes[hung.name].reason == "timeout"
+        assert report.outcomes[fresh_host.name].ok
+        with Store.open(fleet.db) as store:
+            rows = {row.name: row for row in store.list_agents()}
+        assert rows[fresh_host.name].state == "online" and rows[hung.name].state == "error"
+        # Each outcome was recorded once: the hung host's late one at the end, the other one early.
+        assert sorted(change.agent for change in report.changes) == sorted([fresh_host.name, hung.name])
+    finally:
+        hung.stop()
+        shutil.rmtree(data, ignore_errors=True)
