@@ -1,5 +1,6 @@
-"""Helpers for the fleet server's integration tests: a private set of hwledger files per test, the CLI
-run as a real process, waiting, and finding processes by an exact path (never by a program name)."""
+"""Helpers for the fleet server's integration tests: a private set of hwledger files per test (the
+fleet_env fixture in conftest.py), the CLI run as a real process, waiting, and finding files by content
+(processes are found by an exact path with tests.procs, never by a program name)."""
 
 from __future__ import annotations
 
@@ -122,25 +123,6 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
-
-
-def processes_mentioning(text: str | os.PathLike) -> dict[int, str]:
-    """{pid: cmdline} of live processes whose command line contains `text` (an exact, unique path)."""
-    needle = os.fsencode(str(text))
-    found = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
-                cmdline = handle.read()
-            with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                state = handle.read().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in cmdline and state != b"Z":
-            found[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
-    return found
 
 
 def files_containing(root: Path, needles: list[bytes]) -> list[str]:

@@ -51,6 +51,7 @@ def make_inventory(directory: Path, hosts: list[SshHost], *, control_dir: str, o
 @pytest.fixture
 def control_dir() -> Iterator[str]:
     """A short private directory for ssh control sockets; the masters started there are ended after."""
+    # Short on purpose: "<dir>/<40 hex>.<16 chars>" must fit a unix socket path.
     path = tempfile.mkdtemp(prefix="hwl-", dir="/tmp")
     try:
         yield path

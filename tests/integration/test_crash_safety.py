@@ -15,7 +15,8 @@ import pytest
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs as jobs_schema
 from hwledger.server import CRASH_POINTS
 from hwledger.store import JOB_TERMINAL_STATES
-from tests.integration.fleet_support import FleetEnv, processes_mentioning, wait_for
+from tests.integration.fleet_support import wait_for
+from tests.procs import processes_mentioning
 
 # Each job runs the real job playbook (several seconds); deselect with -m 'not slow' while iterating.
 pytestmark = pytest.mark.slow
@@ -40,13 +41,6 @@ def python_host(lab):
     host = lab.add_loopback_host(lab.unique_name("crash"), python=True)
     yield host
     host.stop()
-
-
-@pytest.fixture
-def fleet_env(tmp_path):
-    env = FleetEnv.create(tmp_path)
-    yield env
-    env.cleanup()
 
 
 def test_every_crash_point_is_covered():

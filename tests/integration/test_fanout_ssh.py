@@ -13,7 +13,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,8 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
 
 from hwledger.fanout import SshFanoutHeartbeat, control_argv
 from hwledger.server import Fleet, Server
+# control_dir is a fixture: importing it makes it available to the tests of this module.
+from tests.integration.gpu_query_support import control_dir  # noqa: F401 pylint: disable=unused-import
 from tests.lab import Lab, SshHost, known_hosts_line, write_agents_toml
 
 TIMEOUT_S = 2
@@ -45,17 +46,6 @@ class Pinned:
         with open(self.known_hosts, "a", encoding="utf-8") as handle:
             handle.write("".join(f"{line}\n" for line in lines))
         return agent
-
-
-@pytest.fixture
-def control_dir() -> Iterator[str]:
-    # Short on purpose: "<dir>/<40 hex>.<16 chars>" must fit a unix socket path.
-    path = tempfile.mkdtemp(prefix="hwlf-", dir="/tmp")
-    try:
-        yield path
-    finally:
-        _stop_masters(path)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -85,14 +75,6 @@ def ssh_clients(control_dir: str) -> list[int]:
 
 def masters(control_dir: str) -> list[int]:
     return [pid for pid, argv in _processes_with(f"ssh: {control_dir}/") if argv[0].endswith("[mux]")]
-
-
-def _stop_masters(control_dir: str) -> None:
-    for pid in masters(control_dir):
-        try:
-            os.kill(pid, 15)
-        except ProcessLookupError:
-            pass
 
 
 def never() -> bool:

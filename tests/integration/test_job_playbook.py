@@ -27,6 +27,7 @@ import pytest
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs
 from tests.lab import Lab, SshHost, write_agents_toml
+from tests.procs import live_pids_matching
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -85,7 +86,7 @@ class Fleet:
 
     def stop_ssh_masters(self) -> None:
         """End the connection-sharing ssh processes of our control dir (by pid)."""
-        for pid in pids_matching(str(self.control_dir)):
+        for pid in live_pids_matching(str(self.control_dir)):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -146,22 +147,6 @@ def run_playbook(fleet: Fleet, host: SshHost, tmp_path: Path, job: dict | None =
     )  # fmt: skip
     job_id = job.get("job_id") if isinstance(job, dict) else None
     return Run(proc, results_dir, job_id if isinstance(job_id, str) else None)
-
-
-def pids_matching(needle: str) -> list[int]:
-    """Live (non-zombie) processes whose command line contains needle (the remotes are this machine)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in cmdline and state != "Z":
-            found.append(int(entry))
-    return found
 
 
 def remote_job_dirs(base: Path) -> set[str]:
@@ -287,7 +272,7 @@ def test_timeout_kills_the_group_and_leaves_no_process(fleet, target, tmp_path):
     assert run.rc == 2, run.output
     assert run.result["state"] == "timed_out" and run.result["signal"] == signal.SIGTERM
     assert run.result["stdout_tail"] == "started\n"
-    assert pids_matching(mark) == []
+    assert live_pids_matching(mark) == []
     check = remote(target, f"pgrep -f 'sleep {mark.replace('.', '[.]')}' || echo none")
     assert check.stdout.strip() == "none", check
 
@@ -744,7 +729,7 @@ def test_job_survives_a_dropped_ssh_connection(fleet, py_host, tmp_path):
 
     def drop_connections() -> None:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not pids_matching(mark):
+        while time.monotonic() < deadline and not live_pids_matching(mark):
             time.sleep(0.1)
         time.sleep(1)
         # The server side of every SSH connection to the host (not the detached job): the link is cut.
@@ -765,4 +750,4 @@ def test_job_survives_a_dropped_ssh_connection(fleet, py_host, tmp_path):
     assert run.rc == 0, run.output
     assert run.result["state"] == "succeeded" and run.result["stdout_tail"] == "survived\n"
     assert run.result["duration_s"] >= 6
-    assert pids_matching(mark) == []
+    assert live_pids_matching(mark) == []

@@ -13,17 +13,11 @@ import time
 import pytest
 
 from hwledger.server import Server
-from tests.integration.fleet_support import FleetEnv, files_containing, processes_mentioning, wait_for
+from tests.integration.fleet_support import files_containing, wait_for
+from tests.procs import processes_mentioning
 
 # Each job runs the real job playbook (several seconds); deselect with -m 'not slow' while iterating.
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def fleet_env(tmp_path):
-    env = FleetEnv.create(tmp_path)
-    yield env
-    env.cleanup()
 
 
 @pytest.fixture

@@ -8,18 +8,8 @@ import shlex
 import stat
 import subprocess
 
-import pytest
-
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
 from hwledger import agents_file, hostkeys
-from tests.integration.fleet_support import FleetEnv
-
-
-@pytest.fixture
-def fleet_env(tmp_path):
-    env = FleetEnv.create(tmp_path)
-    yield env
-    env.cleanup()
 
 
 def _register_args(host, *extra: str) -> list[str]:

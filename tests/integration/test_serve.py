@@ -15,14 +15,8 @@ import pytest
 from hwledger import hostkeys
 from hwledger.fanout import SshFanoutHeartbeat
 from hwledger.server import HOST_KEY_UNKNOWN_MSG, Server
-from tests.integration.fleet_support import FleetEnv, files_containing, processes_mentioning, wait_for
-
-
-@pytest.fixture
-def fleet_env(tmp_path):
-    env = FleetEnv.create(tmp_path)
-    yield env
-    env.cleanup()
+from tests.integration.fleet_support import files_containing, wait_for
+from tests.procs import processes_mentioning
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs
+from tests.procs import live_pids_matching
 
 JOBS_PY = Path(jobs.__file__)
 
@@ -36,22 +37,6 @@ def find_python38() -> str | None:
 def marker() -> str:
     """A unique sleep duration: the job's processes are found by it in /proc."""
     return "300.%d" % secrets.randbelow(10**9)
-
-
-def processes_with(needle: str) -> list[int]:
-    """Live (non-zombie) pids whose command line contains needle."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in cmdline and state != "Z":
-            found.append(int(entry))
-    return found
 
 
 def spec(command, **kw) -> dict:
@@ -122,7 +107,7 @@ def test_timeout_kills_the_whole_group_and_escaped_children(out):
     )
     rc, result, _printed, _err = run(spec(["sh", "-c", script], timeout_s=1), out, kill_grace_s=0.5)
     assert rc == jobs.EXIT_TIMED_OUT
-    assert processes_with(mark) == []
+    assert live_pids_matching(mark) == []
 
 
 def test_a_job_that_exits_leaves_no_process_behind(out):
@@ -131,7 +116,7 @@ def test_a_job_that_exits_leaves_no_process_behind(out):
     started = time.monotonic()
     rc, result, _printed, _err = run(spec(["sh", "-c", script], timeout_s=60), out)
     assert rc == jobs.EXIT_SUCCEEDED and result["stdout_tail"] == "started\n"
-    assert processes_with(mark) == []
+    assert live_pids_matching(mark) == []
     assert time.monotonic() - started < 10  # not held up until the timeout by the children's open pipes
 
 
@@ -199,14 +184,14 @@ def test_interrupted_runner_kills_the_job_and_reports_it(tmp_path, out):
     proc = subprocess.Popen([sys.executable, str(JOBS_PY), "run", str(job_file), "--output", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
-    while len(processes_with(mark)) < 2 and time.monotonic() < deadline:
+    while len(live_pids_matching(mark)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _stdout, stderr = proc.communicate(timeout=20)
     assert proc.returncode == jobs.EXIT_RUNNER_ERROR == 6, stderr
     result = json.loads(out.read_text())
     assert result["state"] == "error" and result["error"]["reason"] == "interrupted"
-    assert processes_with(mark) == []
+    assert live_pids_matching(mark) == []
 
 
 # --- writing the result ------------------------------------------------------------------------------
@@ -382,7 +367,7 @@ def test_runs_on_python_3_8(tmp_path):
     assert proc.returncode == jobs.EXIT_TIMED_OUT, proc.stderr
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["stdout_tail"] == "hi\n" and result["state"] == "timed_out"
-    assert processes_with(mark) == []
+    assert live_pids_matching(mark) == []
 
 
 def hwledger_run_parser() -> argparse.ArgumentParser:
