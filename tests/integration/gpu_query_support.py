@@ -16,6 +16,7 @@ import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
 from tests.lab import SshHost, write_agents_toml
+from tests.pinning import pinned_lines
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).with_name("ansible-playbook"))
@@ -28,12 +29,7 @@ def make_inventory(directory: Path, hosts: list[SshHost], *, control_dir: str, o
                                     [host.agent_entry(**overrides.get(host.name, {})) for host in hosts])
     agents, _warnings = agents_schema.load_agents_file(agents_file)
     by_name = {host.name: host for host in hosts}
-    lines = []
-    for agent in agents:
-        host = by_name[agent.name]
-        lines.append("%s %s" % (agents_schema.known_hosts_alias(agent), host.host_key_pub))
-        if agent.bastion is not None:
-            lines.append("%s %s" % (agents_schema.bastion_known_hosts_alias(agent.bastion), host.bastion.host_key_pub))
+    lines = [line for agent in agents for line in pinned_lines(agent, by_name[agent.name])]
     known_hosts = directory / "known_hosts"
     known_hosts.write_text("\n".join(lines) + "\n")
     known_hosts.chmod(0o600)

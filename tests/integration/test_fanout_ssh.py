@@ -21,10 +21,11 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as ag
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
 
 from hwledger.fanout import SshFanoutHeartbeat, control_argv
-from hwledger.server import Fleet, Server
+from hwledger.server import Server
 # control_dir is a fixture: importing it makes it available to the tests of this module.
 from tests.integration.gpu_query_support import control_dir  # noqa: F401 pylint: disable=unused-import
-from tests.lab import Lab, SshHost, known_hosts_line, write_agents_toml
+from tests.lab import Lab, SshHost
+from tests.pinning import pinned_fleet, pinned_lines
 
 TIMEOUT_S = 2
 
@@ -40,11 +41,8 @@ class Pinned:
 
     def agent(self, host: SshHost, **overrides) -> agents_schema.Agent:
         agent = agents_schema.agent_from_dict(host.agent_entry(**overrides))
-        lines = [known_hosts_line(agents_schema.known_hosts_alias(agent), host)]
-        if agent.bastion is not None and host.bastion is not None:
-            lines.append(known_hosts_line(agents_schema.bastion_known_hosts_alias(agent.bastion), host.bastion))
         with open(self.known_hosts, "a", encoding="utf-8") as handle:
-            handle.write("".join(f"{line}\n" for line in lines))
+            handle.write("".join(f"{line}\n" for line in pinned_lines(agent, host)))
         return agent
 
 
@@ -185,11 +183,7 @@ def test_the_serve_tick_records_snapshots_and_states_in_the_store(lab: Lab, tmp_
                                    capture="nvidia/failure-nvml-driver-library-version-mismatch.txt", rc=18)
     data = Path(tempfile.mkdtemp(prefix="hwlf-", dir="/tmp"))  # the control dir lives below the store
     try:
-        fleet = Fleet(tmp_path / "ssh-agents.toml", tmp_path / "known_hosts", data / "fleet.db")
-        write_agents_toml(fleet.config, [fresh_host.agent_entry(), broken.agent_entry()])
-        fleet.known_hosts.write_text("".join(
-            f"{known_hosts_line(f'hwledger-agent-{h.name}', h)}\n" for h in (fresh_host, broken)))
-        fleet.known_hosts.chmod(0o600)
+        fleet = pinned_fleet(tmp_path, data, [fresh_host, broken])
         transport = SshFanoutHeartbeat(fleet.policy(), query_timeout_s=TIMEOUT_S)
         server = Server(fleet, transport=transport)
         try:

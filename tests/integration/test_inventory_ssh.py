@@ -15,7 +15,8 @@ import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as A
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
-from tests.lab import SshHost, known_hosts_line, write_agents_toml
+from tests.lab import SshHost, write_agents_toml
+from tests.pinning import pinned_lines
 from tests.lab.netns import INNER_NET  # the bastion <-> internal links, inside the namespaces only
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,10 +39,7 @@ class Fleet:
         lines = []
         if pin:  # what `hwledger fleet register-ssh` does: pin each key under the agent's alias
             for agent in self.agents:
-                host = self.hosts[agent.name]
-                lines.append(known_hosts_line(A.known_hosts_alias(agent), host))
-                if agent.bastion is not None:
-                    lines.append(known_hosts_line(A.bastion_known_hosts_alias(agent.bastion), host.bastion))
+                lines += pinned_lines(agent, self.hosts[agent.name])
         self.known_hosts.write_text("".join(f"{line}\n" for line in lines))
         self.known_hosts.chmod(0o600)
         self.configure(host_key_checking)

@@ -27,6 +27,7 @@ import pytest
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs
 from tests.lab import Lab, SshHost, write_agents_toml
+from tests.pinning import pinned_lines
 from tests.procs import live_pids_matching
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -66,10 +67,7 @@ class Fleet:
         loaded, _warnings = agents_schema.load_agents_file(str(agents_file))
         lines = set()
         for agent in loaded:
-            host = self.hosts_by_name()[agent.name]
-            lines.add(f"{agents_schema.known_hosts_alias(agent)} {host.host_key_pub}")
-            if agent.bastion is not None:
-                lines.add(f"{agents_schema.bastion_known_hosts_alias(agent.bastion)} {host.bastion.host_key_pub}")
+            lines.update(pinned_lines(agent, self.hosts_by_name()[agent.name]))
         known_hosts = self.root / "known_hosts"
         known_hosts.write_text("".join(sorted(f"{line}\n" for line in lines)))
         known_hosts.chmod(0o600)

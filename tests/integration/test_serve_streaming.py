@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 from hwledger.fanout import SshFanoutHeartbeat
-from hwledger.server import Fleet, Server
+from hwledger.server import Server
 from hwledger.store import Store
-from tests.lab import Lab, SshHost, known_hosts_line, write_agents_toml
+from tests.lab import Lab, SshHost
+from tests.pinning import pinned_fleet
 
 QUERY_TIMEOUT_S = 4  # the hung host's tool is killed on its host then; the tick lasts until about then
 
@@ -23,11 +24,7 @@ def test_answers_are_recorded_while_a_hung_host_holds_the_tick(lab: Lab, tmp_pat
     hung = lab.add_loopback_host(lab.unique_name("hung"), delay=60)
     data = Path(tempfile.mkdtemp(prefix="hwls-", dir="/tmp"))  # the control dir lives below the store
     try:
-        fleet = Fleet(tmp_path / "ssh-agents.toml", tmp_path / "known_hosts", data / "fleet.db")
-        write_agents_toml(fleet.config, [fresh_host.agent_entry(), hung.agent_entry()])
-        fleet.known_hosts.write_text("".join(
-            f"{known_hosts_line(f'hwledger-agent-{h.name}', h)}\n" for h in (fresh_host, hung)))
-        fleet.known_hosts.chmod(0o600)
+        fleet = pinned_fleet(tmp_path, data, [fresh_host, hung])
         transport = SshFanoutHeartbeat(fleet.policy(), query_timeout_s=QUERY_TIMEOUT_S)
         server = Server(fleet, transport=transport)
         seen: list[float] = []
