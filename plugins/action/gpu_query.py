@@ -17,42 +17,14 @@ from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
 from ansible.utils.unsafe_proxy import wrap_var
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, telemetry
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import DEFAULT_GPU_QUERY_CMD
+from ansible_collections.hwledger.fleet.plugins.modules import gpu_query as gpu_query_doc
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import module_doc, probe, processes
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.nvidia_smi import DEFAULT_GPU_QUERY_CMD
 
 display = Display()
 
-BACKENDS = ("auto",) + telemetry.BACKENDS
-
-ARGUMENT_SPEC = {
-    "cmd": {"type": "str"},
-    "timeout": {"type": "int", "default": 10},
-    "backend": {"type": "str", "default": "auto", "choices": list(BACKENDS)},
-    "host_metrics": {"type": "bool", "default": True},
-}
-
-
-def _child_pids() -> set[int]:
-    """PIDs of this process's children (Linux /proc; an empty set elsewhere)."""
-    me = os.getpid()
-    children: set[int] = set()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return children
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry, "rb") as stat_file:
-                stat = stat_file.read()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
-        fields = stat.rpartition(b")")[2].split()
-        if len(fields) > 1 and fields[1] == str(me).encode():
-            children.add(int(entry))
-    return children
+# The options as ansible-doc shows them (plugins/modules/gpu_query.py): one spec, never two.
+ARGUMENT_SPEC = module_doc.argument_spec(gpu_query_doc.DOCUMENTATION)
 
 
 def _terminate(pids: set[int]) -> None:
@@ -107,7 +79,7 @@ class ActionModule(ActionBase):
         # Everything in the outcome came from the host. ansible-core already treats action results as
         # untrusted (2.19 data tagging; 2.18's executor marks them unsafe); marking them here as well keeps
         # them data whatever path they take, e.g. a caller of this action that bypasses the executor.
-        result.update(wrap_var(outcome))
+        result.update(wrap_var(outcome.module_result()))
         result["changed"] = False
         return result
 
@@ -154,7 +126,7 @@ class ActionModule(ActionBase):
             # Ansible forks a fresh worker process for each host and task, so its children now are the
             # ones this exec started. /proc is scanned only here, past the deadline: a scan costs
             # milliseconds on a controller with a thousand ssh masters, too much for every exec.
-            started_here = _child_pids()
+            started_here = processes.children(os.getpid())
             display.vvv("hwledger.fleet.gpu_query: no answer within %.1f s; terminating %s"
                         % (deadline_s, sorted(started_here) or "nothing"))
             _terminate(started_here)

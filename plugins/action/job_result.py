@@ -11,14 +11,11 @@ from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.action import ActionBase
 from ansible.utils.unsafe_proxy import wrap_var
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs
+from ansible_collections.hwledger.fleet.plugins.modules import job_result as job_result_doc
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema, module_doc, private_files
 
-ARGUMENT_SPEC = {
-    "results_dir": {"type": "path", "required": True},
-    "job_id": {"type": "str", "required": True},
-    "read": {"type": "dict", "required": True},
-    "sha256": {"type": "str", "default": ""},
-}
+# The options as ansible-doc shows them (plugins/modules/job_result.py).
+ARGUMENT_SPEC = module_doc.argument_spec(job_result_doc.DOCUMENTATION)
 
 STDERR_SHOWN_CHARS = 500  # of the remote reader's stderr, in a refusal message
 
@@ -39,13 +36,13 @@ def result_bytes(read: dict) -> bytes:
     text = read.get("stdout")
     if not isinstance(text, str):
         raise RefusedResult("result_missing", "the remote read of result.json returned no text")
-    if len(text) > jobs.RESULT_MAX_BYTES:
+    if len(text) > job_schema.RESULT_MAX_BYTES:
         # The reader stopped one byte past the limit: the file is bigger (or was swapped for something
         # endless, such as a symlink to /dev/zero, after it was checked).
         raise RefusedResult("result_too_large", "result.json holds more than %d bytes (the limit); not accepted"
-                            % jobs.RESULT_MAX_BYTES)
+                            % job_schema.RESULT_MAX_BYTES)
     try:
-        # The runner writes ASCII only (jobs.encode_result, ensure_ascii): these are exactly its bytes.
+        # The runner writes ASCII only (job_schema.encode_result, ensure_ascii): these are exactly its bytes.
         return text.encode("ascii")
     except UnicodeEncodeError:
         raise RefusedResult("result_not_json", "result.json is not the ASCII JSON the runner writes") from None
@@ -55,21 +52,21 @@ def verify_and_publish(results_dir: str, job_id: str, raw: bytes, runner_stdout:
     """Validate the bytes of a result and write them to <results_dir>/<job_id>.json (0600, atomically: a
     temp file opened O_CREAT|O_EXCL|O_NOFOLLOW, then renamed). Raises RefusedResult; nothing is written then."""
     try:
-        parsed = jobs.validate_result(raw, expected_job_id=job_id)
-    except jobs.ResultError as exc:
+        parsed = job_schema.validate_result(raw, expected_job_id=job_id)
+    except job_schema.ResultError as exc:
         raise RefusedResult(exc.reason, str(exc)) from None
-    expected = jobs.parse_sha256_line(runner_stdout)
+    expected = job_schema.parse_sha256_line(runner_stdout)
     actual = hashlib.sha256(raw).hexdigest()
     if expected is not None and expected != actual:
         raise RefusedResult("result_checksum_mismatch", "the sha256 of the result read, %s, differs from the %s "
                             "the runner printed" % (actual, expected))
-    problem = jobs.private_dir_problem(results_dir)
+    problem = private_files.private_dir_problem(results_dir, "results_dir")
     if problem is not None:
         raise RefusedResult("results_dir_unsafe", "results_dir is not safe for job results: %s" % problem)
-    final = str(jobs.result_path(results_dir, job_id))
+    final = str(job_schema.result_path(results_dir, job_id))
     try:
-        jobs.write_atomically(final, raw)
-    except jobs.ResultWriteError as exc:
+        private_files.write_atomically(final, raw)
+    except private_files.PrivatePathError as exc:
         raise RefusedResult("results_dir_unsafe", "cannot publish the result: %s" % exc) from None
     return {"result": parsed, "path": final, "sha256": actual}
 
@@ -87,8 +84,8 @@ class ActionModule(ActionBase):
         _validation, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
         results_dir = os.path.abspath(args["results_dir"])
         try:
-            job_id = jobs.validate_job_id(args["job_id"])
-        except jobs.JobSpecError as exc:
+            job_id = job_schema.validate_job_id(args["job_id"])
+        except job_schema.JobSpecError as exc:
             result.update(failed=True, reason="invalid_job", msg=str(exc))
             return result
         try:

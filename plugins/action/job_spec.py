@@ -4,19 +4,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
+from ansible import constants as C
 from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.action import ActionBase
 from ansible.utils.unsafe_proxy import wrap_var
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs
+from ansible_collections.hwledger.fleet.plugins.modules import job_spec as job_spec_doc
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_runner, job_schema, module_doc, private_files
 
-ARGUMENT_SPEC = {
-    "job": {"type": "dict"},
-    "job_file": {"type": "path"},
-    "results_dir": {"type": "path", "required": True},
-}
+# The options as ansible-doc shows them (plugins/modules/job_spec.py).
+ARGUMENT_SPEC = module_doc.argument_spec(job_spec_doc.DOCUMENTATION)
 
 
 # What job_spec returns in place of each env value in `spec` (the exact values are only in job_json).
@@ -31,18 +31,22 @@ def prepare_results_dir(path: str, create: bool) -> str:
     """The absolute results directory, created 0700 when missing (not in check mode). An existing one
     must be a real directory of ours that nobody else can write to: results are published there."""
     path = os.path.abspath(path)
-    if create and not os.path.lexists(path):
-        try:
-            os.makedirs(path, mode=0o700)
-        except FileExistsError:
-            pass  # created meanwhile (by a parallel run): checked below like any existing directory
-        except OSError as exc:
-            raise UnsafeResultsDir("cannot create results_dir %s: %s" % (path, to_text(exc))) from None
     if not create and not os.path.lexists(path):
         return path  # check mode: it would be created
-    problem = jobs.private_dir_problem(path)
-    if problem is not None:
-        raise UnsafeResultsDir("results_dir is not safe for job results: %s" % problem)
+    try:
+        private_files.ensure_private_dir(path, "results_dir")
+    except private_files.PrivatePathError as exc:
+        raise UnsafeResultsDir("results_dir is not safe for job results: %s" % to_text(exc)) from None
+    return path
+
+
+def runner_bundle_path() -> str:
+    """The job runner as one file (``job_runner.bundle()``), written once per run of Ansible into its
+    local temp dir (removed when Ansible exits), named by its content so parallel hosts share it."""
+    data = job_runner.bundle()
+    path = os.path.join(C.DEFAULT_LOCAL_TMP, "hwledger-runner-%s.pyz" % hashlib.sha256(data).hexdigest()[:16])
+    if not os.path.exists(path):
+        private_files.write_atomically(path, data)
     return path
 
 
@@ -69,9 +73,9 @@ class ActionModule(ActionBase):
         )
         source = "job_file %s" % args["job_file"] if args.get("job_file") else "hwledger_job"
         try:
-            raw = jobs.load_job_file(args["job_file"]) if args.get("job_file") else args["job"]
-            job = jobs.validate_job(raw)
-        except jobs.JobSpecError as exc:
+            raw = job_schema.load_job_file(args["job_file"]) if args.get("job_file") else args["job"]
+            job = job_schema.validate_job(raw)
+        except job_schema.JobSpecError as exc:
             result.update(
                 failed=True,
                 reason="invalid_job",
@@ -88,12 +92,12 @@ class ActionModule(ActionBase):
             changed=False,
             job_id=job["job_id"],
             spec=masked_spec(job),
-            job_json=jobs.encode_job(job).decode("utf-8"),
-            async_s=jobs.async_seconds(job),
+            job_json=job_schema.encode_job(job).decode("utf-8"),
+            async_s=job_schema.async_seconds(job),
             results_dir=results_dir,
-            result_path=str(jobs.result_path(results_dir, job["job_id"])),
-            result_max_bytes=jobs.RESULT_MAX_BYTES,
-            runner_source=os.path.abspath(jobs.__file__),
+            result_path=str(job_schema.result_path(results_dir, job["job_id"])),
+            result_max_bytes=job_schema.RESULT_MAX_BYTES,
+            runner_source=runner_bundle_path(),
             # job_json holds the exact env values (often tokens): hide this result from every callback
             # (the screen at any -v, ansible-runner/AWX events). The registered variable keeps it for the
             # copy to the remote. A failure above is not hidden: its messages carry no env value.

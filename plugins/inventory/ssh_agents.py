@@ -87,8 +87,9 @@ options:
       - A relative path is taken from the directory of the YAML configuration file, so it works the same from
         any working directory and in AWX.
       - Ignored when the source given to Ansible is the C(.toml) file itself.
+      - When not set, E(HWLEDGER_CONFIG), else C($XDG_CONFIG_HOME/hwledger/ssh-agents.toml)
+        (C(~/.config/hwledger/ssh-agents.toml)), the file C(hwledger fleet) commands use.
     type: str
-    default: ~/.config/hwledger/ssh-agents.toml
     env:
       - name: HWLEDGER_CONFIG
   host_key_checking:
@@ -112,8 +113,9 @@ options:
     description:
       - hwledger's own known_hosts file, where host keys are pinned under C(hwledger-agent-<name>) and
         C(hwledger-bastion-<host>-<port>). The system and user known_hosts files are not used.
+      - When not set, E(HWLEDGER_KNOWN_HOSTS), else C($XDG_CONFIG_HOME/hwledger/known_hosts)
+        (C(~/.config/hwledger/known_hosts)), the file C(hwledger fleet register-ssh) pins keys in.
     type: str
-    default: ~/.config/hwledger/known_hosts
     env:
       - name: HWLEDGER_KNOWN_HOSTS
   control_dir:
@@ -122,8 +124,10 @@ options:
         is opened once and reused by later commands for C(ControlPersist) seconds.
       - It may be at most 49 bytes long on Linux (45 on macOS) so that socket paths fit the unix socket path
         limit whatever the hostname length.
-      - When not set, C(~/.cache/hwledger/cp) is used if it is short enough, else C($XDG_RUNTIME_DIR/hwledger-cp),
-        else C(/tmp/hwledger-cp-<uid>).
+      - When not set, the directory C(hwledger fleet serve) uses with the same environment, so that a playbook
+        run by hand and the server share one master connection per host. That is C(cm) next to the store
+        (E(HWLEDGER_DB), else C($XDG_DATA_HOME/hwledger/fleet.db), so by default C(~/.local/share/hwledger/cm)),
+        or C(/tmp/hwledger-<uid>/<hash of the store's directory>) when that path is too long for a unix socket.
       - An empty string turns connection sharing off.
     type: str
     env:
@@ -188,19 +192,16 @@ groups:
 """
 
 import os
-import re
 
 from ansible import constants as C
 from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
 from ansible.utils.unsafe_proxy import wrap_var
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.telemetry import command_warnings, tool_in_command
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents, hostvars, locations, ssh
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.telemetry import command_warnings
 
 CONFIG_SUFFIXES = ("hwledger.yml", "hwledger.yaml")
-# Cheap test that a .toml file is an ssh-agents.toml and not some other TOML inventory.
-_AGENTS_TABLE = re.compile(r"""^\s*(?:\[\[\s*["']?agents["']?\s*\]\]|agents\s*=\s*\[)""", re.MULTILINE)
 _VERIFY_READ_BYTES = 64 * 1024
 
 
@@ -230,16 +231,16 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                 head = handle.read(_VERIFY_READ_BYTES)
         except OSError:
             return False
-        return bool(_AGENTS_TABLE.search(head.decode("utf-8", errors="replace")))
+        return agents.looks_like_agents_file(head.decode("utf-8", errors="replace"))
 
     def parse(self, inventory, loader, path, cache=True):
         super().parse(inventory, loader, path, cache)
         agents_file = self._configure(path)
         try:
             policy = self._ssh_policy()
-            agents, warnings = self._load_agents(agents_file, cache)
-            agents_schema.prepare_control_dir(policy)
-            warnings = warnings + agents_schema.check_known_hosts(policy)
+            found, warnings = self._load_agents(agents_file, cache)
+            ssh.prepare_control_dir(policy)
+            warnings = warnings + ssh.check_known_hosts(policy)
         except ValueError as exc:  # AgentsFileError, SshPolicyError: messages written for the user
             if path.endswith(".toml") and self._core_toml_plugin_enabled():
                 # The manager shows a plugin's error only when no later plugin parses the source, and
@@ -250,7 +251,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             raise AnsibleParserError(str(exc)) from None
         for warning in warnings:
             self.display.warning(warning)
-        self._populate(agents, policy)
+        self._populate(found, policy)
 
     def _configure(self, path):
         """Set the options and return the agents file to read."""
@@ -260,7 +261,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                 self.load_cache_plugin()
             return path
         self._read_config_data(path)
-        agents_file = os.path.expanduser(self.get_option("agents_file"))
+        agents_file = str(locations.config_path(self.get_option("agents_file")))
         if not os.path.isabs(agents_file):
             agents_file = os.path.join(os.path.dirname(os.path.abspath(path)), agents_file)
         return agents_file
@@ -268,49 +269,51 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
     def _ssh_policy(self):
         control_dir = self.get_option("control_dir")
         if control_dir is None:
-            control_dir = agents_schema.default_control_dir()
-        return agents_schema.SshPolicy(known_hosts=self.get_option("known_hosts_file"),
-                                       host_key_checking=self.get_option("host_key_checking"),
-                                       control_dir=control_dir or None,
-                                       connect_timeout=self.get_option("connect_timeout"))
+            # The control dir the app chooses for the store it would use with this environment: a
+            # playbook run by hand and `hwledger fleet serve` share one master connection per host.
+            control_dir = ssh.control_dir_for(locations.data_dir(locations.db_path()))
+        return ssh.SshPolicy(known_hosts=str(locations.known_hosts_path(self.get_option("known_hosts_file"))),
+                             host_key_checking=self.get_option("host_key_checking"),
+                             control_dir=control_dir or None,
+                             connect_timeout=self.get_option("connect_timeout"))
 
     def _load_agents(self, agents_file, cache):
         """Agents and warnings; from the inventory cache while it holds this very file's contents."""
-        info = agents_schema.check_file_permissions(agents_file)  # checked even when the cache answers
+        info = agents.check_file_permissions(agents_file)  # checked even when the cache answers
         stamp = [info.st_mtime_ns, info.st_size, info.st_ino]
         cache_key = self.get_cache_key(agents_file)
         use_cache = self.get_option("cache")
         if use_cache and cache:
-            agents = self._agents_from_cache(self._cache.get(cache_key), stamp, agents_file)
-            if agents is not None:
+            cached = self._agents_from_cache(self._cache.get(cache_key), stamp, agents_file)
+            if cached is not None:
                 # Key files may have appeared or gone since the entry was written: check them now.
-                return agents, agents_schema.key_file_warnings(agents, agents_file)
-        agents, warnings = agents_schema.load_agents_file(agents_file, command_check=command_warnings)
+                return cached, agents.key_file_warnings(cached, agents_file)
+        found, warnings = agents.load_agents_file(agents_file, command_check=command_warnings)
         if use_cache:
             self._cache[cache_key] = {"stamp": stamp,
-                                      "agents": [agents_schema.agent_to_dict(agent) for agent in agents]}
-        return agents, warnings
+                                      "agents": [agents.agent_to_dict(agent) for agent in found]}
+        return found, warnings
 
     @staticmethod
     def _agents_from_cache(cached, stamp, agents_file):
         if not isinstance(cached, dict) or cached.get("stamp") != stamp:
             return None
         try:
-            return [agents_schema.agent_from_dict(data, agents_file) for data in cached["agents"]]
+            return [agents.agent_from_dict(data, agents_file) for data in cached["agents"]]
         except (KeyError, TypeError, ValueError):
             return None  # an old or damaged cache entry: read the file again
 
-    def _populate(self, agents, policy):
-        for group in agents_schema.GROUPS:
+    def _populate(self, found, policy):
+        for group in hostvars.GROUPS:
             self.inventory.add_group(group)
         strict = self.get_option("strict")
-        for agent in agents:
-            host = self.inventory.add_host(agent.name, group=agents_schema.GROUP_ALL)
+        for agent in found:
+            host = self.inventory.add_host(agent.name, group=hostvars.GROUP_ALL)
             # Every value comes from a file that is data, not templates: wrap_var marks strings unsafe on
             # ansible-core 2.18; on 2.19 it leaves them untrusted (this plugin never applies trust).
-            for key, value in agents_schema.host_vars(agent, policy).items():
+            for key, value in hostvars.host_vars(agent, policy).items():
                 self.inventory.set_variable(host, key, wrap_var(value))
-            for group in agents_schema.agent_groups(agent, tool_in_command(agent.gpu_query_cmd))[1:]:
+            for group in hostvars.agent_groups(agent)[1:]:
                 self.inventory.add_child(group, host)
             host_vars = self.inventory.get_host(host).get_vars()
             self._set_composite_vars(self.get_option("compose"), host_vars, host, strict=strict)

@@ -313,6 +313,14 @@ output_head:
   returned: failure
   type: str
   sample: "sh: 1: nvidia-smi: not found"
+answered:
+  description:
+    - On failure, whether the host ran the query at all. V(false) when it could not be reached (or its host
+      key was refused) or when nothing came back before the deadline (RV(reason=timeout) then means the host
+      itself did not answer, not the GPU tool); V(true) when the host answered and the GPU tool failed.
+  returned: failure
+  type: bool
+  sample: true
 host:
   description: On a failure of the GPU tool, the host metrics that were still read (same keys as
     RV(ansible_facts.hwledger_snapshot.host)).

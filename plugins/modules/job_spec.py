@@ -57,8 +57,9 @@ attributes:
     platforms: posix
     description: Runs on the controller.
 notes:
-  - The schema and the runner live in one file, C(plugins/plugin_utils/jobs.py), which the role also copies
-    to a remote that has python3 but no C(hwledger).
+  - The schema lives in C(plugins/plugin_utils/job_schema.py) and the runner in C(job_runner.py); for a remote
+    that has python3 but no C(hwledger), the role stages the runner as one file (C(runner.pyz), a zip
+    application of those standard-library-only modules).
 seealso:
   - module: hwledger.fleet.job_result
 """
@@ -125,7 +126,8 @@ result_max_bytes:
   type: int
   sample: 1048576
 runner_source:
-  description: Controller path of C(jobs.py), the runner staged on remotes without C(hwledger).
+  description: Controller path of C(runner.pyz), the runner as one file, staged on remotes without
+    C(hwledger) (in Ansible's local temporary directory, removed when Ansible exits).
   returned: success
   type: str
 reason:

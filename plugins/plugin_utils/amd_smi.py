@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.telemetry_base import (
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.tool_parsing import (
     MAX_GPUS,
     MIB,
     clip,

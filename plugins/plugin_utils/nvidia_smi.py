@@ -25,10 +25,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-# The default query command belongs to the agents schema (the gpu_query_cmd default); it is also the
-# command this parser suggests. agents is standard library only, so this adds no dependency or cycle.
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import DEFAULT_GPU_QUERY_CMD
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.telemetry_base import (
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.tool_parsing import (
     MAX_GPUS,
     MIB,
     QueryFailure,
@@ -43,6 +40,10 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils.telemetry_base impo
 )
 
 TOOL = "nvidia-smi"
+# The query an agent runs unless its gpu_query_cmd says otherwise (the spec's default), and the command
+# this parser suggests when a query cannot be read. It lives with the parser of its output; the agents
+# schema takes its default from here.
+DEFAULT_GPU_QUERY_CMD = "nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader"
 SEPARATOR = ", "
 MAX_COLUMNS = 1024
 

@@ -44,6 +44,7 @@ import datetime
 import re
 import secrets
 import shlex
+from dataclasses import dataclass
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import telemetry
 
@@ -319,7 +320,115 @@ def parse_host_metrics(loadavg: str | None, meminfo: str | None, cpus: str | Non
 
 
 # --------------------------------------------------------------------------------------------------
-# Results
+# Outcomes
+
+# The exec itself did not come back before the controller's deadline: the host did not answer. The
+# module result says "timeout" (its documented reason) with ``answered: false``; the app counts it as a
+# missed heartbeat, as it does "unreachable".
+NO_ANSWER = "no_answer"
+MISS_REASONS = frozenset({"unreachable", NO_ANSWER})
+
+
+def _clean(text: str) -> str:
+    """Text that is safe to keep and to serialise anywhere (JSON, SQLite, a terminal escapes the rest):
+    bytes that were not UTF-8 arrive as lone surrogates, which an encoder refuses; they become U+FFFD."""
+    return text.encode("utf-8", "replace").decode("utf-8") if text else ""
+
+
+@dataclass(frozen=True)
+class ProbeOutcome:
+    """One host's answer to one probe, whichever way it was asked (the ``gpu_query`` action, the app's
+    fan-out, ``hwledger gpu parse``): a snapshot, or a classified failure.
+
+    ``answered`` is False when the host did not run the probe: it could not be reached (or its host key
+    was refused), or the exec did not come back before the controller's deadline. ``host`` carries the
+    host metrics that came back with a failure. Every string is clean text (``_clean``).
+    """
+
+    ok: bool
+    snapshot: dict | None = None
+    reason: str | None = None
+    msg: str = ""
+    rc: int | None = None
+    output_head: str = ""
+    host: dict | None = None
+    answered: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "msg", _clean(self.msg))
+        object.__setattr__(self, "output_head", _clean(self.output_head))
+
+    @classmethod
+    def success(cls, snapshot: dict) -> "ProbeOutcome":
+        return cls(True, snapshot=snapshot)
+
+    @classmethod
+    def failure(cls, reason: str, msg: str, *, agent: str, rc: int | None = None, head: str = "",
+                host: dict | None = None, answered: bool = True) -> "ProbeOutcome":
+        """A failure; ``msg`` is prefixed with the agent's name (once)."""
+        if reason != NO_ANSWER and reason not in telemetry.REASONS:
+            raise ValueError("unknown failure reason %r" % (reason,))
+        if agent and not msg.startswith("%s: " % agent):
+            msg = "%s: %s" % (agent, msg)
+        return cls(False, reason=reason, msg=msg, rc=rc, output_head=head, host=host, answered=answered)
+
+    @classmethod
+    def from_query_failure(cls, failure: telemetry.QueryFailure, *, agent: str,
+                           host: dict | None = None) -> "ProbeOutcome":
+        return cls.failure(failure.reason, failure.msg, agent=agent, rc=failure.rc, head=failure.output_head,
+                           host=host)
+
+    @classmethod
+    def unreachable(cls, msg: str, *, agent: str = "") -> "ProbeOutcome":
+        """The connection failed before the probe ran (Ansible's "unreachable"): host-key trouble or not,
+        classified by the one classifier of ssh's messages."""
+        reason = classify_ssh_failure(msg) or "unreachable"
+        return cls(False, reason=reason, msg=msg[:MAX_MSG_CHARS], answered=False)
+
+    def module_result(self) -> dict:
+        """The ``gpu_query`` module result: the snapshot as facts, or ``failed`` with ``msg``, ``reason``,
+        ``rc``, ``output_head`` and ``answered`` (plus ``host`` when host metrics came back)."""
+        if self.ok:
+            return {"changed": False, "ansible_facts": {"hwledger_snapshot": self.snapshot}}
+        result = {
+            "failed": True,
+            "msg": self.msg,
+            "reason": "timeout" if self.reason == NO_ANSWER else self.reason,
+            "rc": self.rc,
+            "output_head": self.output_head,
+            "answered": self.answered,
+        }
+        if self.host is not None:
+            result["host"] = self.host
+        return result
+
+    @classmethod
+    def from_module_result(cls, result: dict) -> "ProbeOutcome":
+        """The inverse of ``module_result`` (the app reads the action's result from Ansible's events)."""
+        facts = result.get("ansible_facts") or {}
+        snapshot = facts.get("hwledger_snapshot") if isinstance(facts, dict) else None
+        if not result.get("failed") and isinstance(snapshot, dict):
+            return cls.success(snapshot)
+        reason = str(result.get("reason") or "error")
+        if isinstance(result.get("answered"), bool):
+            answered = result["answered"]
+        else:  # a result without the key (an older collection): an exec timeout has no rc and no host metrics
+            answered = not (reason == "timeout" and result.get("rc") is None and "host" not in result)
+        if reason == "timeout" and not answered:
+            reason = NO_ANSWER
+        host = result.get("host") if isinstance(result.get("host"), dict) else None
+        rc = result.get("rc") if isinstance(result.get("rc"), int) else None
+        return cls(False, reason=reason, msg=str(result.get("msg") or "")[:MAX_MSG_CHARS], rc=rc,
+                   output_head=str(result.get("output_head") or ""), host=host, answered=answered)
+
+    @property
+    def missed(self) -> bool:
+        """The host did not answer (a missed heartbeat), as opposed to a GPU tool failing on a host that did."""
+        return not self.ok and self.reason in MISS_REASONS
+
+
+# A failure message is for people; this much of one is kept wherever it is stored.
+MAX_MSG_CHARS = 2000
 
 
 def iso_utc(epoch_s: float) -> str:
@@ -328,25 +437,14 @@ def iso_utc(epoch_s: float) -> str:
     return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def failure(reason: str, msg: str, *, agent: str, rc: int | None = None, head: str = "",
-            host: dict | None = None) -> dict:
-    """A failure result (contract C shape) for a failure found by the probe rather than a parser."""
-    result = telemetry.failure_result(
-        telemetry.QueryFailure(reason, msg, rc=rc, output_head=head), agent=agent
-    )
-    if host is not None:
-        result["host"] = host
-    return result
-
-
-def exec_timeout_failure(*, agent: str, timeout_s: float) -> dict:
-    """The result when the exec itself did not come back within ``controller_deadline(timeout_s)``."""
-    return failure(
-        "timeout",
+def exec_timeout_failure(*, agent: str, timeout_s: float) -> ProbeOutcome:
+    """The outcome when the exec itself did not come back within ``controller_deadline(timeout_s)``."""
+    return ProbeOutcome.failure(
+        NO_ANSWER,
         "%s: no answer within %s s (the tool's %s s plus %s s for the connection): the host, its ssh "
         "connection or the GPU tool hangs; check the host, or raise the timeout"
         % (agent, _sh_number(controller_deadline(timeout_s)), _sh_number(timeout_s), _sh_number(CONTROLLER_GRACE_S)),
-        agent=agent,
+        agent=agent, answered=False,
     )
 
 
@@ -367,48 +465,33 @@ def classify_ssh_failure(stderr: str) -> str | None:
     return None
 
 
-def _ssh_failure(agent: str, exec_rc: int, exec_stdout: str, exec_stderr: str) -> dict:
+def _ssh_failure(agent: str, exec_rc: int, exec_stdout: str, exec_stderr: str) -> ProbeOutcome:
     head = telemetry.output_head(exec_stderr, exec_stdout)
     reason = classify_ssh_failure(exec_stderr)
     if reason == "host_key_changed":
-        return failure(
-            reason,
-            "%s: ssh refused the host key: it is not the key pinned for this host in hwledger's "
-            "known_hosts (the host was re-installed, the address now points elsewhere, or someone is "
-            "in between). Check the host out of band, then re-key it (hwledger fleet register-ssh)." % agent,
-            agent=agent, rc=exec_rc, head=head,
-        )
-    if reason == "host_key_unknown":
-        return failure(
-            reason,
-            "%s: ssh refused to connect: no host key is pinned for this host (or its bastion) in hwledger's "
-            "known_hosts; it was never registered, or its entry was removed. Register the host (hwledger "
-            "fleet register-ssh pins its key once you confirm the fingerprint), or pin its key in that "
-            "known_hosts under the alias hwledger-agent-%s." % (agent, agent),
-            agent=agent, rc=exec_rc, head=head,
-        )
-    return failure(
-        "unreachable",
-        "%s: ssh could not reach the host or log in (exit status %d): %s"
-        % (agent, exec_rc, (telemetry.output_head(exec_stderr).splitlines() or ["no message from ssh"])[-1]),
-        agent=agent, rc=exec_rc, head=head,
-    )
+        msg = ("ssh refused the host key: it is not the key pinned for this host in hwledger's known_hosts (the "
+               "host was re-installed, the address now points elsewhere, or someone is in between). Check the "
+               "host out of band, then re-key it (hwledger fleet register-ssh).")
+    elif reason == "host_key_unknown":
+        msg = ("ssh refused to connect: no host key is pinned for this host (or its bastion) in hwledger's "
+               "known_hosts; it was never registered, or its entry was removed. Register the host (hwledger "
+               "fleet register-ssh pins its key once you confirm the fingerprint), or pin its key in that "
+               "known_hosts under the alias hwledger-agent-%s." % agent)
+    else:
+        reason = "unreachable"
+        msg = ("ssh could not reach the host or log in (exit status %d): %s"
+               % (exec_rc, (telemetry.output_head(exec_stderr).splitlines() or ["no message from ssh"])[-1]))
+    return ProbeOutcome.failure(reason, msg, agent=agent, rc=exec_rc, head=head, answered=False)
 
 
 def evaluate_tool_output(*, agent: str, cmd: str, backend: str, stdout: str, stderr: str, rc: int,
-                         started: float, ended: float, host: dict | None = None) -> dict:
-    """Parse one GPU tool run (its exact stdout, stderr and exit status) into the module result.
+                         started: float, ended: float, host: dict | None = None) -> ProbeOutcome:
+    """Parse one GPU tool run (its exact stdout, stderr and exit status) into an outcome.
 
     The one place where a tool's output becomes a snapshot: ``evaluate`` calls it after unframing,
-    ``hwledger gpu parse`` calls it on a file.
+    ``hwledger gpu parse`` calls it on a file. The size limit is checked once, by the parsers' entry
+    (``telemetry.parse_gpus``).
     """
-    if len(stdout.encode("utf-8", "surrogateescape")) > telemetry.MAX_OUTPUT_BYTES:
-        return failure(
-            "output_too_large",
-            "%s: the query printed more than %d bytes; that is not GPU telemetry. Check gpu_query_cmd (%s)"
-            % (agent, telemetry.MAX_OUTPUT_BYTES, cmd),
-            agent=agent, rc=rc, head=telemetry.output_head(stdout), host=host,
-        )
     try:
         gpus = telemetry.parse_gpus(cmd, stdout, stderr, rc, backend)
         resolved = backend if backend != "auto" else telemetry.detect_backend(cmd, stdout)
@@ -421,29 +504,22 @@ def evaluate_tool_output(*, agent: str, cmd: str, backend: str, stdout: str, std
             host=host,
         )
     except telemetry.QueryFailure as exc:
-        result = telemetry.failure_result(exc, agent=agent)
-        if host is not None:
-            result["host"] = host
-        return result
+        return ProbeOutcome.from_query_failure(exc, agent=agent, host=host)
     except Exception as exc:  # pylint: disable=broad-exception-caught
         # Remote output must never crash the heartbeat: a parser bug is reported as unparseable output.
-        return failure(
-            "unparseable",
-            "%s: the output of %r could not be parsed (%s: %s)" % (agent, cmd, type(exc).__name__, exc),
-            agent=agent, rc=rc, head=telemetry.output_head(stdout, stderr), host=host,
-        )
-    return {"changed": False, "ansible_facts": {"hwledger_snapshot": snapshot}}
+        return ProbeOutcome.failure(
+            "unparseable", "the output of %r could not be parsed (%s: %s)" % (cmd, type(exc).__name__, exc),
+            agent=agent, rc=rc, head=telemetry.output_head(stdout, stderr), host=host)
+    return ProbeOutcome.success(snapshot)
 
 
 def evaluate(*, agent: str, cmd: str, backend: str, exec_stdout: str, exec_stderr: str, exec_rc: int,
-             started: float, ended: float, host_metrics: bool) -> dict:
-    """Turn the exec of ``remote_script`` into the module result.
+             started: float, ended: float, host_metrics: bool) -> ProbeOutcome:
+    """Turn the exec of ``remote_script`` into the host's outcome.
 
     ``exec_*`` are what the connection returned for the whole script (stdout decoded with
     surrogateescape, or any error handler: only the tool's own bytes are affected); ``started`` and
     ``ended`` are controller wall-clock times (``time.time()``) around the exec.
-    Returns ``{"changed": False, "ansible_facts": {"hwledger_snapshot": ...}}`` or a failure dict
-    ``{"failed": True, "msg", "reason", "rc", "output_head"}`` (plus ``host`` when host metrics came back).
     """
     exec_stdout = exec_stdout or ""
     exec_stderr = exec_stderr or ""
@@ -451,13 +527,12 @@ def evaluate(*, agent: str, cmd: str, backend: str, exec_stdout: str, exec_stder
     if frames is None:
         if exec_rc == 255:
             return _ssh_failure(agent, exec_rc, exec_stdout, exec_stderr)
-        return failure(
+        return ProbeOutcome.failure(
             "unparseable",
-            "%s: the remote shell did not run the probe (exit status %s, no probe header in the output). "
-            "The login shell must be able to run /bin/sh -c; check the host's shell and its start-up files."
-            % (agent, exec_rc),
-            agent=agent, rc=exec_rc, head=telemetry.output_head(exec_stdout, exec_stderr),
-        )
+            "the remote shell did not run the probe (exit status %s, no probe header in the output). The "
+            "login shell must be able to run /bin/sh -c; check the host's shell and its start-up files."
+            % exec_rc,
+            agent=agent, rc=exec_rc, head=telemetry.output_head(exec_stdout, exec_stderr))
 
     host = None
     if host_metrics:
@@ -466,43 +541,29 @@ def evaluate(*, agent: str, cmd: str, backend: str, exec_stdout: str, exec_stder
         )
 
     if "fatal" in frames.content:
-        return failure(
-            "unparseable",
-            "%s: the probe could not run the query: %s" % (agent, frames.content["fatal"].strip()[:500]),
-            agent=agent, head=telemetry.output_head(frames.content["fatal"]), host=host,
-        )
+        return ProbeOutcome.failure(
+            "unparseable", "the probe could not run the query: %s" % frames.content["fatal"].strip()[:500],
+            agent=agent, head=telemetry.output_head(frames.content["fatal"]), host=host)
 
     tool_rc = _bounded_int(frames.values.get("rc"))
     stdout = frames.content.get("stdout")
     stderr = frames.content.get("stderr", "")
 
     if "timeout" in frames.values:
-        return failure(
+        return ProbeOutcome.failure(
             "timeout",
-            "%s: %r did not finish within its timeout and was killed on the host; the GPU driver or the "
-            "tool hangs (check the host: dmesg, nvidia-smi / rocm-smi by hand), or raise the timeout"
-            % (agent, cmd),
-            agent=agent, rc=tool_rc, head=telemetry.output_head(stdout, stderr), host=host,
-        )
+            "%r did not finish within its timeout and was killed on the host; the GPU driver or the tool hangs "
+            "(check the host: dmesg, nvidia-smi / rocm-smi by hand), or raise the timeout" % (cmd,),
+            agent=agent, rc=tool_rc, head=telemetry.output_head(stdout or "", stderr), host=host)
 
     if stdout is None or tool_rc is None:
         if exec_rc == 255:
             return _ssh_failure(agent, exec_rc, exec_stdout, exec_stderr)
-        return failure(
+        return ProbeOutcome.failure(
             "unparseable",
-            "%s: the probe's output ended early (exit status %s): the connection or the remote shell "
-            "stopped before the query's result was sent" % (agent, exec_rc),
-            agent=agent, rc=exec_rc, head=telemetry.output_head(exec_stdout, exec_stderr), host=host,
-        )
-
-    # The host sends at most one byte more than is accepted (STDOUT_CAP): more than the limit means cut.
-    if len(stdout) > telemetry.MAX_OUTPUT_BYTES:
-        return failure(
-            "output_too_large",
-            "%s: the query printed more than the %d bytes accepted; that is not GPU telemetry. "
-            "Check gpu_query_cmd (%s)" % (agent, telemetry.MAX_OUTPUT_BYTES, cmd),
-            agent=agent, rc=tool_rc, head=telemetry.output_head(stdout), host=host,
-        )
+            "the probe's output ended early (exit status %s): the connection or the remote shell stopped "
+            "before the query's result was sent" % exec_rc,
+            agent=agent, rc=exec_rc, head=telemetry.output_head(exec_stdout, exec_stderr), host=host)
 
     return evaluate_tool_output(
         agent=agent, cmd=cmd, backend=backend, stdout=stdout, stderr=stderr, rc=tool_rc,

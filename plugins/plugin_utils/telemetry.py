@@ -3,7 +3,7 @@
 """GPU telemetry: from a GPU tool's output (stdout, stderr, exit status) to the ``hwledger_snapshot``
 fact, or to a classified failure.
 
-The public face of the parsers (contract C). One parser per format lives in its own module:
+The public face of the parsers. One parser per format lives in its own module:
 ``nvidia_smi`` (``--query-gpu`` CSV), ``rocm_smi`` (``--csv``, ``--json``, plain ``GPU[n]`` lines),
 ``amd_smi`` (``--json``, ``monitor`` table); the TextFSM templates for the text tables are in
 ``templates/``. This module picks the parser, recognises the failures the tools print, bounds the
@@ -29,8 +29,8 @@ import re
 import shlex
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import amd_smi, nvidia_smi, rocm_smi
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import DEFAULT_GPU_QUERY_CMD
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.telemetry_base import (
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.nvidia_smi import DEFAULT_GPU_QUERY_CMD
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.tool_parsing import (
     GPU_KEYS,
     HEALTH_OK,
     MAX_OUTPUT_BYTES,
@@ -44,7 +44,7 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils.telemetry_base impo
 
 __all__ = [
     "BACKENDS", "GPU_KEYS", "MAX_OUTPUT_BYTES", "REASONS", "SCHEMA_VERSION", "QueryFailure",
-    "build_snapshot", "classify_failure", "command_warnings", "detect_backend", "failure_result",
+    "build_snapshot", "classify_failure", "command_warnings", "detect_backend",
     "fix_showmeminfo", "output_head", "parse_gpus", "tool_in_command",
 ]
 
@@ -319,18 +319,3 @@ def _snapshot_gpu(gpu: dict) -> dict:
     record["health"] = record["health"] or HEALTH_OK
     record["fields"] = dict(record["fields"] or {})
     return record
-
-
-def failure_result(failure: QueryFailure, *, agent: str) -> dict:
-    """The module result for a failed query: ``failed``, ``msg`` (starting with the agent's name),
-    ``reason``, ``rc`` and ``output_head``."""
-    msg = failure.msg
-    if agent and not msg.startswith("%s: " % agent):
-        msg = "%s: %s" % (agent, msg)
-    return {
-        "failed": True,
-        "msg": msg,
-        "reason": failure.reason,
-        "rc": failure.rc,
-        "output_head": failure.output_head,
-    }
