@@ -8,17 +8,18 @@ the same directory, fsync, rename) with mode 0600, under a lock beside the file.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import private_files
 
 from hwledger.errors import UserError
-from hwledger.hostkeys import atomic_write_text, file_lock
 
-_AGENTS_HEADER = re.compile(r"""^\s*\[\[\s*(?:agents|"agents"|'agents')\s*\]\]\s*(?:#.*)?$""")
+# A header line that is only the [[agents]] header (and maybe a comment): the schema's pattern, anchored
+# at the end too, so a block is never cut at a line that merely starts like one.
+_AGENTS_HEADER = re.compile(agents_schema.AGENTS_HEADER_RE.pattern + r"""\s*(?:#.*)?$""")
 _SUB_TABLE_HEADER = re.compile(r"""^\s*\[\s*(?:agents|"agents"|'agents')\s*\.""")
 _ANY_HEADER = re.compile(r"^\s*\[")
 _COMMENT_OR_BLANK = re.compile(r"^\s*(?:#.*)?$")
@@ -92,7 +93,7 @@ def agent_blocks(lines: list[str]) -> list[Block]:
 def append_agent(path: Path, agent: agents_schema.Agent, *, replace: bool = False) -> None:
     """Append the agent's block (replacing an agent of that name first when `replace`)."""
     block = agents_schema.render_agent_toml(agent)
-    with file_lock(path):
+    with private_files.locked_beside(path):
         text = path.read_text() if path.exists() else NEW_FILE_HEADER
         before = _parse(text, str(path)) if path.exists() else []
         names = [a.name for a in before]
@@ -109,12 +110,12 @@ def append_agent(path: Path, agent: agents_schema.Agent, *, replace: bool = Fals
         if after != [*before, agent]:
             raise UserError(f"{path}: appending the agent would not give the expected agents (the file's layout "
                             "confuses hwledger); add this block by hand:\n" + block)
-        atomic_write_text(path, new_text, 0o600)
+        _write(path, new_text)
 
 
 def remove_agent(path: Path, name: str) -> bool:
     """Remove the agent's block. False when the file has no such agent."""
-    with file_lock(path):
+    with private_files.locked_beside(path):
         if not path.exists():
             return False
         text = path.read_text()
@@ -126,7 +127,7 @@ def remove_agent(path: Path, name: str) -> bool:
         if after != [a for a in before if a.name != name]:
             raise UserError(f"{path}: could not remove agent {name!r} automatically without touching other "
                             "agents; delete its [[agents]] block by hand")
-        atomic_write_text(path, new_text, 0o600)
+        _write(path, new_text)
         return True
 
 
@@ -150,8 +151,18 @@ def _remove_block(text: str, name: str, source: str) -> str:
                     "layout); delete it by hand")
 
 
+def _write(path: Path, text: str) -> None:
+    try:
+        private_files.write_atomically(path, text.encode("utf-8"))
+    except private_files.PrivatePathError as exc:
+        raise UserError(str(exc)) from None
+
+
 def ensure_config_dir(path: Path) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if os.stat(path.parent).st_mode & 0o022:
-        raise UserError(f"{path.parent} is writable by others; anyone could replace {path.name}. "
-                        f"Fix: chmod go-w {path.parent}")
+    """The directory of the agents file (and of the pinned host keys): created 0700, refused when others
+    can write to it (they could replace the file, and so choose which commands hwledger runs)."""
+    try:
+        private_files.ensure_private_dir(path.parent, "the config directory",
+                                         harm=f"replace {path.name} and so choose the hosts and commands hwledger runs")
+    except private_files.PrivatePathError as exc:
+        raise UserError(str(exc)) from None

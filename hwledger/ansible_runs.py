@@ -10,12 +10,17 @@ What it guarantees, and why:
   environment is therefore cut down to an allowlist (PATH, HOME, locale, SSH_AUTH_SOCK, ...) plus the
   ANSIBLE_* settings set here; the caller's other variables (tokens, passwords) never reach
   ansible-playbook or the disk. No env/ files are written (`suppress_env_files`), no stdout file.
+- Only ansible-runner's documented interface is used: a `RunnerConfig` (which its documentation says
+  "can also be overridden"; ours overrides `prepare_env` for the allowlist above) handed to `Runner`,
+  with the `event_handler` and `cancel_callback` hooks.
 - Extra vars go through a 0600 file in the private dir, never on the command line (argv is readable
   by every local user through /proc).
 - Our own ansible.cfg in the private dir (`ANSIBLE_CONFIG`): a user's ~/.ansible.cfg or
   /etc/ansible/ansible.cfg cannot switch host key checking off or add logging callbacks.
-- SSH control sockets live in the store's control dir with `ControlPersist`, so masters are reused
-  across ticks (a heartbeat costs a channel, not a handshake) and by the direct-ssh path.
+- Every ssh option (ControlMaster/ControlPersist/ControlPath included) comes from the hosts'
+  `ansible_ssh_common_args` (built by `ssh.ssh_common_args`); `ANSIBLE_SSH_ARGS` is empty, so Ansible's
+  own defaults (ControlPersist=60s) do not come first. Masters are therefore the ones the fan-out and a
+  hand-run playbook use too: a heartbeat or a job costs a channel, not a handshake.
 - `cancel_callback` is polled every 0.2 s, so a shutdown or a job cancel stops the run at once
   (runner kills the ansible-playbook process group).
 - The event handler keeps what the caller asks for in memory and tells runner not to write events.
@@ -24,6 +29,7 @@ What it guarantees, and why:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -40,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from hwledger.paths import ensure_private_dir
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import private_files, processes
 
 # What ansible-playbook inherits from the app's environment. Everything else is dropped.
 ENV_ALLOWLIST = (
@@ -82,6 +88,13 @@ class PlaybookRun:
     output_tail: str = ""            # the last lines Ansible printed (for a failed run's message)
     error: str | None = None         # a runner-side exception, if any
 
+    def failure_text(self) -> str:
+        """Why the run failed, for a log line or an error message."""
+        if self.error:
+            return self.error
+        tail = [line for line in self.output_tail.splitlines() if line.strip()]
+        return f"ansible-playbook ended {self.status} (rc {self.rc}): " + " / ".join(tail[-3:])
+
 
 def _search_path() -> str:
     """PATH for the run, with the app's own interpreter dir first: its ansible-playbook is the one
@@ -119,10 +132,9 @@ nocolor = True
 class AnsibleRuns:
     """Runs playbooks for the app. Thread-safe: every run has its own private dir and config."""
 
-    def __init__(self, *, runs_dir: Path, control_dir: Path, forks: int = 50,
-                 connect_timeout_s: int = CONNECT_TIMEOUT_S):
-        self.runs_dir = ensure_private_dir(Path(runs_dir).absolute())
-        self.control_dir = ensure_private_dir(Path(control_dir).absolute())
+    def __init__(self, *, runs_dir: Path, forks: int = 50, connect_timeout_s: int = CONNECT_TIMEOUT_S):
+        self.runs_dir = Path(private_files.ensure_private_dir(Path(runs_dir).absolute(), "hwledger's directory",
+                                                              tighten=True))
         self.forks = forks
         self.connect_timeout_s = connect_timeout_s
         self._collections = _collections_path()
@@ -136,11 +148,8 @@ class AnsibleRuns:
             "PATH": _search_path(),
             "ANSIBLE_CONFIG": str(private_dir / "ansible.cfg"),
             "ANSIBLE_HOST_KEY_CHECKING": "True",
-            "ANSIBLE_SSH_CONTROL_PATH_DIR": str(self.control_dir),
-            # The same socket name as the agents module's ssh options use: masters are shared.
-            "ANSIBLE_SSH_CONTROL_PATH": "%(directory)s/%%C",
             # Empty: every ssh option (ControlMaster/ControlPersist/ControlPath included) comes from the
-            # agent's ansible_ssh_common_args, built by the one ssh-options builder (agents.ssh_options).
+            # agent's ansible_ssh_common_args, built by the one ssh command-line builder (ssh.ssh_options).
             "ANSIBLE_SSH_ARGS": "",
             # A retry after ssh's 255 could start a job twice; never retry.
             "ANSIBLE_SSH_RETRIES": "0",
@@ -159,29 +168,11 @@ class AnsibleRuns:
                 env[name] = "C.UTF-8"  # ansible-core refuses a non-UTF-8 locale
         return env
 
-    @staticmethod
-    def _cut_env(config_env: dict[str, str], envvars: Mapping[str, str]) -> dict[str, str]:
-        """Drop every variable the run inherited from us that is not allowlisted.
-
-        Runner seeds the run's env from os.environ and then adds its own settings; we keep runner's
-        additions (they differ from os.environ) and our envvars, and drop the rest.
-        """
-        inherited = os.environ
-        kept = {}
-        for key, value in config_env.items():
-            if key in envvars or key in ENV_ALLOWLIST:
-                kept[key] = value
-            elif key in inherited and inherited[key] == value:
-                continue  # inherited, not allowlisted: drop
-            else:
-                kept[key] = value  # set by runner itself (callback plugin dir, stdout callback, ...)
-        return kept
-
     # -- running ---------------------------------------------------------------------------
 
     def run_playbook(
         self,
-        playbook: str | list,
+        playbook: str,
         *,
         inventory: dict,
         extravars: dict | Callable[[Path], dict] | None = None,
@@ -192,7 +183,7 @@ class AnsibleRuns:
         label: str = "run",
         on_private_dir: Callable[[Path], None] | None = None,
     ) -> PlaybookRun:
-        """Run `playbook` (an FQCN such as `hwledger.fleet.heartbeat`, or a list of plays) and return
+        """Run `playbook` (an FQCN such as `hwledger.fleet.heartbeat`, or a playbook file's path) and return
         what happened.
 
         `extravars` may be a function of the run's private dir (0700, removed after the run), for
@@ -202,6 +193,8 @@ class AnsibleRuns:
         `on_event` sees every kept host event as it arrives (from the runner thread).
         """
         import ansible_runner  # imported here: ~0.2 s, and CLI commands that never run Ansible skip it
+
+        run_config = _run_config_class()
 
         started = time.monotonic()
         private_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{label}-", dir=self.runs_dir))
@@ -243,7 +236,7 @@ class AnsibleRuns:
             # Runner drops a `settings=` argument when env/settings is missing (it resets its settings to
             # {} on the failed file load), so the settings go by file: no secret in them.
             (private_dir / "env").mkdir(mode=0o700)
-            self._write_private(private_dir / "env" / "settings", {
+            self.write_private_json(private_dir / "env" / "settings", {
                 "pexpect_timeout": CANCEL_POLL_S,
                 "suppress_output_file": True,
                 "suppress_ansible_output": True,
@@ -252,7 +245,7 @@ class AnsibleRuns:
             })
             if on_private_dir is not None:
                 on_private_dir(private_dir)
-            runner = ansible_runner.interface.init_runner(
+            config = run_config(
                 private_data_dir=str(private_dir),
                 playbook=playbook,
                 inventory=str(inventory_file),
@@ -263,12 +256,12 @@ class AnsibleRuns:
                 quiet=True,
                 suppress_env_files=True,
                 fact_cache_type="jsonfile",
-                event_handler=handle,
-                cancel_callback=lambda: self._cancelled(cancel, private_dir),
             )
-            runner.config.env = self._cut_env(runner.config.env, envvars)
-            if runner.config.pexpect_timeout != CANCEL_POLL_S:  # the settings file was not read
+            config.prepare()
+            if config.pexpect_timeout != CANCEL_POLL_S:  # the settings file was not read
                 raise RuntimeError("ansible-runner ignored hwledger's settings (env/settings)")
+            runner = ansible_runner.Runner(config, event_handler=handle,
+                                           cancel_callback=lambda: self._cancelled(cancel, private_dir))
             status, rc = runner.run()
             result.status, result.rc = status, rc
         except Exception as exc:  # runner or ansible start-up failure: report, never raise into the server
@@ -296,14 +289,10 @@ class AnsibleRuns:
         return True
 
     @staticmethod
-    def _write_private(path: Path, data: Any) -> Path:
-        """A new 0600 file (never an existing one, never through a symlink) holding `data` as JSON."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle)
+    def write_private_json(path: Path, data: Any) -> Path:
+        """``data`` as JSON in a 0600 file (``private_files.write_atomically``: never through a symlink)."""
+        private_files.write_atomically(path, json.dumps(data).encode("utf-8"))
         return path
-
-    write_private_json = _write_private
 
     @staticmethod
     def _write_private_data(path: Path, data: Any) -> Path:
@@ -313,9 +302,8 @@ class AnsibleRuns:
         a `{{ lookup('pipe', ...) }}` in an agent's gpu_query_cmd would run on the controller. Tagged
         unsafe, every value is data for Ansible, as the ssh_agents inventory plugin makes it too.
         """
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            yaml.serialize(_unsafe_node(data), handle, Dumper=yaml.SafeDumper, allow_unicode=False, width=1 << 20)
+        text = yaml.serialize(_unsafe_node(data), Dumper=yaml.SafeDumper, allow_unicode=False, width=1 << 20)
+        private_files.write_atomically(path, text.encode("utf-8"))
         return path
 
     def remove_private_dir(self, private_dir: Path) -> None:
@@ -390,17 +378,40 @@ def processes_using(path: str | os.PathLike) -> list[int]:
 
     Used after a crash to find the old server's orphaned ansible-playbook for a job.
     """
-    needle = os.fsencode(str(path))
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
-                if needle not in handle.read():
-                    continue
-            with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                if handle.read().rsplit(b")", 1)[1].split()[:1] == [b"Z"]:
-                    continue  # a zombie: already dead, only waiting to be reaped
-            found.append(int(entry.name))
-    return found
+    return list(processes.mentioning(path))
+
+
+def allowlisted_env(config_env: Mapping[str, str], envvars: Mapping[str, str]) -> dict[str, str]:
+    """Drop every variable the run inherited from us that is not allowlisted.
+
+    Runner seeds the run's env from os.environ and then adds its own settings; we keep runner's
+    additions (they differ from os.environ) and our envvars, and drop the rest.
+    """
+    inherited = os.environ
+    kept = {}
+    for key, value in config_env.items():
+        if key in envvars or key in ENV_ALLOWLIST:
+            kept[key] = value
+        elif key in inherited and inherited[key] == value:
+            continue  # inherited, not allowlisted: drop
+        else:
+            kept[key] = value  # set by runner itself (callback plugin dir, stdout callback, ...)
+    return kept
+
+
+@functools.lru_cache(maxsize=None)
+def _run_config_class() -> type:
+    """``RunnerConfig`` with the run's environment cut to the allowlist (see the module's notes).
+
+    Built on first use: importing ansible_runner costs ~0.2 s, which CLI commands that never run Ansible
+    should not pay. ansible-runner documents RunnerConfig as meant to be overridden, and ``prepare()`` as
+    calling ``prepare_env``, which fills ``env``; the override trims what it filled.
+    """
+    from ansible_runner.config.runner import RunnerConfig  # pylint: disable=import-outside-toplevel
+
+    class RunConfig(RunnerConfig):
+        def prepare_env(self):  # pylint: disable=arguments-differ
+            super().prepare_env()
+            self.env = allowlisted_env(self.env, self.envvars or {})
+
+    return RunConfig

@@ -1,12 +1,12 @@
 """The fast heartbeat transport: one resident object that fans the probe out over OpenSSH masters.
 
-`SshFanoutHeartbeat` implements `hwledger.server.HeartbeatTransport`. Per tick it runs the probe
+`SshFanoutHeartbeat` implements `hwledger.heartbeat.HeartbeatTransport`. Per tick it runs the probe
 (`probe.remote_script`, one POSIX-sh exec) on every agent at once, each as a plain `ssh` child built by
-`agents.ssh_argv` -- the same options as the Ansible path, so the same pinned known_hosts, the same
+`ssh.ssh_argv` -- the same options as the Ansible path, so the same pinned known_hosts, the same
 HostKeyAlias, BatchMode, and the same ControlPath (`<control dir>/%C`): a heartbeat reuses the
 agent's ControlPersist master whichever path opened it, and costs a channel, not a handshake. Every
-answer goes through `probe.evaluate` (the one parser) and `server.outcome_from_result` (the one
-classifier), so a host ends in the same state whichever transport asked it.
+answer goes through `probe.evaluate` (the one parser and classifier) once, and the `ProbeOutcome` it
+returns is handed on as it is, so a host ends in the same state whichever transport asked it.
 
 Why not Ansible for this: ansible-playbook costs ~0.7 s to start plus ~36 ms of controller CPU per
 host per tick (see docs/performance.md); a multiplexed `ssh` exec costs a few ms. Why not one thread
@@ -36,11 +36,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, ssh
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import Agent
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
 
-# Imported as a module (not `from ... import`): hwledger.server may import this module in turn.
-from hwledger import server as server_mod
+from hwledger.heartbeat import DEFAULT_QUERY_TIMEOUT_S, HeartbeatRunError, OnOutcome
 
 log = logging.getLogger("hwledger.fanout")
 
@@ -76,7 +76,7 @@ def max_parallel_for_fd_limit(requested: int) -> int:
 class _Exec:
     """One ssh child in flight for one agent."""
 
-    agent: agents_schema.Agent
+    agent: Agent
     proc: subprocess.Popen
     started: float            # time.time(), for the snapshot's captured_at / query_ms
     deadline: float           # time.monotonic()
@@ -101,16 +101,16 @@ class SshFanoutHeartbeat:
 
     def __init__(
         self,
-        policy: agents_schema.SshPolicy,
+        policy: ssh.SshPolicy,
         *,
-        query_timeout_s: float = server_mod.DEFAULT_QUERY_TIMEOUT_S,
+        query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
         host_metrics: bool = True,
         backend: str = "auto",
         max_parallel: int = DEFAULT_MAX_PARALLEL,
         max_new_connections: int = DEFAULT_MAX_NEW_CONNECTIONS,
         deadline_s: float | None = None,
-        ssh_binary: str = "ssh",
-        on_outcome: Callable[[str, server_mod.HostOutcome], None] | None = None,
+        ssh_binary: str = ssh.SSH,
+        on_outcome: OnOutcome | None = None,
     ) -> None:
         for name, value in (("max_parallel", max_parallel), ("max_new_connections", max_new_connections)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -125,49 +125,45 @@ class SshFanoutHeartbeat:
         if self.deadline_s <= 0:
             raise ValueError(f"deadline_s must be positive, got {deadline_s!r}")
         self.ssh_binary = ssh_binary
+        # An observer of every outcome as it arrives (tests, the benchmark), besides the tick's own hooks.
         self.on_outcome = on_outcome
-        # Called about every POLL_S while a tick runs: lets the caller act on outcomes that came in
-        # (the server writes them to the store) while slow hosts still hold the tick open.
-        self.on_progress: Callable[[], None] | None = None
-        self._seen: dict[str, agents_schema.Agent] = {}
-        self._answered: dict[str, tuple[agents_schema.Agent, float]] = {}  # name -> (agent, monotonic time)
+        self._seen: dict[str, Agent] = {}
+        self._answered: dict[str, tuple[Agent, float]] = {}  # name -> (agent, monotonic time)
         self._durations: dict[str, float] = {}  # name -> seconds its last exec took
-        agents_schema.prepare_control_dir(policy)
+        ssh.prepare_control_dir(policy)
 
     # -- the protocol ------------------------------------------------------------------------
 
-    def tick(self, agents: Sequence[agents_schema.Agent], *,
-             cancel: Callable[[], bool]) -> dict[str, server_mod.HostOutcome]:
+    def tick(self, agents: Sequence[Agent], *, cancel: Callable[[], bool], on_outcome: OnOutcome | None = None,
+             on_progress: Callable[[], None] | None = None) -> dict[str, ProbeOutcome]:
         """One heartbeat over `agents`. Hosts missing from the answer were not asked (cancelled, or
-        the controller could not start their ssh) and keep their state."""
+        the controller could not start their ssh) and keep their state. `on_outcome` sees each outcome as
+        it arrives; `on_progress` is called about every POLL_S while hosts are still out."""
         # Only the current agents are remembered: removed ones are forgotten (bounded memory).
         self._seen = {agent.name: agent for agent in agents}
         self._answered = {name: seen for name, seen in self._answered.items() if name in self._seen}
         self._durations = {name: took for name, took in self._durations.items() if name in self._seen}
         if not agents:
             return {}
-        results = self.run_probes(agents, cancel=cancel)
-        outcomes: dict[str, server_mod.HostOutcome] = {}
-        for name, result in results.items():
-            outcomes[name] = server_mod.outcome_from_result(result)
-        return outcomes
+        return self.run_probes(agents, cancel=cancel, on_outcome=on_outcome, on_progress=on_progress)
 
     # -- the fan-out ---------------------------------------------------------------------------
 
-    def run_probes(self, agents: Sequence[agents_schema.Agent], *,
-                   cancel: Callable[[], bool] = lambda: False) -> dict[str, dict]:
-        """Run the probe on every agent; {agent name: the probe.evaluate() result} for those asked."""
-        loop = _FanoutLoop(self, cancel)
+    def run_probes(self, agents: Sequence[Agent], *, cancel: Callable[[], bool] = lambda: False,
+                   on_outcome: OnOutcome | None = None,
+                   on_progress: Callable[[], None] | None = None) -> dict[str, ProbeOutcome]:
+        """Run the probe on every agent; {agent name: its outcome} for those asked."""
+        loop = _FanoutLoop(self, cancel, on_outcome, on_progress)
         try:
             loop.run(list(agents))
         finally:
             loop.abort()  # kills and reaps whatever is still running (only after an exception or a cancel)
         if loop.spawn_errors and not loop.results:
-            raise server_mod.HeartbeatRunError(
+            raise HeartbeatRunError(
                 f"could not start ssh for any agent: {loop.spawn_errors[0]}")
         return loop.results
 
-    def is_warm(self, agent: agents_schema.Agent, now: float) -> bool:
+    def is_warm(self, agent: Agent, now: float) -> bool:
         """Whether the agent's ssh master is (almost certainly) up: it answered within ControlPersist, with
         the same connection settings. A guess only used for pacing new connections; ssh decides."""
         seen = self._answered.get(agent.name)
@@ -175,7 +171,7 @@ class SshFanoutHeartbeat:
             return False
         return now - seen[1] < self.policy.control_persist_s - WARM_MARGIN_S
 
-    def note_connection(self, agent: agents_schema.Agent, connected: bool, duration_s: float) -> None:
+    def note_connection(self, agent: Agent, connected: bool, duration_s: float) -> None:
         """Remember whether the agent's connection worked this tick (its shell ran the probe), and how
         long the exec took."""
         if connected:
@@ -184,26 +180,26 @@ class SshFanoutHeartbeat:
             self._answered.pop(agent.name, None)
         self._durations[agent.name] = duration_s
 
-    def last_duration(self, agent: agents_schema.Agent) -> float:
+    def last_duration(self, agent: Agent) -> float:
         """Seconds the agent's last exec took (0 when unknown)."""
         return self._durations.get(agent.name, 0.0)
 
-    def argv(self, agent: agents_schema.Agent, script: str) -> list[str]:
-        return agents_schema.ssh_argv(agent, self.policy, probe.ssh_command(script), ssh_binary=self.ssh_binary)
+    def argv(self, agent: Agent, script: str) -> list[str]:
+        return ssh.ssh_argv(agent, self.policy, probe.ssh_command(script), ssh_binary=self.ssh_binary)
 
-    def script(self, agent: agents_schema.Agent) -> str:
+    def script(self, agent: Agent) -> str:
         return probe.remote_script(agent.gpu_query_cmd, timeout_s=self.query_timeout_s,
                                    host_metrics=self.host_metrics)
 
-    def evaluate(self, ex: _Exec, stdout: bytes) -> dict:
-        """The probe result of one finished exec (the one parser: probe.evaluate)."""
+    def evaluate(self, ex: _Exec, stdout: bytes) -> ProbeOutcome:
+        """The outcome of one finished exec (the one parser: probe.evaluate)."""
         if ex.timed_out:
             return probe.exec_timeout_failure(agent=ex.agent.name, timeout_s=self.query_timeout_s)
         if ex.too_large:
-            return probe.failure(
+            return ProbeOutcome.failure(
                 "output_too_large",
-                f"{ex.agent.name}: the exec sent more than {MAX_STDOUT_BYTES} bytes, more than the probe ever "
-                "prints; the remote shell or its start-up files print too much",
+                f"the exec sent more than {MAX_STDOUT_BYTES} bytes, more than the probe ever prints; the remote "
+                "shell or its start-up files print too much",
                 agent=ex.agent.name)
         rc = ex.proc.returncode
         return probe.evaluate(
@@ -231,16 +227,8 @@ class SshFanoutHeartbeat:
             exit_control_masters(agents, self.policy, ssh_binary=self.ssh_binary, max_parallel=self.max_parallel)
 
 
-def control_argv(agent: agents_schema.Agent, policy: agents_schema.SshPolicy, operation: str, *,
-                 ssh_binary: str = "ssh") -> list[str]:
-    """`ssh -O <operation>` for the agent's master, from the one options builder (agents.ssh_argv):
-    the same ControlPath, so the same socket. The remote command slot is dropped."""
-    argv = agents_schema.ssh_argv(agent, policy, "true", ssh_binary=ssh_binary)[:-1]
-    return [argv[0], "-O", operation, *argv[1:]]
-
-
-def exit_control_masters(agents: Iterable[agents_schema.Agent], policy: agents_schema.SshPolicy, *,
-                         ssh_binary: str = "ssh", max_parallel: int = DEFAULT_MAX_PARALLEL) -> int:
+def exit_control_masters(agents: Iterable[Agent], policy: ssh.SshPolicy, *,
+                         ssh_binary: str = ssh.SSH, max_parallel: int = DEFAULT_MAX_PARALLEL) -> int:
     """`ssh -O exit` for every agent (no master: ssh says so and exits); returns how many exited."""
     if policy.control_dir is None:
         return 0
@@ -250,7 +238,7 @@ def exit_control_masters(agents: Iterable[agents_schema.Agent], policy: agents_s
     deadline = time.monotonic() + CLOSE_EXIT_TIMEOUT_S
     while pending or running:
         while pending and len(running) < max_parallel:
-            argv = control_argv(pending.pop(), policy, "exit", ssh_binary=ssh_binary)
+            argv = ssh.ssh_argv(pending.pop(), policy, ssh_binary=ssh_binary, control_operation="exit")
             try:
                 running.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                                 stderr=subprocess.DEVNULL, close_fds=True,
@@ -289,15 +277,18 @@ class _FanoutLoop:
     which writes the output into the pipe itself.)
     """
 
-    def __init__(self, transport: SshFanoutHeartbeat, cancel: Callable[[], bool]):
+    def __init__(self, transport: SshFanoutHeartbeat, cancel: Callable[[], bool], on_outcome: OnOutcome | None,
+                 on_progress: Callable[[], None] | None):
         self.t = transport
         self.cancel = cancel
+        self.on_outcome = on_outcome
+        self.on_progress = on_progress
         self.sel = selectors.DefaultSelector()
         self.running: dict[int, _Exec] = {}   # pid -> exec
-        self.results: dict[str, dict] = {}
+        self.results: dict[str, ProbeOutcome] = {}
         self.spawn_errors: list[str] = []
 
-    def run(self, agents: list[agents_schema.Agent]) -> None:
+    def run(self, agents: list[Agent]) -> None:
         now = time.monotonic()
         # New connections start first (at most max_new_connections at a time): in steady state they are
         # the few hosts that failed last time, and a black-holed one must not start late and then hold
@@ -317,8 +308,8 @@ class _FanoutLoop:
             if self.running:
                 self._wait_events()
                 self._enforce_deadlines()
-            if self.t.on_progress is not None:
-                self.t.on_progress()
+            if self.on_progress is not None:
+                self.on_progress()
 
     @property
     def cold_running(self) -> int:
@@ -326,11 +317,11 @@ class _FanoutLoop:
 
     # -- children ------------------------------------------------------------------------
 
-    def _spawn(self, agent: agents_schema.Agent, *, cold: bool) -> None:
+    def _spawn(self, agent: Agent, *, cold: bool) -> None:
         try:
             argv = self.t.argv(agent, self.t.script(agent))
         except ValueError as exc:  # the agent's query command cannot make a probe
-            self._finish(agent.name, probe.failure("invalid_query", f"{agent.name}: {exc}", agent=agent.name))
+            self._finish(agent.name, ProbeOutcome.failure("invalid_query", str(exc), agent=agent.name))
             return
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -424,10 +415,11 @@ class _FanoutLoop:
         self.t.note_connection(ex.agent, not ex.timed_out and _HEADER in stdout[:4096], ex.ended - ex.started)
         self._finish(ex.agent.name, self.t.evaluate(ex, stdout))
 
-    def _finish(self, name: str, result: dict) -> None:
-        self.results[name] = result
-        if self.t.on_outcome is not None:
-            self.t.on_outcome(name, server_mod.outcome_from_result(result))
+    def _finish(self, name: str, outcome: ProbeOutcome) -> None:
+        self.results[name] = outcome
+        for listener in (self.on_outcome, self.t.on_outcome):
+            if listener is not None:
+                listener(name, outcome)
 
     def _release(self, ex: _Exec) -> None:
         self.running.pop(ex.proc.pid, None)

@@ -16,37 +16,23 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
 import stat
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import private_files, ssh
 
 from hwledger.errors import UserError
 
 KEYGEN_TIMEOUT_S = 10
 LEARN_TIMEOUT_S = 30
 _FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}=?$")
-
-# Options that make the learning connection authenticate with nothing and record the key it saw.
-# They come first on the command line, so they win over anything after them (ssh keeps the first value).
-_LEARN_OPTIONS = (
-    "BatchMode=yes",
-    "PubkeyAuthentication=no",
-    "PasswordAuthentication=no",
-    "KbdInteractiveAuthentication=no",
-    "GSSAPIAuthentication=no",
-    "HostbasedAuthentication=no",
-    "NumberOfPasswordPrompts=0",
-    "StrictHostKeyChecking=accept-new",
-    "HashKnownHosts=no",
-    "UpdateHostKeys=no",
-)
 
 
 @dataclass(frozen=True)
@@ -196,39 +182,11 @@ def pinned_keys(path: Path, alias: str) -> list[HostKey]:
     return [key for name, key in read_known_hosts(path) if alias in name.split(",")]
 
 
-@contextlib.contextmanager
-def file_lock(target: Path) -> Iterator[None]:
-    """An exclusive advisory lock beside `target` (`.<name>.lock`), so concurrent CLI edits serialise."""
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock_path = target.parent / f".{target.name}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+def _write_known_hosts(path: Path, lines: list[str]) -> None:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write `text` to a temp file in the same dir, fsync, chmod, rename over `path`."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        private_files.write_atomically(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    except private_files.PrivatePathError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _without_alias(text: str, alias: str) -> list[str]:
@@ -243,17 +201,16 @@ def _without_alias(text: str, alias: str) -> list[str]:
 
 def pin(path: Path, alias: str, keys: Sequence[HostKey]) -> None:
     """Make `keys` the only keys pinned under `alias` (other lines kept as they are)."""
-    with file_lock(path):
+    with private_files.locked_beside(path):
         try:
             text = path.read_text()
         except FileNotFoundError:
             text = "# hwledger's pinned host keys (written by hwledger fleet register-ssh)\n"
-        lines = _without_alias(text, alias) + [key.line(alias) for key in keys]
-        atomic_write_text(path, "\n".join(lines) + "\n")
+        _write_known_hosts(path, _without_alias(text, alias) + [key.line(alias) for key in keys])
 
 
 def unpin(path: Path, alias: str) -> bool:
-    with file_lock(path):
+    with private_files.locked_beside(path):
         try:
             text = path.read_text()
         except FileNotFoundError:
@@ -261,7 +218,7 @@ def unpin(path: Path, alias: str) -> bool:
         lines = _without_alias(text, alias)
         if len(lines) == len(text.splitlines()):
             return False
-        atomic_write_text(path, "\n".join(lines) + "\n")
+        _write_known_hosts(path, lines)
         return True
 
 
@@ -274,33 +231,26 @@ class HostKeyLearnError(UserError):
 
 
 def learn_host_key(
-    build_argv: Callable[[Path], list[str]],
+    target: ssh.Target,
     *,
-    alias: str,
     seed: Sequence[tuple[str, HostKey]] = (),
     timeout_s: float = LEARN_TIMEOUT_S,
     what: str = "the host",
 ) -> HostKey:
-    """Connect once without authenticating and return the host key the server presented.
+    """Connect once without authenticating and return the host key ``target`` (an agent, or a bastion
+    reached directly) presented.
 
-    `build_argv(known_hosts)` returns the ssh argv after the program name and before the remote
-    command: the agent's usual options built for a policy whose known_hosts is the given temporary
-    file (so a ProxyCommand's bastion hop is verified against `seed`, the bastion's pinned key), then
-    `-p PORT -l USER -- HOST`. Our options come first and win (ssh keeps the first value it reads):
-    every auth method off, accept-new into the temporary file, the agent's alias.
+    The connection (``ssh.learn_argv``) records the key into a private temporary known_hosts under the
+    target's alias; ``seed`` pre-fills that file (the bastion's pinned key), so an agent's ProxyCommand
+    hop to its bastion is verified strictly while the agent's own key is learned.
     """
+    alias = ssh.host_key_alias(target)
     with tempfile.TemporaryDirectory(prefix="hwledger-hostkey-") as tmp:
         known = Path(tmp) / "known_hosts"
         known.write_text("".join(key.line(name) + "\n" for name, key in seed))
         os.chmod(known, 0o600)
-        argv = ["ssh"]
-        for option in (*_LEARN_OPTIONS, f"UserKnownHostsFile={known}", "GlobalKnownHostsFile=/dev/null",
-                       f"HostKeyAlias={alias}", "ControlMaster=no", "ControlPath=none"):
-            argv += ["-o", option]
-        argv += build_argv(known)
-        argv.append("true")
         try:
-            stderr = _run_quiet(argv, timeout_s).stderr
+            stderr = _run_quiet(ssh.learn_argv(target, str(known)), timeout_s).stderr
         except subprocess.TimeoutExpired:
             raise HostKeyLearnError(f"could not fetch the host key of {what}: no answer within {timeout_s:.0f} s; "
                                     "check the address, port and any bastion") from None

@@ -9,28 +9,25 @@ import math
 import shlex
 import socket
 import sys
-from pathlib import Path
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, ssh
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.agent_values import DEFAULT_SSH_PORT, parse_destination
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.nvidia_smi import DEFAULT_GPU_QUERY_CMD
 
 from hwledger import agents_file, hostkeys
 from hwledger.display import dumps, human_age, human_bytes, printable, table
 from hwledger.errors import UserError
 from hwledger.fanout import DEFAULT_MAX_PARALLEL, SshFanoutHeartbeat
-from hwledger.server import (
-    DEFAULT_INTERVAL_S,
-    DEFAULT_MAX_PARALLEL_JOBS,
-    DEFAULT_QUERY_TIMEOUT_S,
-    Fleet,
-    HeartbeatRunError,
-    Server,
-    agent_record,
-    record_outcomes,
-)
+from hwledger.fleet import Fleet, agent_record
+from hwledger.heartbeat import DEFAULT_QUERY_TIMEOUT_S, HeartbeatRunError, record_outcomes
 from hwledger.store import JOB_ACTIVE_STATES, Store, age_seconds
 
 DEFAULT_STALE_AFTER_S = 30.0
+# The serve loop's own defaults, repeated here so that `--help` does not import the server (which only
+# the serve command itself needs); a test checks they agree.
+DEFAULT_INTERVAL_S = 5.0
+DEFAULT_MAX_PARALLEL_JOBS = 4
 MAX_INTERVAL_S = 86400  # a day; beyond it a wait's timeout can overflow, and nobody means it
 EXIT_HOST_KEY_UNCONFIRMED = 3
 EXIT_HEARTBEAT_FAILED = 1
@@ -135,7 +132,7 @@ def _add_register(sub, files: argparse.ArgumentParser) -> None:
     reg.add_argument("--bastion", metavar="USER@HOST[:PORT]", help="jump host that reaches the GPU host")
     reg.add_argument("--bastion-key", metavar="PATH", help="private key for the bastion (default: --key)")
     reg.add_argument("--gpu-query-cmd", metavar="CMD",
-                     help=f"GPU query command (default: {agents_schema.DEFAULT_GPU_QUERY_CMD})")
+                     help=f"GPU query command (default: {DEFAULT_GPU_QUERY_CMD})")
     confirm = reg.add_mutually_exclusive_group()
     confirm.add_argument("--host-key-fingerprint", metavar="SHA256:...",
                          help="the host key fingerprint you checked out of band; pinned only if it matches")
@@ -151,7 +148,7 @@ def _add_register(sub, files: argparse.ArgumentParser) -> None:
 
 def _destination(text: str, option: str) -> tuple[str, str, int | None]:
     try:
-        return agents_schema.parse_destination(text)
+        return parse_destination(text)
     except ValueError as exc:
         raise UserError(f"{option}: {exc}") from None
 
@@ -161,21 +158,21 @@ def _build_agent(args: argparse.Namespace, key: hostkeys.ClientKey,
     user, host, port_in_host = _destination(args.host, "--host")
     if args.port is not None and port_in_host is not None and args.port != port_in_host:
         raise UserError(f"--host gives port {port_in_host} but --port gives {args.port}; give one of them")
-    port = args.port or port_in_host or agents_schema.DEFAULT_SSH_PORT
+    port = args.port or port_in_host or DEFAULT_SSH_PORT
     bastion = None
     if args.bastion:
         b_user, b_host, b_port = _destination(args.bastion, "--bastion")
         assert bastion_key is not None
         try:
             bastion = agents_schema.Bastion(hostname=b_host, ssh_user=b_user, ssh_key_path=str(bastion_key.path),
-                                            ssh_port=b_port or agents_schema.DEFAULT_SSH_PORT)
+                                            ssh_port=b_port or DEFAULT_SSH_PORT)
         except ValueError as exc:
             raise UserError(f"--bastion: {exc}") from None
     name = args.name or host
     try:
         return agents_schema.Agent(
             name=name, hostname=host, ssh_user=user, ssh_key_path=str(key.path), ssh_port=port,
-            gpu_query_cmd=args.gpu_query_cmd or agents_schema.DEFAULT_GPU_QUERY_CMD, bastion=bastion,
+            gpu_query_cmd=args.gpu_query_cmd or DEFAULT_GPU_QUERY_CMD, bastion=bastion,
         )
     except ValueError as exc:
         hint = " (give --name)" if not args.name and str(exc).startswith("name") else ""
@@ -194,26 +191,12 @@ def _resolve_ip(agent: agents_schema.Agent) -> str | None:
 
 
 def _learn(agent: agents_schema.Agent, *, seed: list[tuple[str, hostkeys.HostKey]]) -> hostkeys.HostKey:
-    def build(known: Path) -> list[str]:
-        policy = agents_schema.SshPolicy(known_hosts=str(known), host_key_checking="yes", control_dir=None)
-        return [*agents_schema.ssh_options(agent, policy), "-p", str(agent.ssh_port), "-l", agent.ssh_user,
-                "-i", agent.ssh_key_path, "--", agent.hostname]
-
-    return hostkeys.learn_host_key(build, alias=agents_schema.known_hosts_alias(agent), seed=seed,
+    return hostkeys.learn_host_key(agent, seed=seed,
                                    what=f"{agent.name} ({agent.ssh_user}@{agent.hostname}:{agent.ssh_port})")
 
 
 def _learn_bastion(bastion: agents_schema.Bastion) -> hostkeys.HostKey:
-    def build(known: Path) -> list[str]:
-        policy = agents_schema.SshPolicy(known_hosts=str(known), host_key_checking="yes", control_dir=None)
-        # The bastion reached directly: reuse the agent option builder with a bastion-less stand-in.
-        stand_in = agents_schema.Agent(name="bastion", hostname=bastion.hostname, ssh_user=bastion.ssh_user,
-                                       ssh_key_path=bastion.ssh_key_path, ssh_port=bastion.ssh_port)
-        return [*agents_schema.ssh_options(stand_in, policy), "-p", str(bastion.ssh_port), "-l",
-                bastion.ssh_user, "-i", bastion.ssh_key_path, "--", bastion.hostname]
-
-    return hostkeys.learn_host_key(build, alias=agents_schema.bastion_known_hosts_alias(bastion),
-                                   what=f"bastion {bastion.ssh_user}@{bastion.hostname}:{bastion.ssh_port}")
+    return hostkeys.learn_host_key(bastion, what=f"bastion {bastion.ssh_user}@{bastion.hostname}:{bastion.ssh_port}")
 
 
 def _confirm_command(args: argparse.Namespace, target_fp: str | None, bastion_fp: str | None) -> str:
@@ -235,7 +218,7 @@ def _confirm_command(args: argparse.Namespace, target_fp: str | None, bastion_fp
 def _check_bastion_key(args: argparse.Namespace, fleet: Fleet, bastion: agents_schema.Bastion,
                        unconfirmed: list[str]) -> tuple[hostkeys.HostKey, bool]:
     """The bastion's key and whether it must be pinned now. Appends to `unconfirmed` when not confirmed."""
-    alias = agents_schema.bastion_known_hosts_alias(bastion)
+    alias = ssh.bastion_known_hosts_alias(bastion)
     presented = _learn_bastion(bastion)
     print(f"bastion {bastion.hostname}:{bastion.ssh_port} host key: {presented.describe()}")
     pinned = hostkeys.pinned_keys(fleet.known_hosts, alias)
@@ -282,7 +265,7 @@ def cmd_register_ssh(args: argparse.Namespace) -> int:
     bastion_pin: hostkeys.HostKey | None = None
     if agent.bastion is not None:
         bastion_key_seen, must_pin = _check_bastion_key(args, fleet, agent.bastion, unconfirmed)
-        seed = [(agents_schema.bastion_known_hosts_alias(agent.bastion), bastion_key_seen)]
+        seed = [(ssh.bastion_known_hosts_alias(agent.bastion), bastion_key_seen)]
         bastion_pin = bastion_key_seen if must_pin else None
     if unconfirmed:
         # The bastion is not trusted yet: do not go through it to the target.
@@ -304,8 +287,8 @@ def cmd_register_ssh(args: argparse.Namespace) -> int:
     agent = dataclasses.replace(agent, host_key_fingerprint=presented.fingerprint)
     agents_file.ensure_config_dir(fleet.config)
     if bastion_pin is not None:
-        hostkeys.pin(fleet.known_hosts, agents_schema.bastion_known_hosts_alias(agent.bastion), [bastion_pin])
-    hostkeys.pin(fleet.known_hosts, agents_schema.known_hosts_alias(agent), [presented])
+        hostkeys.pin(fleet.known_hosts, ssh.bastion_known_hosts_alias(agent.bastion), [bastion_pin])
+    hostkeys.pin(fleet.known_hosts, ssh.known_hosts_alias(agent), [presented])
     agents_file.append_agent(fleet.config, agent, replace=args.replace)
     with fleet.open_store() as store:
         store.upsert_agent(agent_record(agent, ip=ip, key_fingerprint=key.fingerprint,
@@ -482,8 +465,8 @@ def _refuse_active_jobs(fleet: Fleet, name: str) -> None:
 def _bastion_still_used(configured: dict[str, agents_schema.Agent], agent: agents_schema.Agent) -> bool:
     """Whether another agent goes through the same bastion entry of known_hosts (same host and port,
     whatever its user or key)."""
-    alias = agents_schema.bastion_known_hosts_alias(agent.bastion)
-    return any(other.bastion is not None and agents_schema.bastion_known_hosts_alias(other.bastion) == alias
+    alias = ssh.bastion_known_hosts_alias(agent.bastion)
+    return any(other.bastion is not None and ssh.bastion_known_hosts_alias(other.bastion) == alias
                for name, other in configured.items() if name != agent.name)
 
 
@@ -496,9 +479,9 @@ def cmd_remove(args: argparse.Namespace) -> int:
     in_file = agents_file.remove_agent(fleet.config, args.name)
     unpinned = False
     if agent is not None:
-        unpinned = hostkeys.unpin(fleet.known_hosts, agents_schema.known_hosts_alias(agent))
+        unpinned = hostkeys.unpin(fleet.known_hosts, ssh.known_hosts_alias(agent))
         if agent.bastion is not None and not _bastion_still_used(configured, agent):
-            hostkeys.unpin(fleet.known_hosts, agents_schema.bastion_known_hosts_alias(agent.bastion))
+            hostkeys.unpin(fleet.known_hosts, ssh.bastion_known_hosts_alias(agent.bastion))
     with fleet.open_store() as store:
         in_store = store.mark_agent_removed(args.name)
         cancelled, stopping = [], []
@@ -534,6 +517,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger(name).setLevel(max(logging.INFO, getattr(logging, args.log_level)))
     if args.max_parallel < 1:
         raise UserError("--max-parallel must be at least 1")
+    from hwledger.server import Server  # pylint: disable=import-outside-toplevel  # the one importer of the loop
+
     fleet = _fleet(args)
     transport = None  # Server's default: the ansible-runner heartbeat
     if args.transport == "fanout":

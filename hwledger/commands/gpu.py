@@ -11,7 +11,7 @@ import sys
 import time
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, telemetry
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import DEFAULT_GPU_QUERY_CMD
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.nvidia_smi import DEFAULT_GPU_QUERY_CMD
 
 from hwledger.display import dumps, printable
 from hwledger.errors import UserError
@@ -76,14 +76,13 @@ def run_parse(args: argparse.Namespace) -> int:
     stdout = _read(args.file, "FILE")
     stderr = _read(args.stderr, "--stderr file") if args.stderr else ""
     now = time.time()
-    result = probe.evaluate_tool_output(
+    outcome = probe.evaluate_tool_output(
         agent=args.agent, cmd=args.cmd, backend=args.backend, stdout=stdout, stderr=stderr,
         rc=args.rc, started=now, ended=now,
     )
-    if result.get("failed"):
-        print(dumps(result))
-        print(f"hwledger: gpu parse: {printable(result.get('reason'))}: {printable(result.get('msg'))}",
-              file=sys.stderr)
+    if not outcome.ok:
+        print(dumps(outcome.module_result()))
+        print(f"hwledger: gpu parse: {printable(outcome.reason)}: {printable(outcome.msg)}", file=sys.stderr)
         return 1
-    print(dumps(result["ansible_facts"]["hwledger_snapshot"]))
+    print(dumps(outcome.snapshot))
     return 0

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import uuid
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs as jobs_schema
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema
 
 from hwledger.display import dumps, human_age, printable, table
 from hwledger.errors import UserError
-from hwledger.server import Fleet
+from hwledger.fleet import Fleet
 from hwledger.store import JOB_STATES, JobRow, Store, age_seconds
 
 
@@ -35,14 +36,20 @@ def register(subparsers) -> None:
     )
     submit.add_argument("--agent", required=True, metavar="NAME", help="the agent to run it on")
     submit.add_argument("--file", metavar="JOB.json", help="a job spec file (job_id is generated when absent)")
-    submit.add_argument("--timeout", type=float, metavar="S", help="seconds before the job is killed")
-    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment variable for the command (repeatable)")
-    submit.add_argument("--workdir", metavar="DIR", help="working directory on the agent")
     submit.add_argument("--json", action="store_true", help="print the queued job as JSON")
-    submit.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
-                        help="the command and its arguments, after --")
+    _add_spec_arguments(submit)
     submit.set_defaults(func=cmd_submit)
+
+    new = sub.add_parser(
+        "new", help="print a new job spec (JSON) for a command, without queueing it",
+        description="Print a validated job spec with a fresh job_id for the command after --. Write it to a file "
+                    "for `hwledger job submit --file` or the hwledger.fleet.job playbook (hwledger_job_file). "
+                    "Nothing is stored and no store is needed.",
+        epilog="example:\n  hwledger job new --timeout 600 --env MODE=fast -- python3 train.py --epochs 1 > job.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_spec_arguments(new)
+    new.set_defaults(func=cmd_new)
 
     listing = sub.add_parser("list", parents=[files], help="list jobs")
     listing.add_argument("--agent", metavar="NAME")
@@ -64,11 +71,22 @@ def register(subparsers) -> None:
     cancel.set_defaults(func=cmd_cancel)
 
 
+def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=float, metavar="S", help="seconds before the job is killed "
+                        f"(default {job_schema.DEFAULT_TIMEOUT_S})")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the command (repeatable)")
+    parser.add_argument("--workdir", metavar="DIR",
+                        help="working directory on the agent (default: the login user's HOME there)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                        help="the command and its arguments, after --")
+
+
 def _store(args: argparse.Namespace) -> Store:
     return Fleet.from_options(db=args.db).open_store()
 
 
-def _spec_error(exc: jobs_schema.JobSpecError, where: str) -> UserError:
+def _spec_error(exc: job_schema.JobSpecError, where: str) -> UserError:
     lines = [f"{where}: {field}: {message}" for field, message in exc.errors]
     return UserError("invalid job:\n  " + "\n  ".join(lines))
 
@@ -77,15 +95,17 @@ def build_spec(args: argparse.Namespace) -> dict:
     command = list(args.command or [])
     if command and command[0] == "--":
         command = command[1:]
-    if args.file and command:
+    if getattr(args, "file", None) and command:
         raise UserError("give either --file JOB.json or a command after --, not both")
-    if not args.file and not command:
-        raise UserError("nothing to run: give --file JOB.json or a command after --, e.g. "
+    if not getattr(args, "file", None) and not command:
+        raise UserError("nothing to run: give a command after --, e.g. hwledger job new -- nvidia-smi -L"
+                        if args.job_command == "new" else
+                        "nothing to run: give --file JOB.json or a command after --, e.g. "
                         "hwledger job submit --agent NAME -- nvidia-smi -L")
-    if args.file:
+    if getattr(args, "file", None):
         try:
-            spec = jobs_schema.load_job_file(args.file)
-        except jobs_schema.JobSpecError as exc:
+            spec = job_schema.load_job_file(args.file)
+        except job_schema.JobSpecError as exc:
             raise _spec_error(exc, args.file) from None
         if not isinstance(spec, dict):
             raise UserError(f"{args.file}: a job file is a JSON object with at least \"command\"")
@@ -95,7 +115,7 @@ def build_spec(args: argparse.Namespace) -> dict:
         spec = {"job_id": str(uuid.uuid4()), "command": command}
         where = "command line"
     if args.timeout is not None:
-        spec["timeout_s"] = args.timeout
+        spec["timeout_s"] = int(args.timeout) if float(args.timeout).is_integer() else args.timeout
     if args.env:
         env = dict(spec.get("env") or {})
         for pair in args.env:
@@ -106,10 +126,10 @@ def build_spec(args: argparse.Namespace) -> dict:
         spec["env"] = env
     if args.workdir:
         spec["workdir"] = args.workdir
-    spec.setdefault("schema_version", jobs_schema.JOB_SCHEMA_VERSION)
+    spec.setdefault("schema_version", job_schema.JOB_SCHEMA_VERSION)
     try:
-        return jobs_schema.validate_job(spec)
-    except jobs_schema.JobSpecError as exc:
+        return job_schema.validate_job(spec)
+    except job_schema.JobSpecError as exc:
         raise _spec_error(exc, where) from None
 
 
@@ -122,6 +142,11 @@ def job_to_dict(job: JobRow) -> dict:
         "error": job.error, "result": job.result, "remote_dir": job.remote_dir,
         "cleanup_pending": job.cleanup_pending,
     }
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    print(json.dumps(build_spec(args), sort_keys=True, indent=2))
+    return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

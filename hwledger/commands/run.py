@@ -1,14 +1,14 @@
 """`hwledger run JOB.json --output RESULT.json`: the job runner on a remote host.
 
-A thin wrapper: the runner lives in the collection's `plugins/plugin_utils/jobs.py`, the one file the
-job role also copies to remotes without `hwledger` and runs with `python3 jobs.py run`.
+A thin wrapper: the runner lives in the collection's `plugins/plugin_utils/job_runner.py`, which the job
+role also stages as one file (`runner.pyz`) on remotes without `hwledger` and runs with `python3`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_runner
 
 DESCRIPTION = """\
 Run one hwledger job on this host and write its result.
@@ -26,12 +26,12 @@ def register(subparsers) -> None:
         "run",
         help="run a job file on this host and write its result (the remote side of a job)",
         description=DESCRIPTION,
-        epilog=jobs.EXIT_CODES_HELP,
+        epilog=job_runner.EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    jobs.add_run_arguments(parser)
+    job_runner.add_run_arguments(parser)
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    return jobs.run_job_file(args.job, args.output)
+    return job_runner.run_job_file(args.job, args.output)

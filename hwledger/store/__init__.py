@@ -1,0 +1,46 @@
+"""The SQLite store: the only package in hwledger that talks SQL.
+
+Design notes (why, not what):
+- WAL mode so CLI readers never block the server's writes and vice versa; one writer at a time is
+  fine because every write transaction is short and never spans SSH or Ansible I/O.
+- Every write transaction starts with `BEGIN IMMEDIATE`: the write lock is taken up front, so a
+  writer waits (busy_timeout) instead of failing a lock upgrade half way through (a DEFERRED
+  transaction that upgrades does not honour busy_timeout).
+- `synchronous=FULL`: a job transition that was committed survives a power loss, not only a crash.
+- Files are created under umask 077 and then forced to 0600; SQLite gives the -wal/-shm sidecars
+  the mode of the database file, so they stay private whoever recreates them later.
+- The schema is versioned with `PRAGMA user_version`; each migration runs in its own immediate
+  transaction that re-reads the version, so two processes opening a fresh file cannot both migrate.
+- The `events` table is append-only (triggers refuse UPDATE and DELETE).
+- Nothing secret is stored: key *fingerprints* only, never key material.
+"""
+
+from __future__ import annotations
+
+from hwledger.store.agents import AgentTables
+from hwledger.store.base import DEFAULT_BUSY_TIMEOUT_S, DEFAULT_SNAPSHOTS_KEPT, StoreBase, StoreError
+from hwledger.store.jobs import JobTables
+from hwledger.store.records import (
+    AgentRecord,
+    AgentRow,
+    AgentUpdate,
+    EventRow,
+    JobRow,
+    SnapshotRow,
+    StateChange,
+    age_seconds,
+    parse_time,
+    utc_now,
+)
+from hwledger.store.schema import AGENT_STATES, JOB_ACTIVE_STATES, JOB_STATES, JOB_TERMINAL_STATES, SCHEMA_VERSION
+
+
+class Store(AgentTables, JobTables, StoreBase):
+    """One connection to the store. Use one per thread (sqlite3 connections are not shared)."""
+
+
+__all__ = [
+    "AGENT_STATES", "DEFAULT_BUSY_TIMEOUT_S", "DEFAULT_SNAPSHOTS_KEPT", "JOB_ACTIVE_STATES", "JOB_STATES",
+    "JOB_TERMINAL_STATES", "SCHEMA_VERSION", "AgentRecord", "AgentRow", "AgentUpdate", "EventRow", "JobRow",
+    "SnapshotRow", "StateChange", "Store", "StoreError", "age_seconds", "parse_time", "utc_now",
+]

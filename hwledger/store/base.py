@@ -1,0 +1,165 @@
+"""The store's connection: opening the SQLite file (modes, WAL, migrations), write transactions, and the
+append-only event log (see the package's notes for why each is the way it is)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import private_files
+
+from hwledger.errors import UserError
+from hwledger.store.records import EventRow, utc_now
+from hwledger.store.records import where as where_clause
+from hwledger.store.schema import MIGRATIONS, SCHEMA_VERSION, split_sql
+
+DEFAULT_BUSY_TIMEOUT_S = 15.0
+DEFAULT_SNAPSHOTS_KEPT = 12  # per agent; the latest good snapshot is kept besides these
+
+
+class StoreError(UserError):
+    """The store cannot be used (newer schema, unreadable file, locked too long)."""
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _private_files(db: Path) -> list[Path]:
+    return [db, Path(f"{db}-wal"), Path(f"{db}-shm")]
+
+
+class StoreBase:
+    """One connection to the store: opening it (migrations), write transactions, the event log. The table
+    methods live in the mixins (`agents.AgentTables`, `jobs.JobTables`); `hwledger.store.Store` is them all."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, snapshots_kept: int):
+        self._conn = conn
+        self.path = path
+        self.snapshots_kept = snapshots_kept
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        snapshots_kept: int = DEFAULT_SNAPSHOTS_KEPT,
+    ):
+        path = Path(path)
+        try:
+            # The user's choice of directory: created 0700 when missing, never chmod-ed, refused when others
+            # can write to it (they could plant files or symlinks where the store lives).
+            private_files.ensure_private_dir(path.parent, "the store's directory")
+        except private_files.PrivatePathError as exc:
+            raise StoreError(f"{exc}; keep the store in a private directory (hwledger creates a missing one "
+                             "0700)") from None
+        if path.is_symlink():
+            raise StoreError(f"store {path} is a symlink; point HWLEDGER_DB/--db at the real file")
+        try:
+            with _umask(0o077):
+                # isolation_level=None: autocommit; transactions are explicit (BEGIN IMMEDIATE).
+                conn = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None)
+                conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"store {path}: cannot switch to WAL mode (got {mode}); "
+                                     "is it on a network filesystem? Put the store on a local disk")
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("PRAGMA foreign_keys = ON")
+                store = cls(conn, path, snapshots_kept)
+                store._migrate()
+                # Reading once creates the -shm file under our umask before we fix modes.
+                conn.execute("SELECT count(*) FROM agents").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from exc
+        for file in _private_files(path):
+            with contextlib.suppress(FileNotFoundError):
+                if file.stat().st_mode & 0o077:
+                    os.chmod(file, 0o600)
+        return store
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """An immediate write transaction; commits on success, rolls back on any exception."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"store {self.path} is busy ({exc}); another hwledger process holds it too long, "
+                             "try again") from exc
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        else:
+            self._conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"store {self.path} has schema version {version}, newer than this hwledger understands "
+                f"({SCHEMA_VERSION}); upgrade hwledger or use another --db"
+            )
+        while version < SCHEMA_VERSION:
+            with self._write() as conn:
+                # Re-read under the write lock: another process may have migrated meanwhile.
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version >= SCHEMA_VERSION:
+                    break
+                for statement in split_sql(MIGRATIONS[version]):
+                    conn.execute(statement)
+                version += 1
+                conn.execute(f"PRAGMA user_version = {version}")
+
+    @property
+    def schema_version(self) -> int:
+        return self._conn.execute("PRAGMA user_version").fetchone()[0]
+
+    # -- events ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _event(conn: sqlite3.Connection, kind: str, *, agent: str | None = None, job_id: str | None = None,
+               at: str | None = None, **detail: Any) -> None:
+        conn.execute(
+            "INSERT INTO events (at, kind, agent, job_id, detail) VALUES (?, ?, ?, ?, ?)",
+            (at or utc_now(), kind, agent, job_id, json.dumps(detail, sort_keys=True)),
+        )
+
+    def add_event(self, kind: str, *, agent: str | None = None, job_id: str | None = None, **detail: Any) -> None:
+        with self._write() as conn:
+            self._event(conn, kind, agent=agent, job_id=job_id, **detail)
+
+    def list_events(self, *, agent: str | None = None, job_id: str | None = None, kind: str | None = None,
+                    limit: int | None = None) -> list[EventRow]:
+        where, params = where_clause(agent=agent, job_id=job_id, kind=kind)
+        sql = f"SELECT id, at, kind, agent, job_id, detail FROM events{where} ORDER BY id"
+        if limit:
+            sql = f"SELECT * FROM ({sql.replace('ORDER BY id', 'ORDER BY id DESC')} LIMIT {int(limit)}) ORDER BY id"
+        return [EventRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5] or "{}"))
+                for r in self._conn.execute(sql, params)]
