@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import hostvars, probe, ssh
 
 from bench.fleet import Agent
 from bench.measure import Meter, Sample
 from hwledger.fanout import SshFanoutHeartbeat
-from hwledger.server import Fleet, Server, TickReport, inventory_for
-from tests.lab import write_agents_toml
+from hwledger.fleet import Fleet
+from hwledger.server import Server, TickReport  # the bench drives the serve loop itself, as the tests do
+from lab import write_agents_toml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +53,7 @@ class FleetFiles:
         fleet = self.fleet
         write_agents_toml(fleet.config, [a.entry for a in agents])
         parsed = [agents_schema.agent_from_dict(a.entry) for a in agents]
-        lines = "".join(f"{agents_schema.known_hosts_alias(p)} {a.host_key_pub}\n" for p, a in zip(parsed, agents))
+        lines = "".join(f"{ssh.known_hosts_alias(p)} {a.host_key_pub}\n" for p, a in zip(parsed, agents))
         fd = os.open(fleet.known_hosts, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(lines)
@@ -152,13 +153,13 @@ local_tmp = {tmp}
 class AnsibleRaw:
     """(b): `ansible-playbook` with one raw task, forks matched, the product's per-host ssh options."""
 
-    def __init__(self, workdir: Path, agents: list[agents_schema.Agent], policy: agents_schema.SshPolicy,
+    def __init__(self, workdir: Path, agents: list[agents_schema.Agent], policy: ssh.SshPolicy,
                  command: str, forks: int):
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (workdir / "tmp").mkdir(mode=0o700, exist_ok=True)
         (workdir / "ansible.cfg").write_text(_ANSIBLE_CFG.format(forks=forks, tmp=workdir / "tmp"))
         (workdir / "raw.yml").write_text(_PLAYBOOK)
-        (workdir / "inventory.json").write_text(json.dumps(inventory_for(agents, policy)))
+        (workdir / "inventory.json").write_text(json.dumps(hostvars.inventory(agents, policy)))
         # !unsafe: the script is data for the task, never a template. JSON strings are YAML strings.
         (workdir / "vars.yml").write_text(f"hwledger_bench_command: !unsafe {json.dumps(command)}\n")
         self.workdir = workdir

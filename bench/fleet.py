@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.lab import Lab, SshHost
-from tests.lab import system as lab_system
-from tests.lab import tools as lab_tools
-from tests.lab.sshd import sshd_base_config, sshd_version_options
+from lab import Lab, SshHost
+from lab import system as lab_system
+from lab import tools as lab_tools
+from lab.sshd import sshd_base_config, sshd_version_options
 
 CLONE_NEWNET = 0x40000000
 SSHD = "/usr/sbin/sshd"

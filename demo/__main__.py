@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.lab import Lab, LabUnavailable, lab_unavailable_reason  # noqa: E402
+from lab import Lab, LabUnavailable, lab_unavailable_reason  # noqa: E402
 
 DEMO_DIR = REPO / ".demo"
 BIN = Path(sys.executable).parent
@@ -123,7 +123,7 @@ def main() -> int:
 
         step("5. One agentless job through the job playbook (hwledger.fleet.job)")
         job_file = DEMO_DIR / "job.json"
-        argv = [sys.executable, REPO / "plugins/plugin_utils/jobs.py", "new", "--timeout-s", "60", "--",
+        argv = [BIN / "hwledger", "job", "new", "--timeout", "60", "--",
                 "sh", "-c", "echo job ran on $(uname -n) as uid $(id -u); rocm-smi --showproductname | head -c 120"]
         print("$ " + shlex.join(str(a) for a in argv) + " > .demo/job.json", flush=True)
         job_file.write_bytes(subprocess.run([str(a) for a in argv], check=True, capture_output=True).stdout)

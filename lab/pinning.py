@@ -5,16 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
-from hwledger.server import Fleet
-from tests.lab import SshHost, known_hosts_line, write_agents_toml
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import ssh
+
+from hwledger.fleet import Fleet
+
+from .agents_toml import write_agents_toml
+from .lab import SshHost, known_hosts_line
 
 
 def pinned_lines(agent: agents_schema.Agent, host: SshHost) -> list[str]:
     """known_hosts lines for `host` as `agent`: its key under the agent's alias, and for an agent with a
     bastion, the bastion's key under the bastion's alias (the lab host's bastion is that bastion)."""
-    lines = [known_hosts_line(agents_schema.known_hosts_alias(agent), host)]
+    lines = [known_hosts_line(ssh.known_hosts_alias(agent), host)]
     if agent.bastion is not None and host.bastion is not None:
-        lines.append(known_hosts_line(agents_schema.bastion_known_hosts_alias(agent.bastion), host.bastion))
+        lines.append(known_hosts_line(ssh.bastion_known_hosts_alias(agent.bastion), host.bastion))
     return lines
 
 

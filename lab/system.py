@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import processes
+
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 MARKER_VAR = "HWLEDGER_LAB_HOST"
 NAME_PREFIX = "hwl-"
@@ -64,59 +66,36 @@ class ProcInfo:
     sshd_title: str  # "" unless this is an sshd process (see lab_processes)
 
 
-def _read_stat(pid: int) -> tuple[int, str, int] | None:
-    """(ppid, state, start time in clock ticks) of a live process, None when it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # The command name may contain spaces and parentheses: the fields start after the last ')'.
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[1]), fields[0], int(fields[19])
-
-
 def _read_markers(pid: int) -> tuple[str, ...]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return ()
     prefix = MARKER_VAR.encode() + b"="
     return tuple(
-        entry[len(prefix) :].decode(errors="replace") for entry in raw.split(b"\0") if entry.startswith(prefix)
+        entry[len(prefix) :].decode(errors="replace")
+        for entry in processes.environ(pid).split(b"\0")
+        if entry.startswith(prefix)
     )
 
 
 def _read_sshd_title(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return ""
-    title = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+    title = processes.cmdline(pid).replace(b"\0", b" ").decode(errors="replace").strip()
     return title if title.startswith(("sshd", "/usr/sbin/sshd")) else ""
 
 
 def scan_processes() -> list[ProcInfo]:
-    procs = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        stat = _read_stat(pid)
-        if stat is None:
-            continue
-        procs.append(ProcInfo(pid, stat[0], stat[1], _read_markers(pid), _read_sshd_title(pid)))
-    return procs
+    """Every process with the lab's view of it (markers, sshd title), from the project's /proc reader."""
+    return [
+        ProcInfo(proc.pid, proc.ppid, proc.state, _read_markers(proc.pid), _read_sshd_title(proc.pid))
+        for proc in (processes.table() or {}).values()
+    ]
 
 
 def start_time(pid: int) -> int | None:
-    stat = _read_stat(pid)
-    return None if stat is None else stat[2]
+    proc = processes.read(pid)
+    return None if proc is None else proc.start_ticks
 
 
 def is_alive(pid: int) -> bool:
     """True while the process exists and is not a zombie (a zombie has already released everything)."""
-    stat = _read_stat(pid)
-    return stat is not None and stat[1] not in ("Z", "X")
+    return processes.alive(pid)
 
 
 def sshd_title_user(title: str) -> str:
@@ -141,15 +120,7 @@ def lab_processes(
     found = {p.pid for p in procs if any(accept(m) for m in p.markers)}
     found |= {p.pid for p in procs if p.sshd_title and title_matches(p.sshd_title)}
     found |= {pid for pid in roots if is_alive(pid)}
-    children: dict[int, list[int]] = {}
-    for p in procs:
-        children.setdefault(p.ppid, []).append(p.pid)
-    stack = list(found)
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
+    found = processes.descendants(found, {p.pid: p for p in procs})
     found.discard(os.getpid())
     return found
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .system import SYSTEM_PATH, LabError
 
-FIXTURES_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
+FIXTURES_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gpu"
 
 DEFAULT_GPU_QUERY_CMD = "nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader"
 

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: real SSH test hosts from tests/lab (contract A).
+"""Shared pytest fixtures: real SSH test hosts from the lab package (lab/).
 
 - ``lab``: one session-scoped Lab (skips with the reason when not root or sshd is missing).
 - ``fresh_host``: a new loopback host per test, replaying the default nvidia-smi query output.
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.lab import Lab, LabUnavailable, SshHost, lab_unavailable_reason
+from lab import Lab, LabUnavailable, SshHost, lab_unavailable_reason
 
 # Every Lab this session made; pytest_sessionfinish stops them even when a fixture teardown did not
 # run (Lab also registers an atexit hook, and its sshd processes die with this process).

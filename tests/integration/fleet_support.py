@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hwledger import paths
-from hwledger.server import Fleet
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import ssh
+
+from hwledger.fleet import Fleet
 from hwledger.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,7 +110,7 @@ class FleetEnv:
 
 
 def remove_fallback_control_dir(db: Path) -> None:
-    directory = paths.control_dir(db)
+    directory = Path(ssh.control_dir_for(db.parent))
     if directory.parent == Path("/tmp") / f"hwledger-{os.getuid()}":
         shutil.rmtree(directory, ignore_errors=True)
 

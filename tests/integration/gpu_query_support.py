@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
-from tests.lab import SshHost, write_agents_toml
-from tests.pinning import pinned_lines
+from lab import SshHost, write_agents_toml
+from lab.pinning import pinned_lines
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).with_name("ansible-playbook"))

@@ -24,11 +24,13 @@ from typing import Any
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
-from tests.lab import Lab, SshHost, agents_toml, write_agents_toml
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import ssh
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.nvidia_smi import DEFAULT_GPU_QUERY_CMD
+from lab import Lab, SshHost, agents_toml, write_agents_toml
 from tests.toolchains import TOOLCHAIN_NAMES, Toolchain, toolchain
 
 # A GPU host's default query: the fake nvidia-smi answers it with the rows a test sets.
-DEFAULT_QUERY = agents_schema.DEFAULT_GPU_QUERY_CMD
+DEFAULT_QUERY = DEFAULT_GPU_QUERY_CMD
 
 
 @pytest.fixture(params=TOOLCHAIN_NAMES, ids=lambda name: f"core-{name}")
@@ -69,7 +71,7 @@ class CompatFleet:
         self.agents_file = write_agents_toml(directory / "ssh-agents.toml", agents)
         self.known_hosts = directory / "known_hosts"
         loaded, _warnings = agents_schema.load_agents_file(str(self.agents_file))
-        lines = [f"{agents_schema.known_hosts_alias(agent)} {hosts[agent.name].host_key_pub}\n" for agent in loaded]
+        lines = [f"{ssh.known_hosts_alias(agent)} {hosts[agent.name].host_key_pub}\n" for agent in loaded]
         self.known_hosts.write_text("".join(lines))
         self.known_hosts.chmod(0o600)
         self.config = directory / "fleet.hwledger.yml"

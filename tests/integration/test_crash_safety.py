@@ -12,11 +12,11 @@ import signal
 
 import pytest
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs as jobs_schema
-from hwledger.server import CRASH_POINTS
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema as jobs_schema
+from hwledger.job_runs import CRASH_POINTS
 from hwledger.store import JOB_TERMINAL_STATES
 from tests.integration.fleet_support import wait_for
-from tests.procs import processes_mentioning
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.processes import mentioning as processes_mentioning
 
 # Each job runs the real job playbook (several seconds); deselect with -m 'not slow' while iterating.
 pytestmark = pytest.mark.slow

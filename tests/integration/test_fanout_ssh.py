@@ -18,14 +18,15 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import ssh
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
 
-from hwledger.fanout import SshFanoutHeartbeat, control_argv
+from hwledger.fanout import SshFanoutHeartbeat
 from hwledger.server import Server
 # control_dir is a fixture: importing it makes it available to the tests of this module.
 from tests.integration.gpu_query_support import control_dir  # noqa: F401 pylint: disable=unused-import
-from tests.lab import Lab, SshHost
-from tests.pinning import pinned_fleet, pinned_lines
+from lab import Lab, SshHost
+from lab.pinning import pinned_fleet, pinned_lines
 
 TIMEOUT_S = 2
 
@@ -37,7 +38,7 @@ class Pinned:
         self.known_hosts = root / "known_hosts"
         self.known_hosts.write_text("")
         self.known_hosts.chmod(0o600)
-        self.policy = agents_schema.SshPolicy(known_hosts=str(self.known_hosts), control_dir=control_dir)
+        self.policy = ssh.SshPolicy(known_hosts=str(self.known_hosts), control_dir=control_dir)
 
     def agent(self, host: SshHost, **overrides) -> agents_schema.Agent:
         agent = agents_schema.agent_from_dict(host.agent_entry(**overrides))
@@ -79,8 +80,8 @@ def never() -> bool:
     return False
 
 
-def master_is_up(agent: agents_schema.Agent, policy: agents_schema.SshPolicy) -> bool:
-    return subprocess.run(control_argv(agent, policy, "check"), capture_output=True, check=False).returncode == 0
+def master_is_up(agent: agents_schema.Agent, policy: ssh.SshPolicy) -> bool:
+    return subprocess.run(ssh.ssh_argv(agent, policy, control_operation="check"), capture_output=True, check=False).returncode == 0
 
 
 def test_snapshots_from_loopback_and_bastion_hosts_over_reused_masters(

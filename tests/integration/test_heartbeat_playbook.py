@@ -17,7 +17,7 @@ import pytest
 from tests.integration.gpu_query_support import make_inventory, run_playbook
 # control_dir is a fixture: importing it makes it available to the tests of this module.
 from tests.integration.gpu_query_support import control_dir  # noqa: F401 pylint: disable=unused-import
-from tests.lab import Lab, SshHost
+from lab import Lab, SshHost
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

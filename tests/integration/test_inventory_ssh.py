@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as A
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
-from tests.lab import SshHost, write_agents_toml
-from tests.pinning import pinned_lines
-from tests.lab.netns import INNER_NET  # the bastion <-> internal links, inside the namespaces only
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, ssh
+from lab import SshHost, write_agents_toml
+from lab.pinning import pinned_lines
+from lab.netns import INNER_NET  # the bastion <-> internal links, inside the namespaces only
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -55,8 +55,8 @@ class Fleet:
         config.chmod(0o600)
         self.config = config
 
-    def policy(self) -> A.SshPolicy:
-        return A.SshPolicy(known_hosts=str(self.known_hosts), control_dir=str(self.control_dir), connect_timeout=5)
+    def policy(self) -> ssh.SshPolicy:
+        return ssh.SshPolicy(known_hosts=str(self.known_hosts), control_dir=str(self.control_dir), connect_timeout=5)
 
     def raw(self, command: str = "echo ok", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         environment = {key: value for key, value in os.environ.items() if not key.startswith("ANSIBLE_")}
@@ -129,7 +129,7 @@ def test_app_fast_path_shares_the_ansible_connection(loopback, fleet_factory):
     assert len(sockets) == 1 and len(sockets[0].name) == 40  # <control_dir>/%C
     [agent] = fleet.agents
     mark = loopback.log_mark()
-    proc = subprocess.run(A.ssh_argv(agent, fleet.policy(), "echo fast"), check=False, capture_output=True, text=True,
+    proc = subprocess.run(ssh.ssh_argv(agent, fleet.policy(), "echo fast"), check=False, capture_output=True, text=True,
                           timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0 and proc.stdout == "fast\n", proc.stderr
     # Multiplexed over the master Ansible opened: sshd saw no new login.
@@ -186,7 +186,7 @@ def test_a_missing_key_is_learned_only_with_accept_new(fresh_host, fleet_factory
     assert fleet.raw().returncode == 0
     [agent] = fleet.agents
     key_type, key = fresh_host.host_key_pub.split()[:2]
-    assert fleet.known_hosts.read_text().split() == [A.known_hosts_alias(agent), key_type, key]
+    assert fleet.known_hosts.read_text().split() == [ssh.known_hosts_alias(agent), key_type, key]
     fleet.close()
     fleet = fleet_factory([fresh_host], pin=True)  # the strict default now works with the learned key
     assert fleet.raw().returncode == 0

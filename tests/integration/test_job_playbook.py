@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs
-from tests.lab import Lab, SshHost, write_agents_toml
-from tests.pinning import pinned_lines
-from tests.procs import live_pids_matching
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema
+from lab import Lab, SshHost, write_agents_toml
+from lab.pinning import pinned_lines
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.processes import mentioning as _mentioning
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -84,7 +84,7 @@ class Fleet:
 
     def stop_ssh_masters(self) -> None:
         """End the connection-sharing ssh processes of our control dir (by pid)."""
-        for pid in live_pids_matching(str(self.control_dir)):
+        for pid in list(_mentioning(str(self.control_dir))):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -241,8 +241,8 @@ def nothing_of_the_job_left_on_the_remote(fleet: Fleet):
 
 
 def test_success(fleet, target, tmp_path):
-    job = jobs.new_job(["sh", "-c", 'echo "GPU jobs run on $(hostname)"; echo "$GREETING" >&2; pwd'],
-                       env={"GREETING": "hello from env"}, workdir="/", timeout_s=60)
+    job = job_schema.new_job(["sh", "-c", 'echo "GPU jobs run on $(hostname)"; echo "$GREETING" >&2; pwd'],
+                             env={"GREETING": "hello from env"}, workdir="/", timeout_s=60)
     run = run_playbook(fleet, target, tmp_path, job)
     assert run.rc == 0, run.output
     result = run.result
@@ -255,7 +255,7 @@ def test_success(fleet, target, tmp_path):
 
 
 def test_nonzero_exit(fleet, target, tmp_path):
-    job = jobs.new_job(["sh", "-c", "echo doing; exit 3"], timeout_s=60)
+    job = job_schema.new_job(["sh", "-c", "echo doing; exit 3"], timeout_s=60)
     run = run_playbook(fleet, target, tmp_path, job)
     assert run.rc == 2, run.output  # the host failed: the job did not succeed
     assert f"job {job['job_id']} on {target.name}: failed (exit code 3" in run.output
@@ -265,18 +265,18 @@ def test_nonzero_exit(fleet, target, tmp_path):
 def test_timeout_kills_the_group_and_leaves_no_process(fleet, target, tmp_path):
     mark = unique_sleep()
     script = f"sleep {mark} & setsid sleep {mark} & (setsid sleep {mark} &); echo started; sleep {mark}"
-    job = jobs.new_job(["sh", "-c", script], timeout_s=2)
+    job = job_schema.new_job(["sh", "-c", script], timeout_s=2)
     run = run_playbook(fleet, target, tmp_path, job)
     assert run.rc == 2, run.output
     assert run.result["state"] == "timed_out" and run.result["signal"] == signal.SIGTERM
     assert run.result["stdout_tail"] == "started\n"
-    assert live_pids_matching(mark) == []
+    assert list(_mentioning(mark)) == []
     check = remote(target, f"pgrep -f 'sleep {mark.replace('.', '[.]')}' || echo none")
     assert check.stdout.strip() == "none", check
 
 
 def test_command_not_found(fleet, target, tmp_path):
-    job = jobs.new_job(["hwledger-no-such-tool", "--version"], timeout_s=60)
+    job = job_schema.new_job(["hwledger-no-such-tool", "--version"], timeout_s=60)
     run = run_playbook(fleet, target, tmp_path, job)
     assert run.rc == 2, run.output
     assert run.result["state"] == "error" and run.result["error"]["reason"] == "command_not_found"
@@ -284,12 +284,12 @@ def test_command_not_found(fleet, target, tmp_path):
 
 
 def test_huge_output_stays_bounded(fleet, target, tmp_path):
-    job = jobs.new_job(["sh", "-c", "head -c 50000000 /dev/zero | tr '\\0' x; echo; echo END"], timeout_s=120)
+    job = job_schema.new_job(["sh", "-c", "head -c 50000000 /dev/zero | tr '\\0' x; echo; echo END"], timeout_s=120)
     run = run_playbook(fleet, target, tmp_path, job)
     assert run.rc == 0, run.output
     result = run.result
     assert result["stdout_bytes"] == 50_000_005
-    assert len(result["stdout_tail"]) == jobs.TAIL_BYTES and result["stdout_tail"].endswith("x\nEND\n")
+    assert len(result["stdout_tail"]) == job_schema.TAIL_BYTES and result["stdout_tail"].endswith("x\nEND\n")
     assert (run.results_dir / f"{job['job_id']}.json").stat().st_size < 200_000
 
 
@@ -298,7 +298,7 @@ def test_huge_output_stays_bounded(fleet, target, tmp_path):
 
 def test_hwledger_on_the_remote_path_is_used(fleet, hwledger_host, tmp_path):
     host, calls = hwledger_host
-    job = jobs.new_job(["echo", "via hwledger run"], timeout_s=60)
+    job = job_schema.new_job(["echo", "via hwledger run"], timeout_s=60)
     run = run_playbook(fleet, host, tmp_path, job)
     assert run.rc == 0, run.output
     assert run.result["stdout_tail"] == "via hwledger run\n"
@@ -308,7 +308,7 @@ def test_hwledger_on_the_remote_path_is_used(fleet, hwledger_host, tmp_path):
 def test_staged_runner_when_asked_even_with_hwledger_present(fleet, hwledger_host, tmp_path):
     host, calls = hwledger_host
     before = calls.read_text() if calls.exists() else ""
-    job = jobs.new_job(["echo", "staged"], timeout_s=60)
+    job = job_schema.new_job(["echo", "staged"], timeout_s=60)
     run = run_playbook(fleet, host, tmp_path, job, hwledger_job_runner="staged")
     assert run.rc == 0, run.output
     assert run.result["stdout_tail"] == "staged\n"
@@ -317,7 +317,7 @@ def test_staged_runner_when_asked_even_with_hwledger_present(fleet, hwledger_hos
 
 def test_remote_without_python3_gets_a_clear_message(fleet, lab, tmp_path):
     host = host_of(fleet, "nopy", lambda: lab.add_loopback_host(lab.unique_name("job-nopy"), python=False))
-    run = run_playbook(fleet, host, tmp_path, jobs.new_job(["true"]))
+    run = run_playbook(fleet, host, tmp_path, job_schema.new_job(["true"]))
     assert run.rc == 2
     assert "python3 is not on its PATH" in run.output and "needs python3 (>= 3.8) on the remote" in run.output
 
@@ -333,7 +333,7 @@ def test_remote_with_python_3_8_runs_the_staged_runner(fleet, lab, tmp_path):
         return host
 
     host = host_of(fleet, "py38", make)
-    job = jobs.new_job(["sh", "-c", "python3 -c 'import sys; print(sys.version_info[:2])'"], timeout_s=60)
+    job = job_schema.new_job(["sh", "-c", "python3 -c 'import sys; print(sys.version_info[:2])'"], timeout_s=60)
     run = run_playbook(fleet, host, tmp_path, job)
     assert run.rc == 0, run.output
     assert run.result["stdout_tail"] == "(3, 8)\n"
@@ -380,7 +380,7 @@ def test_neither_job_nor_job_file(fleet, untouched_host, tmp_path):
 
 def test_one_job_on_two_hosts_is_refused(fleet, py_host, untouched_host, tmp_path):
     mark = untouched_host.log_mark()
-    run = run_playbook(fleet, py_host, tmp_path, jobs.new_job(["true"]), limit=f"{py_host.name},{untouched_host.name}")
+    run = run_playbook(fleet, py_host, tmp_path, job_schema.new_job(["true"]), limit=f"{py_host.name},{untouched_host.name}")
     assert run.rc == 2 and "is set for more than one host of this play" in run.output, run.output
     assert "Accepted publickey" not in untouched_host.log_text(since=mark)
     assert run.result_files() == []
@@ -389,7 +389,7 @@ def test_one_job_on_two_hosts_is_refused(fleet, py_host, untouched_host, tmp_pat
 def test_template_text_in_a_job_file_stays_literal(fleet, py_host, tmp_path):
     canary = tmp_path / "PWNED"
     payload = "{{ lookup('ansible.builtin.pipe', 'touch %s') }}" % canary
-    job = jobs.new_job(["printf", "%s", payload], env={"X": payload}, metadata={"note": payload}, timeout_s=60)
+    job = job_schema.new_job(["printf", "%s", payload], env={"X": payload}, metadata={"note": payload}, timeout_s=60)
     run = run_playbook(fleet, py_host, tmp_path, job)
     assert run.rc == 0, run.output
     assert run.result["stdout_tail"] == payload  # came back from the remote untemplated, too
@@ -397,14 +397,14 @@ def test_template_text_in_a_job_file_stays_literal(fleet, py_host, tmp_path):
 
 
 def test_job_given_as_a_dict(fleet, py_host, tmp_path):
-    job = jobs.new_job(["sh", "-c", "echo $MODE"], env={"MODE": "dict input"}, timeout_s=60)
+    job = job_schema.new_job(["sh", "-c", "echo $MODE"], env={"MODE": "dict input"}, timeout_s=60)
     run = run_playbook(fleet, py_host, tmp_path, job, as_dict=True)
     assert run.rc == 0, run.output
     assert run.result["stdout_tail"] == "dict input\n"
 
 
 def test_failed_job_without_failing_the_host(fleet, py_host, tmp_path):
-    job = jobs.new_job(["false"], timeout_s=60)
+    job = job_schema.new_job(["false"], timeout_s=60)
     run = run_playbook(fleet, py_host, tmp_path, job, hwledger_job_fail_on_error=False)
     assert run.rc == 0, run.output
     assert run.result["state"] == "failed" and run.result["exit_code"] == 1
@@ -465,8 +465,8 @@ def behave(host: SshHost, *, payload: bytes = b"", printed: str = "", symlink_to
 
 
 def valid_result_for(job_id: str) -> bytes:
-    return jobs.encode_result(jobs.make_result(job_id, "succeeded", started=time.time() - 1, finished=time.time(),
-                                               exit_code=0, stdout=b"all fine\n"))
+    return job_schema.encode_result(job_schema.make_result(job_id, "succeeded", started=time.time() - 1,
+                                                           finished=time.time(), exit_code=0, stdout=b"all fine\n"))
 
 
 def hostile_case(name: str, job_id: str, tmp_path: Path) -> dict:
@@ -474,7 +474,7 @@ def hostile_case(name: str, job_id: str, tmp_path: Path) -> dict:
     victim.write_text("controller secret\n")
     data = valid_result_for(job_id)
     return {
-        "too big": dict(payload=b" " * (jobs.RESULT_MAX_BYTES + 1)),
+        "too big": dict(payload=b" " * (job_schema.RESULT_MAX_BYTES + 1)),
         "not json": dict(payload=b"<html>definitely not json</html>"),
         "another job": dict(payload=valid_result_for(str(uuid.uuid4()))),
         "a symlink": dict(symlink_to=str(victim)),
@@ -490,7 +490,7 @@ def hostile_case(name: str, job_id: str, tmp_path: Path) -> dict:
      ("schema violation", "result_invalid")],
 )
 def test_hostile_results_are_refused(fleet, hostile_host, tmp_path, case, reason):
-    job = jobs.new_job(["true"], timeout_s=60)
+    job = job_schema.new_job(["true"], timeout_s=60)
     behave(hostile_host, **hostile_case(case, job["job_id"], tmp_path))
     run = run_playbook(fleet, hostile_host, tmp_path, job, hwledger_job_runner="hwledger")
     assert run.rc == 2
@@ -500,7 +500,7 @@ def test_hostile_results_are_refused(fleet, hostile_host, tmp_path, case, reason
 
 def test_an_honest_result_from_the_hostile_host_is_accepted(fleet, hostile_host, tmp_path):
     """The control for the refusals above: the same fake runner with a valid result passes."""
-    job = jobs.new_job(["true"], timeout_s=60)
+    job = job_schema.new_job(["true"], timeout_s=60)
     data = valid_result_for(job["job_id"])
 
     behave(hostile_host, payload=data, printed="%s  result.json\n" % hashlib.sha256(data).hexdigest())
@@ -513,7 +513,7 @@ def test_an_honest_result_from_the_hostile_host_is_accepted(fleet, hostile_host,
 def test_result_swapped_after_its_check_is_read_bounded_and_refused(fleet, hostile_host, tmp_path, target):
     """result.json passes the stat checks (a small regular file of ours), then becomes a symlink to something
     endless or huge before it is read: the read stops one byte past the limit and the result is refused."""
-    job = jobs.new_job(["true"], timeout_s=60)
+    job = job_schema.new_job(["true"], timeout_s=60)
     data = valid_result_for(job["job_id"])
     if target == "/dev/zero":
         swap_to = "/dev/zero"
@@ -529,9 +529,9 @@ def test_result_swapped_after_its_check_is_read_bounded_and_refused(fleet, hosti
     behaviour = hostile_host.dir / "hostile"
     assert (behaviour / "swapped").is_file(), "the swap never happened: " + run.output[-3000:]
     assert run.rc == 2, run.output
-    assert "result_too_large" in run.output and f"more than {jobs.RESULT_MAX_BYTES} bytes" in run.output, run.output
+    assert "result_too_large" in run.output and f"more than {job_schema.RESULT_MAX_BYTES} bytes" in run.output, run.output
     # What reached the controller is what head printed: one byte past the limit, not the endless rest.
-    assert int((behaviour / "read-count").read_text()) == jobs.RESULT_MAX_BYTES + 1
+    assert int((behaviour / "read-count").read_text()) == job_schema.RESULT_MAX_BYTES + 1
     assert run.result_files() == []
     assert time.monotonic() - started < 120
 
@@ -541,7 +541,7 @@ def test_results_dir_writable_by_others_is_refused_before_the_remote_is_touched(
     results.mkdir()
     results.chmod(0o777)
     mark = untouched_host.log_mark()
-    run = run_playbook(fleet, untouched_host, tmp_path, jobs.new_job(["true"], timeout_s=60))
+    run = run_playbook(fleet, untouched_host, tmp_path, job_schema.new_job(["true"], timeout_s=60))
     assert run.rc == 2
     assert "results_dir is not safe for job results" in run.output and "writable by group and others" in run.output
     assert "Accepted publickey" not in untouched_host.log_text(since=mark)
@@ -557,7 +557,7 @@ def canary_job() -> tuple[dict, str]:
     canary = "hwl-canary-" + secrets.token_hex(16)
     digest = hashlib.sha256(canary.encode()).hexdigest()
     check = 'test "$(printf %s "$TOKEN" | sha256sum)" = "$1  -"'
-    return jobs.new_job(["sh", "-c", check, "sh", digest], env={"TOKEN": canary}, timeout_s=60), canary
+    return job_schema.new_job(["sh", "-c", check, "sh", digest], env={"TOKEN": canary}, timeout_s=60), canary
 
 
 @pytest.mark.parametrize("as_dict", [False, True], ids=["job_file", "job_dict"])
@@ -653,7 +653,7 @@ def test_files_planted_in_tmp_by_another_user_cannot_redirect_or_read_the_job(fl
             time.sleep(0.05)
 
     try:
-        job = jobs.new_job(["sh", "-c", "echo secret-output; sleep 3"], env={"TOKEN": "job-secret"}, timeout_s=60)
+        job = job_schema.new_job(["sh", "-c", "echo secret-output; sleep 3"], env={"TOKEN": "job-secret"}, timeout_s=60)
         watcher = threading.Thread(target=spy)
         watcher.start()
         run = run_playbook(fleet, py_host, tmp_path, job, hwledger_job_tmp_base="")
@@ -705,7 +705,7 @@ def test_stale_job_dirs_of_this_user_are_swept(fleet, py_host, tmp_path, other_u
     for path in (stale, foreign):
         os.utime(path, (nine_days_ago, nine_days_ago))
     try:
-        run = run_playbook(fleet, py_host, tmp_path, jobs.new_job(["true"], timeout_s=60))
+        run = run_playbook(fleet, py_host, tmp_path, job_schema.new_job(["true"], timeout_s=60))
         assert run.rc == 0, run.output
         assert not stale.exists()  # ours and old: removed
         assert recent.is_dir()  # ours but recent (maybe a job still running): kept
@@ -722,12 +722,12 @@ def test_stale_job_dirs_of_this_user_are_swept(fleet, py_host, tmp_path, other_u
 
 def test_job_survives_a_dropped_ssh_connection(fleet, py_host, tmp_path):
     mark = unique_sleep()
-    job = jobs.new_job(["sh", "-c", f"sleep {mark} & sleep 6; echo survived"], timeout_s=120)
+    job = job_schema.new_job(["sh", "-c", f"sleep {mark} & sleep 6; echo survived"], timeout_s=120)
     dropped: list[int] = []
 
     def drop_connections() -> None:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not live_pids_matching(mark):
+        while time.monotonic() < deadline and not list(_mentioning(mark)):
             time.sleep(0.1)
         time.sleep(1)
         # The server side of every SSH connection to the host (not the detached job): the link is cut.
@@ -748,4 +748,4 @@ def test_job_survives_a_dropped_ssh_connection(fleet, py_host, tmp_path):
     assert run.rc == 0, run.output
     assert run.result["state"] == "succeeded" and run.result["stdout_tail"] == "survived\n"
     assert run.result["duration_s"] >= 6
-    assert live_pids_matching(mark) == []
+    assert list(_mentioning(mark)) == []

@@ -14,7 +14,7 @@ import pytest
 
 from hwledger.server import Server
 from tests.integration.fleet_support import files_containing, wait_for
-from tests.procs import processes_mentioning
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.processes import mentioning as processes_mentioning
 
 # Each job runs the real job playbook (several seconds); deselect with -m 'not slow' while iterating.
 pytestmark = pytest.mark.slow

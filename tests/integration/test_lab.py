@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import (
+from lab import (
     DEFAULT_GPU_QUERY_CMD,
     DEFAULT_NVIDIA_STDOUT,
     FIXTURES_DIR,
@@ -390,7 +390,7 @@ def test_new_lab_removes_what_a_crashed_lab_left(tmp_path: Path) -> None:
     crash = textwrap.dedent("""
         import os, sys
         from pathlib import Path
-        from tests.lab import Lab
+        from lab import Lab
         import subprocess, time
         lab = Lab(Path(sys.argv[1]))
         host = lab.add_loopback_host("left", delay=600)

@@ -8,7 +8,7 @@ import shlex
 import stat
 import subprocess
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import ssh
 from hwledger import agents_file, hostkeys
 
 
@@ -43,7 +43,7 @@ def test_unconfirmed_key_is_shown_and_nothing_is_written_then_the_printed_comman
         fresh_host.name, fresh_host.address, fresh_host.port, fresh_host.user)
     assert agent.host_key_fingerprint == fresh_host.host_key_fingerprint
     assert stat.S_IMODE(os.stat(fleet_env.config).st_mode) == 0o600
-    pinned = hostkeys.pinned_keys(fleet_env.known_hosts, agents_schema.known_hosts_alias(agent))
+    pinned = hostkeys.pinned_keys(fleet_env.known_hosts, ssh.known_hosts_alias(agent))
     assert [k.fingerprint for k in pinned] == [fresh_host.host_key_fingerprint]
     assert stat.S_IMODE(os.stat(fleet_env.known_hosts).st_mode) == 0o600
     with fleet_env.store() as store:
@@ -127,8 +127,8 @@ def test_register_through_a_bastion_pins_both_keys(fleet_env, bastion_pair):
     assert "first heartbeat: 2 GPU(s)" in proc.stdout
     (agent,) = agents_file.read_agents(fleet_env.config)
     assert agent.bastion is not None and agent.bastion.hostname == bastion.address
-    bastion_alias = agents_schema.bastion_known_hosts_alias(agent.bastion)
-    agent_alias = agents_schema.known_hosts_alias(agent)
+    bastion_alias = ssh.bastion_known_hosts_alias(agent.bastion)
+    agent_alias = ssh.known_hosts_alias(agent)
     pinned = hostkeys.pinned_keys
     assert [k.fingerprint for k in pinned(fleet_env.known_hosts, bastion_alias)] == [bastion.host_key_fingerprint]
     assert [k.fingerprint for k in pinned(fleet_env.known_hosts, agent_alias)] == [internal.host_key_fingerprint]

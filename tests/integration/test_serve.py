@@ -13,10 +13,12 @@ import time
 import pytest
 
 from hwledger import hostkeys
+from hwledger.ansible_runs import AnsibleRuns
 from hwledger.fanout import SshFanoutHeartbeat
-from hwledger.server import HOST_KEY_UNKNOWN_MSG, Server
+from hwledger.heartbeat import HOST_KEY_UNKNOWN_MSG
+from hwledger.server import Server
 from tests.integration.fleet_support import files_containing, wait_for
-from tests.procs import processes_mentioning
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.processes import mentioning as processes_mentioning
 
 
 @pytest.fixture
@@ -184,8 +186,10 @@ def test_the_runner_wrapper_hands_inventory_and_extra_vars_over_as_data(fleet_en
     inventory = {"all": {"hosts": {"local": {
         "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
         "from_inventory": f"{{{{ lookup('pipe', 'touch {by_inventory}') }}}}"}}}}
-    runs = fleet_env.fleet().runs()
-    run = runs.run_playbook(play, inventory=inventory, cancel=lambda: False,
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(json.dumps(play))  # JSON is YAML
+    runs = AnsibleRuns(runs_dir=fleet_env.fleet().runs_dir)
+    run = runs.run_playbook(str(playbook), inventory=inventory, cancel=lambda: False,
                             extravars={"from_extravars": f"{{{{ lookup('pipe', 'touch {by_extravars}') }}}}"})
     assert run.status == "successful", run.output_tail
     (event,) = run.host_events["local"]

@@ -14,8 +14,8 @@ from pathlib import Path
 from hwledger.fanout import SshFanoutHeartbeat
 from hwledger.server import Server
 from hwledger.store import Store
-from tests.lab import Lab, SshHost
-from tests.pinning import pinned_fleet
+from lab import Lab, SshHost
+from lab.pinning import pinned_fleet
 
 QUERY_TIMEOUT_S = 4  # the hung host's tool is killed on its host then; the tick lasts until about then
 

@@ -21,12 +21,14 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, ssh
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
 
 from hwledger import fanout
-from hwledger.server import HeartbeatRunError, HostOutcome, outcome_from_result
+from hwledger.heartbeat import HeartbeatRunError
+from tests.toolchains import REPO
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
+FIXTURES = REPO / "tests" / "fixtures" / "gpu"
 A800 = "nvidia/csv-header-index-name-memtotal-memfree-driver-computecap-8xA800-SXM4-80GB.txt"
 A800_CMD = "nvidia-smi --query-gpu=index,name,memory.total,memory.free,driver_version,compute_cap --format=csv"
 MISMATCH = "nvidia/failure-nvml-driver-library-version-mismatch.txt"
@@ -121,8 +123,8 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeFleet:
 
 
 @pytest.fixture
-def policy(tmp_path: Path) -> agents_schema.SshPolicy:
-    return agents_schema.SshPolicy(known_hosts=str(tmp_path / "known_hosts"))
+def policy(tmp_path: Path) -> ssh.SshPolicy:
+    return ssh.SshPolicy(known_hosts=str(tmp_path / "known_hosts"))
 
 
 def agent(name: str, host: str | None = None, cmd: str = A800_CMD) -> agents_schema.Agent:
@@ -215,9 +217,10 @@ def test_each_failure_gets_the_reason_the_probe_gives_it(fake: FakeFleet, policy
     expected = probe.evaluate_tool_output(agent="nvml-1", cmd=A800_CMD, backend="auto",
                                           stdout=(FIXTURES / MISMATCH).read_text(), stderr="", rc=18,
                                           started=0.0, ended=0.0)
-    assert expected.get("failed") and outcomes["nvml-1"].reason == expected["reason"]
+    assert not expected.ok and outcomes["nvml-1"].reason == expected.reason
     assert not outcomes["nvml-1"].ok
-    assert outcomes["refused-1"] == HostOutcome(False, reason="unreachable", msg=outcomes["refused-1"].msg)
+    refused = outcomes["refused-1"]
+    assert (refused.ok, refused.reason, refused.answered, refused.snapshot) == (False, "unreachable", False, None)
     assert "Connection refused" in outcomes["refused-1"].msg
     assert outcomes["rekeyed-1"].reason == "host_key_changed"
 
@@ -231,12 +234,12 @@ def test_output_beyond_any_probe_is_cut_and_reported(fake: FakeFleet, policy) ->
 def test_the_argv_is_the_one_options_builder_s(fake: FakeFleet, tmp_path: Path) -> None:
     control_dir = tempfile.mkdtemp(prefix="hwlf-", dir="/tmp")  # short: a unix socket path lives in it
     try:
-        policy = agents_schema.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir=control_dir)
+        policy = ssh.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir=control_dir)
         fake.host("ok-1.test")
         one = agent("ok-1")
         transport(fake, policy).tick([one], cancel=never)
         (argv,) = fake.argvs()
-        expected = agents_schema.ssh_argv(one, policy, "placeholder")
+        expected = ssh.ssh_argv(one, policy, "placeholder")
         assert argv[:-1] == expected[1:-1]  # everything but the program name and the remote command
         assert argv[-1].startswith("exec /bin/sh -c ")
         assert "StrictHostKeyChecking=yes" in argv and "BatchMode=yes" in argv
@@ -278,7 +281,7 @@ def test_concurrency_never_exceeds_the_bound(fake: FakeFleet, policy) -> None:
 def test_new_connections_are_paced_and_warm_ones_are_not(fake: FakeFleet, tmp_path: Path) -> None:
     control_dir = tempfile.mkdtemp(prefix="hwlf-", dir="/tmp")
     try:
-        policy = agents_schema.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir=control_dir)
+        policy = ssh.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir=control_dir)
         names = [f"ok-{i}" for i in range(6)]
         for name in names:
             fake.host(f"{name}.test", sleep=0.4)
@@ -300,7 +303,7 @@ def _start_order(fake: FakeFleet) -> list[str]:
 def test_a_new_connection_starts_before_the_warm_ones(fake: FakeFleet, tmp_path: Path) -> None:
     control_dir = tempfile.mkdtemp(prefix="hwlf-", dir="/tmp")
     try:
-        policy = agents_schema.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir=control_dir)
+        policy = ssh.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir=control_dir)
         for i in range(5):
             fake.host(f"ok-{i}.test")
         hb = transport(fake, policy, max_parallel=1)
@@ -316,7 +319,7 @@ def test_a_new_connection_starts_before_the_warm_ones(fake: FakeFleet, tmp_path:
 def test_the_slowest_warm_host_starts_first(fake: FakeFleet, tmp_path: Path) -> None:
     control_dir = tempfile.mkdtemp(prefix="hwlf-", dir="/tmp")
     try:
-        policy = agents_schema.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir=control_dir)
+        policy = ssh.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir=control_dir)
         fake.host("ok-0.test")
         fake.host("ok-1.test", sleep=0.5)
         fake.host("ok-2.test")
@@ -334,7 +337,7 @@ def test_the_slowest_warm_host_starts_first(fake: FakeFleet, tmp_path: Path) -> 
 def test_a_host_that_stopped_answering_counts_as_a_new_connection_again(fake: FakeFleet, tmp_path: Path) -> None:
     control_dir = tempfile.mkdtemp(prefix="hwlf-", dir="/tmp")
     try:
-        policy = agents_schema.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir=control_dir)
+        policy = ssh.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir=control_dir)
         fake.host("ok-1.test")
         hb = transport(fake, policy)
         now = time.monotonic()
@@ -396,7 +399,7 @@ def test_the_bound_stays_under_the_open_files_limit(monkeypatch: pytest.MonkeyPa
 def test_close_asks_each_master_to_exit(fake: FakeFleet, tmp_path: Path) -> None:
     control_dir = tempfile.mkdtemp(prefix="hwlf-", dir="/tmp")
     try:
-        policy = agents_schema.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir=control_dir)
+        policy = ssh.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir=control_dir)
         fake.host("ok-1.test")
         fake.host("ok-2.test")
         hb = transport(fake, policy)
@@ -415,10 +418,12 @@ def test_close_asks_each_master_to_exit(fake: FakeFleet, tmp_path: Path) -> None
 
 
 def test_outcomes_are_classified_like_the_ansible_path_s() -> None:
-    """The transport classifies with server.outcome_from_result, as AnsibleHeartbeat does; an exec
-    that never came back is a miss, a tool killed by the remote watchdog is the host's error."""
-    gone = outcome_from_result(probe.exec_timeout_failure(agent="a", timeout_s=5))
-    assert gone.reason == "no_answer"
-    watchdog = probe.failure("timeout", "a: killed", agent="a", rc=143)
-    assert outcome_from_result(watchdog).reason == "timeout"
+    """The transport hands on the probe's outcome, which AnsibleHeartbeat rebuilds from the action's module
+    result: the round trip keeps the classification. An exec that never came back is a miss, a tool
+    killed by the remote watchdog is the host's error."""
+    gone = ProbeOutcome.from_module_result(probe.exec_timeout_failure(agent="a", timeout_s=5).module_result())
+    assert gone.reason == "no_answer" and gone.missed
+    watchdog = ProbeOutcome.failure("timeout", "a: killed", agent="a", rc=143)
+    assert ProbeOutcome.from_module_result(watchdog.module_result()).reason == "timeout"
+    assert not ProbeOutcome.from_module_result(watchdog.module_result()).missed
     assert json.loads(json.dumps(probe.ssh_command("echo 'x'"))).startswith("exec /bin/sh -c ")

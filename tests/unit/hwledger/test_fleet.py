@@ -1,5 +1,6 @@
-"""Where hwledger keeps its files: flag > environment > XDG default, private directories, and the store's
-directory (created private, never chmod-ed when it exists, refused when others can write to it)."""
+"""The fleet's files: the ssh control directory (short enough for a unix socket, stable per store), and
+the store's directory (created private, never chmod-ed when it exists, refused when others can write
+to it)."""
 
 from __future__ import annotations
 
@@ -10,31 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import MAX_CONTROL_DIR_BYTES
-from hwledger import paths
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.ssh import MAX_CONTROL_DIR_BYTES
+
 from hwledger.cli import main
+from hwledger.fleet import Fleet
 from hwledger.errors import UserError
 from hwledger.store import Store
 
 
-def test_precedence_flag_then_environment_then_xdg(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "HWLEDGER_CONFIG", "HWLEDGER_KNOWN_HOSTS", "HWLEDGER_DB"):
-        monkeypatch.delenv(var, raising=False)
-    home = tmp_path / "home"
-    assert paths.config_path() == home / ".config/hwledger/ssh-agents.toml"
-    assert paths.known_hosts_path() == home / ".config/hwledger/known_hosts"
-    assert paths.db_path() == home / ".local/share/hwledger/fleet.db"
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setenv("XDG_DATA_HOME", "relative/is/ignored")
-    assert paths.config_path() == tmp_path / "xdg/hwledger/ssh-agents.toml"
-    assert paths.db_path() == home / ".local/share/hwledger/fleet.db"
-    monkeypatch.setenv("HWLEDGER_DB", str(tmp_path / "env.db"))
-    monkeypatch.setenv("HWLEDGER_CONFIG", str(tmp_path / "env.toml"))
-    assert paths.db_path() == tmp_path / "env.db"
-    assert paths.config_path() == tmp_path / "env.toml"
-    assert paths.db_path(str(tmp_path / "flag.db")) == tmp_path / "flag.db"
-    assert paths.results_dir(tmp_path / "d" / "fleet.db") == tmp_path / "d" / "results"
+def _fleet(db: Path) -> Fleet:
+    return Fleet(db.parent / "ssh-agents.toml", db.parent / "known_hosts", db)
 
 
 def test_control_dir_is_short_enough_for_a_unix_socket(tmp_path):
@@ -43,32 +29,22 @@ def test_control_dir_is_short_enough_for_a_unix_socket(tmp_path):
     other = tmp_path / ("y" * 80) / "fleet.db"
     try:
         for db in (short, long):
-            directory = paths.control_dir(db)
+            policy = _fleet(db).policy()  # creates the control dir
+            directory = Path(policy.control_dir)
+            assert directory == _fleet(db).control_dir
             assert len(os.fsencode(str(directory))) <= MAX_CONTROL_DIR_BYTES
             assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
         if len(str(short.parent / "cm")) <= MAX_CONTROL_DIR_BYTES:
-            assert paths.control_dir(short) == short.parent / "cm"
+            assert _fleet(short).control_dir == short.parent / "cm"
         # Stable: the same store always gets the same sockets (masters are reused across processes).
-        assert paths.control_dir(long) == paths.control_dir(long)
-        assert paths.control_dir(long) != paths.control_dir(other)
-        assert paths.control_dir(long).parent == Path("/tmp") / f"hwledger-{os.getuid()}"
+        assert _fleet(long).control_dir == _fleet(long).control_dir
+        assert _fleet(long).control_dir != _fleet(other).control_dir
+        assert _fleet(long).control_dir.parent == Path("/tmp") / f"hwledger-{os.getuid()}"
     finally:
         for db in (short, long, other):
-            directory = paths.control_dir(db)
+            directory = _fleet(db).control_dir
             if directory.parent == Path("/tmp") / f"hwledger-{os.getuid()}":
                 shutil.rmtree(directory, ignore_errors=True)
-
-
-def test_private_dirs_are_tightened_and_symlinks_refused(tmp_path):
-    loose = tmp_path / "loose"
-    loose.mkdir(mode=0o755)
-    loose.chmod(0o755)
-    paths.ensure_private_dir(loose)
-    assert stat.S_IMODE(os.stat(loose).st_mode) == 0o700
-    link = tmp_path / "link"
-    link.symlink_to(loose)
-    with pytest.raises(UserError, match="not a plain directory"):
-        paths.ensure_private_dir(link)
 
 
 def test_a_shared_existing_store_dir_is_refused_and_left_as_it_is(tmp_path, capsys):

@@ -12,11 +12,12 @@ import uuid
 import pytest
 
 from hwledger.errors import UserError
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+
 from hwledger.store import (
     SCHEMA_VERSION,
     AgentRecord,
     AgentUpdate,
-    HeartbeatRecord,
     Store,
     StoreError,
 )
@@ -139,12 +140,12 @@ def _count_misses(row, record):
 def test_heartbeats_update_state_misses_and_emit_events_only_on_change(store):
     store.upsert_agent(_agent())
     snap = {"gpus": [{"index": 0}]}
-    changes = store.record_heartbeats([HeartbeatRecord("gpu1", True, snap)], _count_misses)
+    changes = store.record_heartbeats({"gpu1": ProbeOutcome(True, snap)}, _count_misses)
     assert [(c.old, c.new) for c in changes] == [("pending", "online")]
     seen = store.get_agent("gpu1").last_seen
     assert seen is not None
     for expected in ("stale", "stale", "offline", "offline"):
-        store.record_heartbeats([HeartbeatRecord("gpu1", False, reason="unreachable", msg="down")], _count_misses)
+        store.record_heartbeats({"gpu1": ProbeOutcome(False, reason="unreachable", msg="down")}, _count_misses)
         assert store.get_agent("gpu1").state == expected
     row = store.get_agent("gpu1")
     assert row.consecutive_misses == 4
@@ -157,7 +158,7 @@ def test_heartbeats_update_state_misses_and_emit_events_only_on_change(store):
 def test_heartbeats_for_an_agent_removed_meanwhile_are_dropped(store):
     store.upsert_agent(_agent())
     store.mark_agent_removed("gpu1")
-    assert store.record_heartbeats([HeartbeatRecord("gpu1", True, {"gpus": []})], _count_misses) == []
+    assert store.record_heartbeats({"gpu1": ProbeOutcome(True, {"gpus": []})}, _count_misses) == []
     assert store.get_agent("gpu1").state == "removed"
     assert store.list_snapshots("gpu1") == []
 
@@ -166,10 +167,10 @@ def test_snapshot_retention_is_bounded_and_keeps_the_last_good_snapshot(db):
     with Store.open(db, snapshots_kept=5) as store:
         store.upsert_agent(_agent())
         store.upsert_agent(_agent("gpu2"))
-        store.record_heartbeats([HeartbeatRecord("gpu1", True, {"gpus": [], "n": "good"})], _count_misses)
+        store.record_heartbeats({"gpu1": ProbeOutcome(True, {"gpus": [], "n": "good"})}, _count_misses)
         for i in range(20):
-            store.record_heartbeats([HeartbeatRecord("gpu1", False, reason="unreachable", msg=str(i)),
-                                     HeartbeatRecord("gpu2", True, {"gpus": [], "n": i})], _count_misses)
+            store.record_heartbeats({"gpu1": ProbeOutcome(False, reason="unreachable", msg=str(i)),
+                                     "gpu2": ProbeOutcome(True, {"gpus": [], "n": i})}, _count_misses)
         gpu1 = store.list_snapshots("gpu1")
         gpu2 = store.list_snapshots("gpu2")
         assert len(gpu2) == 5 and [s.data["n"] for s in gpu2] == [19, 18, 17, 16, 15]

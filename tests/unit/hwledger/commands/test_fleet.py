@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
-from hwledger import agents_file, hostkeys, paths
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import ssh
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from hwledger import agents_file, hostkeys
 from hwledger.cli import main
-from hwledger.server import Fleet, HostOutcome, agent_record, record_outcomes
+from hwledger.fleet import Fleet, agent_record
+from hwledger.heartbeat import record_outcomes
 from hwledger.store import Store
 
 
@@ -30,7 +33,7 @@ def env(tmp_path, monkeypatch):
 
 
 def _remove_fallback_control_dir(db) -> None:
-    directory = paths.control_dir(db)
+    directory = Fleet(Path("c"), Path("k"), Path(db)).control_dir
     if directory.parent == Path("/tmp") / f"hwledger-{os.getuid()}":
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -45,11 +48,11 @@ def key(tmp_path):
 def _register_offline(fleet: Fleet, name: str, gpus: list[dict] | None, **kw) -> agents_schema.Agent:
     agent = agents_schema.Agent(name=name, hostname="192.0.2.7", ssh_user="root", ssh_key_path="/keys/k", **kw)
     agents_file.append_agent(fleet.config, agent)
-    hostkeys.pin(fleet.known_hosts, agents_schema.known_hosts_alias(agent), [hostkeys.HostKey("ssh-ed25519", "AAAA")])
+    hostkeys.pin(fleet.known_hosts, ssh.known_hosts_alias(agent), [hostkeys.HostKey("ssh-ed25519", "AAAA")])
     with Store.open(fleet.db) as store:
         store.upsert_agent(agent_record(agent))
         if gpus is not None:
-            record_outcomes(store, {name: HostOutcome(True, snapshot={"gpus": gpus, "backend": "nvidia"})})
+            record_outcomes(store, {name: ProbeOutcome(True, snapshot={"gpus": gpus, "backend": "nvidia"})})
     return agent
 
 
@@ -149,7 +152,7 @@ def test_remove_keeps_a_bastion_pinned_while_another_agent_goes_through_it(env, 
     via_ops = agents_schema.Bastion(hostname="bastion.example.com", ssh_user="ops", ssh_key_path="/keys/b")
     first = _register_offline(env, "gpu1", None, bastion=via_root)
     _register_offline(env, "gpu2", None, bastion=via_ops)
-    alias = agents_schema.bastion_known_hosts_alias(first.bastion)
+    alias = ssh.bastion_known_hosts_alias(first.bastion)
     hostkeys.pin(env.known_hosts, alias, [hostkeys.HostKey("ssh-ed25519", "BBBB")])
     assert main(["fleet", "remove", "gpu1"]) == 0
     assert hostkeys.pinned_keys(env.known_hosts, alias) != []  # gpu2 still needs it

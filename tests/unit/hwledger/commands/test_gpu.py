@@ -5,14 +5,14 @@ from __future__ import annotations
 import io
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import telemetry
 from hwledger.cli import main
+from tests.toolchains import REPO
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
+FIXTURES = REPO / "tests" / "fixtures" / "gpu"
 MIB = 1048576
 A800 = FIXTURES / "nvidia" / "csv-header-index-name-memtotal-memfree-driver-computecap-8xA800-SXM4-80GB.txt"
 A800_CMD = "nvidia-smi --query-gpu=index,name,memory.total,memory.free,driver_version,compute_cap --format=csv"

@@ -221,7 +221,7 @@ def test_the_controller_stops_waiting_at_the_deadline_and_ends_its_ssh(monkeypat
 def test_an_exec_that_answers_in_time_does_not_scan_the_process_table(bin_dir, shell, monkeypatch):
     """Scanning /proc costs milliseconds per exec with a thousand ssh masters: only a late exec pays it."""
     scans: list[int] = []
-    monkeypatch.setattr(gpu_query, "_child_pids", lambda: scans.append(1) or set())
+    monkeypatch.setattr(gpu_query.processes, "children", lambda _pid: scans.append(1) or set())
     fake_tool(bin_dir, "nvidia-smi", "printf '0, GPU A, 1024 MiB, 1000 MiB\\n'")
     result = make_action({}, shell).run(task_vars=dict(TASK_VARS))
     assert not result.get("failed"), result

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents, hostvars, ssh
+from tests.toolchains import REPO
+
 # The ansible-core under test: this venv's, or another install's bin directory (e.g. to check 2.18).
 BIN = Path(os.environ.get("HWLEDGER_TEST_ANSIBLE_BIN") or Path(sys.executable).parent)
 EXAMPLES = REPO / "examples"
@@ -33,7 +35,10 @@ def run_ansible(tool: str, *args: str, home: Path, env: dict | None = None, chec
     environment = {key: value for key, value in os.environ.items()
                    if not key.startswith(("ANSIBLE_", "HWLEDGER_"))}
     environment.update({"HOME": str(home), "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0",
-                        "ANSIBLE_LOCAL_TEMP": str(home / ".ansible-tmp")})
+                        "ANSIBLE_LOCAL_TEMP": str(home / ".ansible-tmp"),
+                        # The default control dir is <store's dir>/cm: keep it next to HOME, short and
+                        # independent of the user running the tests (the golden file names it).
+                        "XDG_DATA_HOME": str(home.parent / "data")})
     environment.update(env or {})
     proc = subprocess.run([str(BIN / tool), *args], cwd=cwd, env=environment, check=False, capture_output=True, text=True,
                           timeout=120, stdin=subprocess.DEVNULL)
@@ -128,10 +133,12 @@ def golden_home():
     GOLDEN_ROOT.mkdir(mode=0o700, exist_ok=True)
     with open(GOLDEN_ROOT.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        shutil.rmtree(GOLDEN_HOME, ignore_errors=True)
+        for directory in (GOLDEN_HOME, GOLDEN_ROOT / "data"):
+            shutil.rmtree(directory, ignore_errors=True)
         GOLDEN_HOME.mkdir(mode=0o700)
         yield GOLDEN_HOME
-        shutil.rmtree(GOLDEN_HOME, ignore_errors=True)
+        for directory in (GOLDEN_HOME, GOLDEN_ROOT / "data"):
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +158,23 @@ def golden() -> dict:
 
 def test_spec_example_through_the_yaml_config_matches_the_golden_listing(golden_home, spec_copy, golden):
     assert inventory_json("-i", str(spec_copy / "fleet.hwledger.yml"), home=golden_home) == golden
-    assert (golden_home / ".cache" / "hwledger" / "cp").stat().st_mode & 0o777 == 0o700
+    # The control dir `hwledger fleet serve` would use with this environment: <store's dir>/cm, made 0700.
+    assert (GOLDEN_ROOT / "data" / "hwledger" / "cm").stat().st_mode & 0o777 == 0o700
+
+
+def test_the_server_writes_the_plugins_hosts_vars_and_groups(golden_home, spec_copy, monkeypatch):
+    """`hwledger fleet serve` does not run the plugin: it writes its runs' inventory from the same
+    host vars and groups (hostvars.inventory). What the plugin lists and what the server writes agree."""
+    listing = plain(inventory_json("-i", str(spec_copy / "fleet.hwledger.yml"), home=golden_home))
+    monkeypatch.setenv("HOME", str(golden_home))  # the key paths start with ~/
+    found, _warnings = agents.parse_agents_toml((spec_copy / "ssh-agents.toml").read_text(), "spec")
+    policy = ssh.SshPolicy(known_hosts=str(golden_home / ".config" / "hwledger" / "known_hosts"),
+                           control_dir=str(GOLDEN_ROOT / "data" / "hwledger" / "cm"))
+    written = hostvars.inventory(found, policy)["all"]["children"]
+    for group in hostvars.GROUPS:
+        assert sorted(written[group]["hosts"]) == sorted(listing.get(group, {}).get("hosts", [])), group
+    for name, variables in written["hwledger_agents"]["hosts"].items():
+        assert listing["_meta"]["hostvars"][name] == variables
 
 
 def test_spec_example_toml_given_directly_matches_the_golden_listing(golden_home, spec_copy, golden):

@@ -1,8 +1,10 @@
-"""The job runner (jobs.run_job, `python3 jobs.py run`, `hwledger run`), run locally on real processes."""
+"""The job runner (job_runner.run_job, the staged one-file bundle `python3 runner.pyz run`, `hwledger run`),
+run locally on real processes."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import io
 import json
@@ -15,14 +17,21 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import jobs
-from tests.procs import live_pids_matching
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_runner, job_schema, private_files
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.processes import mentioning as _mentioning
 
-JOBS_PY = Path(jobs.__file__)
+
+@pytest.fixture(scope="module")
+def runner_pyz(tmp_path_factory) -> Path:
+    """The runner exactly as the job role stages it on a host without hwledger: one zip application."""
+    path = tmp_path_factory.mktemp("bundle") / "runner.pyz"
+    path.write_bytes(job_runner.bundle())
+    return path
 
 
 def find_python38() -> str | None:
@@ -40,12 +49,12 @@ def marker() -> str:
 
 
 def spec(command, **kw) -> dict:
-    return jobs.new_job(command, **kw)
+    return job_schema.new_job(command, **kw)
 
 
 def run(job, output: Path, **kw) -> tuple[int, dict | None, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    rc = jobs.run_job(job, str(output), stdout=out, stderr=err, **kw)
+    rc = job_runner.run_job(job, str(output), stdout=out, stderr=err, **kw)
     result = json.loads(output.read_text()) if output.is_file() and not output.is_symlink() else None
     return rc, result, out.getvalue(), err.getvalue()
 
@@ -61,31 +70,31 @@ def out(tmp_path) -> Path:
 def test_success_writes_a_private_result_and_prints_its_sha256(out):
     job = spec(["sh", "-c", "echo hello; echo warn >&2"])
     rc, result, printed, _err = run(job, out)
-    assert rc == jobs.EXIT_SUCCEEDED == 0
+    assert rc == job_runner.EXIT_SUCCEEDED == 0
     assert result["state"] == "succeeded" and result["exit_code"] == 0 and result["signal"] is None
     assert result["stdout_tail"] == "hello\n" and result["stderr_tail"] == "warn\n"
     assert result["job_id"] == job["job_id"] and result["error"] is None
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert printed == "%s  %s\n" % (hashlib.sha256(out.read_bytes()).hexdigest(), out)
-    assert jobs.validate_result(out.read_bytes(), expected_job_id=job["job_id"]) == result
+    assert job_schema.validate_result(out.read_bytes(), expected_job_id=job["job_id"]) == result
 
 
 def test_nonzero_exit_is_failed(out):
     rc, result, _printed, _err = run(spec(["sh", "-c", "exit 3"]), out)
-    assert rc == jobs.EXIT_FAILED == 1
+    assert rc == job_runner.EXIT_FAILED == 1
     assert (result["state"], result["exit_code"], result["signal"]) == ("failed", 3, None)
 
 
 def test_killed_by_a_signal_is_failed_with_the_signal(out):
     rc, result, _printed, _err = run(spec(["sh", "-c", "kill -9 $$"]), out)
-    assert rc == jobs.EXIT_FAILED
+    assert rc == job_runner.EXIT_FAILED
     assert (result["state"], result["exit_code"], result["signal"]) == ("failed", None, 9)
 
 
 def test_timeout_terminates_the_job(out):
     started = time.monotonic()
     rc, result, _printed, _err = run(spec(["sleep", "30"], timeout_s=0.5), out)
-    assert rc == jobs.EXIT_TIMED_OUT == 3
+    assert rc == job_runner.EXIT_TIMED_OUT == 3
     assert result["state"] == "timed_out" and result["signal"] == signal.SIGTERM and result["exit_code"] is None
     assert 0.5 <= result["duration_s"] < 5 and time.monotonic() - started < 5
 
@@ -93,7 +102,7 @@ def test_timeout_terminates_the_job(out):
 def test_timeout_kills_a_job_that_ignores_sigterm(out):
     job = spec(["sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"], timeout_s=0.3)
     rc, result, _printed, _err = run(job, out, kill_grace_s=0.5)
-    assert rc == jobs.EXIT_TIMED_OUT
+    assert rc == job_runner.EXIT_TIMED_OUT
     assert result["signal"] == signal.SIGKILL
 
 
@@ -106,8 +115,8 @@ def test_timeout_kills_the_whole_group_and_escaped_children(out):
         f"sleep {mark}4"
     )
     rc, result, _printed, _err = run(spec(["sh", "-c", script], timeout_s=1), out, kill_grace_s=0.5)
-    assert rc == jobs.EXIT_TIMED_OUT
-    assert live_pids_matching(mark) == []
+    assert rc == job_runner.EXIT_TIMED_OUT
+    assert list(_mentioning(mark)) == []
 
 
 def test_a_job_that_exits_leaves_no_process_behind(out):
@@ -115,14 +124,14 @@ def test_a_job_that_exits_leaves_no_process_behind(out):
     script = f"sleep {mark}1 & setsid sleep {mark}2 & (setsid sleep {mark}3 &); echo started"
     started = time.monotonic()
     rc, result, _printed, _err = run(spec(["sh", "-c", script], timeout_s=60), out)
-    assert rc == jobs.EXIT_SUCCEEDED and result["stdout_tail"] == "started\n"
-    assert live_pids_matching(mark) == []
+    assert rc == job_runner.EXIT_SUCCEEDED and result["stdout_tail"] == "started\n"
+    assert list(_mentioning(mark)) == []
     assert time.monotonic() - started < 10  # not held up until the timeout by the children's open pipes
 
 
 def test_command_not_found_gets_a_result(out):
     rc, result, _printed, err = run(spec(["hwledger-no-such-command-x"]), out)
-    assert rc == jobs.EXIT_NOT_STARTED == 5
+    assert rc == job_runner.EXIT_NOT_STARTED == 5
     assert result["state"] == "error" and result["exit_code"] is None
     assert result["error"]["reason"] == "command_not_found"
     assert "hwledger-no-such-command-x" in result["error"]["message"] and "command_not_found" in err
@@ -132,9 +141,9 @@ def test_error_messages_stay_within_the_result_schema(out):
     long_path = ":".join("/nonexistent/%05d" % i for i in range(5000))  # 95 KB, named in the message
     job = spec(["hwledger-no-such-command-x"], env={"PATH": long_path})
     rc, result, _printed, _err = run(job, out)
-    assert rc == jobs.EXIT_NOT_STARTED
-    assert len(result["error"]["message"]) == jobs.ERROR_MESSAGE_MAX_CHARS
-    assert jobs.validate_result(out.read_bytes(), expected_job_id=job["job_id"]) == result
+    assert rc == job_runner.EXIT_NOT_STARTED
+    assert len(result["error"]["message"]) == job_schema.ERROR_MESSAGE_MAX_CHARS
+    assert job_schema.validate_result(out.read_bytes(), expected_job_id=job["job_id"]) == result
 
 
 def test_command_not_executable(out, tmp_path):
@@ -142,20 +151,20 @@ def test_command_not_executable(out, tmp_path):
     script.write_text("#!/bin/sh\necho hi\n")
     script.chmod(0o644)
     rc, result, _printed, _err = run(spec([str(script)]), out)
-    assert rc == jobs.EXIT_NOT_STARTED
+    assert rc == job_runner.EXIT_NOT_STARTED
     assert result["error"]["reason"] == "permission_denied"
 
 
 def test_missing_workdir(out, tmp_path):
     rc, result, _printed, _err = run(spec(["true"], workdir=str(tmp_path / "missing")), out)
-    assert rc == jobs.EXIT_NOT_STARTED
+    assert rc == job_runner.EXIT_NOT_STARTED
     assert result["error"]["reason"] == "workdir_unavailable"
 
 
 def test_invalid_spec_gets_an_error_result_with_its_job_id(out):
     job_id = str(uuid.uuid4())
     rc, result, _printed, err = run({"job_id": job_id, "command": "nvidia-smi -L"}, out)
-    assert rc == jobs.EXIT_INVALID == 2
+    assert rc == job_runner.EXIT_INVALID == 2
     assert result["state"] == "error" and result["error"]["reason"] == "invalid_job"
     assert result["job_id"] == job_id and "must be a list" in result["error"]["message"]
     assert "invalid_job" in err
@@ -163,7 +172,7 @@ def test_invalid_spec_gets_an_error_result_with_its_job_id(out):
 
 def test_invalid_job_id_gives_a_result_without_one(out):
     rc, result, _printed, _err = run({"job_id": "../../x", "command": ["true"]}, out)
-    assert rc == jobs.EXIT_INVALID
+    assert rc == job_runner.EXIT_INVALID
     assert result["job_id"] is None and "job_id" in result["error"]["message"]
 
 
@@ -171,27 +180,27 @@ def test_bad_job_file_gets_an_error_result(tmp_path, out):
     job_file = tmp_path / "job.json"
     job_file.write_text("{broken")
     err = io.StringIO()
-    rc = jobs.run_job_file(str(job_file), str(out), stdout=io.StringIO(), stderr=err)
-    assert rc == jobs.EXIT_INVALID
+    rc = job_runner.run_job_file(str(job_file), str(out), stdout=io.StringIO(), stderr=err)
+    assert rc == job_runner.EXIT_INVALID
     result = json.loads(out.read_text())
     assert result["error"]["reason"] == "invalid_job" and "not valid JSON" in result["error"]["message"]
 
 
-def test_interrupted_runner_kills_the_job_and_reports_it(tmp_path, out):
+def test_interrupted_runner_kills_the_job_and_reports_it(tmp_path, out, runner_pyz):
     mark = marker()
     job_file = tmp_path / "job.json"
-    job_file.write_bytes(jobs.encode_job(spec(["sh", "-c", f"sleep {mark}1 & sleep {mark}2"], timeout_s=60)))
-    proc = subprocess.Popen([sys.executable, str(JOBS_PY), "run", str(job_file), "--output", str(out)],
+    job_file.write_bytes(job_schema.encode_job(spec(["sh", "-c", f"sleep {mark}1 & sleep {mark}2"], timeout_s=60)))
+    proc = subprocess.Popen([sys.executable, str(runner_pyz), "run", str(job_file), "--output", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
-    while len(live_pids_matching(mark)) < 2 and time.monotonic() < deadline:
+    while len(list(_mentioning(mark))) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _stdout, stderr = proc.communicate(timeout=20)
-    assert proc.returncode == jobs.EXIT_RUNNER_ERROR == 6, stderr
+    assert proc.returncode == job_runner.EXIT_RUNNER_ERROR == 6, stderr
     result = json.loads(out.read_text())
     assert result["state"] == "error" and result["error"]["reason"] == "interrupted"
-    assert live_pids_matching(mark) == []
+    assert list(_mentioning(mark)) == []
 
 
 # --- writing the result ------------------------------------------------------------------------------
@@ -203,7 +212,7 @@ def test_a_symlink_at_the_output_is_refused(tmp_path):
     link = tmp_path / "result.json"
     link.symlink_to(victim)
     rc, _result, printed, err = run(spec(["true"]), link)
-    assert rc == jobs.EXIT_NO_RESULT == 4
+    assert rc == job_runner.EXIT_NO_RESULT == 4
     assert "symlink" in err and printed == ""
     assert victim.read_text() == "ssh-ed25519 AAAA original\n"
     assert link.is_symlink()
@@ -214,20 +223,20 @@ def test_a_dangling_symlink_at_the_output_creates_nothing(tmp_path):
     link = tmp_path / "result.json"
     link.symlink_to(target)
     rc, _result, _printed, _err = run(spec(["true"]), link)
-    assert rc == jobs.EXIT_NO_RESULT and not target.exists()
+    assert rc == job_runner.EXIT_NO_RESULT and not target.exists()
 
 
 def test_output_that_is_a_directory_or_in_a_missing_directory(tmp_path):
     (tmp_path / "dir.json").mkdir()
-    assert run(spec(["true"]), tmp_path / "dir.json")[0] == jobs.EXIT_NO_RESULT
-    assert run(spec(["true"]), tmp_path / "missing" / "result.json")[0] == jobs.EXIT_NO_RESULT
+    assert run(spec(["true"]), tmp_path / "dir.json")[0] == job_runner.EXIT_NO_RESULT
+    assert run(spec(["true"]), tmp_path / "missing" / "result.json")[0] == job_runner.EXIT_NO_RESULT
 
 
 def test_a_planted_temp_name_is_never_written_through(tmp_path, out, monkeypatch):
     victim = tmp_path / "victim"
     victim.write_text("untouched")
     names = iter(["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"])
-    monkeypatch.setattr(jobs.secrets, "token_hex", lambda n: next(names))
+    monkeypatch.setattr(private_files.secrets, "token_hex", lambda n: next(names))
     planted = tmp_path / ".result.json.aaaaaaaaaaaaaaaa.tmp"
     planted.symlink_to(victim)
     rc, result, _printed, _err = run(spec(["true"]), out)
@@ -262,14 +271,14 @@ def test_huge_output_is_bounded(out):
     rc, result, _printed, _err = run(job, out)
     assert rc == 0
     assert result["stdout_bytes"] == 20000004 and result["stderr_bytes"] == 100000
-    assert len(result["stdout_tail"]) == jobs.TAIL_BYTES and result["stdout_tail"].endswith("aaaEND\n")
-    assert len(result["stderr_tail"]) == jobs.TAIL_BYTES
-    assert out.stat().st_size <= jobs.RESULT_MAX_BYTES
+    assert len(result["stdout_tail"]) == job_schema.TAIL_BYTES and result["stdout_tail"].endswith("aaaEND\n")
+    assert len(result["stderr_tail"]) == job_schema.TAIL_BYTES
+    assert out.stat().st_size <= job_schema.RESULT_MAX_BYTES
 
 
-def test_runner_memory_stays_bounded_with_200_mb_of_output(tmp_path, out):
+def test_runner_memory_stays_bounded_with_200_mb_of_output(tmp_path, out, runner_pyz):
     job_file = tmp_path / "job.json"
-    job_file.write_bytes(jobs.encode_job(spec(["head", "-c", "200000000", "/dev/urandom"])))
+    job_file.write_bytes(job_schema.encode_job(spec(["head", "-c", "200000000", "/dev/urandom"])))
     # Measured from a small fresh interpreter: a child forked straight from this (large, long-lived)
     # pytest process would count pytest's own pages in its peak RSS.
     measure = (
@@ -278,7 +287,7 @@ def test_runner_memory_stays_bounded_with_200_mb_of_output(tmp_path, out):
         "_pid, status, usage = os.wait4(proc.pid, 0)\n"
         "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)\n"
     )
-    printed = subprocess.run([sys.executable, "-c", measure, sys.executable, str(JOBS_PY), "run", str(job_file),
+    printed = subprocess.run([sys.executable, "-c", measure, sys.executable, str(runner_pyz), "run", str(job_file),
                               "--output", str(out)], capture_output=True, text=True, check=True).stdout
     returncode, maxrss_kib = (int(word) for word in printed.split())
     assert returncode == 0
@@ -302,7 +311,7 @@ def test_environment_is_minimal_plus_the_jobs(out, monkeypatch):
     assert env["HWLEDGER_JOB_ID"] == job["job_id"]
     assert env["PATH"] == os.environ["PATH"] and env["HOME"] == os.environ["HOME"]
     assert "HWLEDGER_TEST_SECRET" not in env and "SSH_AUTH_SOCK" not in env
-    assert set(env) <= set(jobs.BASE_ENV_KEYS) | {"CUDA_VISIBLE_DEVICES", "HWLEDGER_JOB_ID", "PWD"}
+    assert set(env) <= set(job_runner.BASE_ENV_KEYS) | {"CUDA_VISIBLE_DEVICES", "HWLEDGER_JOB_ID", "PWD"}
 
 
 def test_job_path_is_used_to_find_the_command(tmp_path, out):
@@ -335,39 +344,41 @@ def test_argv_is_not_given_to_a_shell(out, tmp_path):
     assert not canary.exists()
 
 
-# --- the command lines: python3 jobs.py run, hwledger run, Python 3.8 ---------------------------------
+# --- the command lines: python3 runner.pyz run, hwledger run, Python 3.8 ------------------------------
 
 
-def cli(python: str, tmp_path: Path, job: dict, *extra: str) -> subprocess.CompletedProcess:
+def cli(python: str, tmp_path: Path, job: dict, *extra: str, bundle: Path) -> subprocess.CompletedProcess:
     job_file = tmp_path / "job.json"
-    job_file.write_bytes(jobs.encode_job(job))
-    return subprocess.run([python, "-I", str(JOBS_PY), "run", str(job_file), "--output",
+    job_file.write_bytes(job_schema.encode_job(job))
+    return subprocess.run([python, "-I", str(bundle), "run", str(job_file), "--output",
                            str(tmp_path / "result.json"), *extra], capture_output=True, text=True, timeout=60, check=False)
 
 
 @pytest.mark.parametrize("command, code", [(["true"], 0), (["false"], 1), (["sleep", "5"], 3), (["no-such-x"], 5)])
-def test_script_exit_codes(tmp_path, command, code):
-    proc = cli(sys.executable, tmp_path, spec(command, timeout_s=0.5))
+def test_script_exit_codes(tmp_path, command, code, runner_pyz):
+    proc = cli(sys.executable, tmp_path, spec(command, timeout_s=0.5), bundle=runner_pyz)
     assert proc.returncode == code, proc.stderr
     digest = proc.stdout.split()[0]
     assert digest == hashlib.sha256((tmp_path / "result.json").read_bytes()).hexdigest()
 
 
-def test_script_usage_error():
-    proc = subprocess.run([sys.executable, "-I", str(JOBS_PY), "run", "job.json"], capture_output=True, text=True, check=False)
-    assert proc.returncode == jobs.EXIT_INVALID and "--output" in proc.stderr
+def test_script_usage_error(runner_pyz):
+    proc = subprocess.run([sys.executable, "-I", str(runner_pyz), "run", "job.json"], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == job_runner.EXIT_INVALID and "--output" in proc.stderr
 
 
-def test_runs_on_python_3_8(tmp_path):
+def test_runs_on_python_3_8(tmp_path, runner_pyz):
     python38 = find_python38()
     if python38 is None:
         pytest.skip("no python3.8 interpreter on this machine (pyenv install 3.8 to run this check)")
     mark = marker()
-    proc = cli(python38, tmp_path, spec(["sh", "-c", f"echo hi; setsid sleep {mark} & sleep 30"], timeout_s=1))
-    assert proc.returncode == jobs.EXIT_TIMED_OUT, proc.stderr
+    proc = cli(python38, tmp_path, spec(["sh", "-c", f"echo hi; setsid sleep {mark} & sleep 30"], timeout_s=1),
+               bundle=runner_pyz)
+    assert proc.returncode == job_runner.EXIT_TIMED_OUT, proc.stderr
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["stdout_tail"] == "hi\n" and result["state"] == "timed_out"
-    assert live_pids_matching(mark) == []
+    assert list(_mentioning(mark)) == []
 
 
 def hwledger_run_parser() -> argparse.ArgumentParser:
@@ -380,9 +391,9 @@ def hwledger_run_parser() -> argparse.ArgumentParser:
 
 def test_hwledger_run_wraps_the_same_runner(tmp_path):
     job_file = tmp_path / "job.json"
-    job_file.write_bytes(jobs.encode_job(spec(["sh", "-c", "exit 7"])))
+    job_file.write_bytes(job_schema.encode_job(spec(["sh", "-c", "exit 7"])))
     args = hwledger_run_parser().parse_args(["run", str(job_file), "--output", str(tmp_path / "r.json")])
-    assert args.func(args) == jobs.EXIT_FAILED
+    assert args.func(args) == job_runner.EXIT_FAILED
     assert json.loads((tmp_path / "r.json").read_text())["exit_code"] == 7
 
 
@@ -393,3 +404,63 @@ def test_hwledger_run_help_lists_the_exit_codes(capsys):
     assert "--output RESULT.json" in text and "JOB.json" in text
     for line in ("0  the job exited 0", "3  the job ran past timeout_s", "4  the result file could not be written"):
         assert line in text
+
+
+# --- the bundle: one stdlib-only file for Python >= 3.8 -----------------------------------------------
+
+
+def _bundled_sources() -> dict[str, str]:
+    with zipfile.ZipFile(io.BytesIO(job_runner.bundle())) as archive:
+        return {name: archive.read(name).decode() for name in archive.namelist() if name.endswith(".py")}
+
+
+def test_bundle_holds_the_runner_and_what_it_imports_and_is_reproducible():
+    sources = _bundled_sources()
+    package = job_runner.BUNDLE_PACKAGE
+    assert set(sources) >= {"__main__.py", *(f"{package}/{m}.py" for m in job_runner.BUNDLED_MODULES)}
+    here = Path(job_runner.__file__).parent
+    for module in job_runner.BUNDLED_MODULES:  # exactly the collection's code, nothing rewritten
+        assert sources[f"{package}/{module}.py"] == (here / f"{module}.py").read_text()
+    assert job_runner.bundle() == job_runner.bundle()
+
+
+def test_bundled_modules_parse_as_python_3_8():
+    for name, text in _bundled_sources().items():
+        ast.parse(text, filename=name, feature_version=(3, 8))
+
+
+def test_bundled_modules_import_only_the_standard_library_and_each_other():
+    bundled = {f"ansible_collections.hwledger.fleet.plugins.plugin_utils.{m}" for m in job_runner.BUNDLED_MODULES}
+    names = set()
+    for text in _bundled_sources().values():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names |= {f"{node.module}.{alias.name}" for alias in node.names} if node.module.endswith(
+                    "plugin_utils") else {node.module}
+    outside = {n for n in names if n.split(".")[0] not in sys.stdlib_module_names and n not in bundled}
+    assert not outside, outside
+
+
+def test_bundle_runs_without_site_packages(tmp_path, runner_pyz):
+    # -I: isolated mode, no site-packages and no current directory on sys.path: nothing but the stdlib.
+    proc = subprocess.run([sys.executable, "-I", str(runner_pyz), "new", "--timeout-s", "30", "--env", "A=b", "--",
+                           "nvidia-smi", "-L"], capture_output=True, text=True, check=True, cwd=tmp_path)
+    job = json.loads(proc.stdout)
+    assert job["command"] == ["nvidia-smi", "-L"] and job["timeout_s"] == 30 and job["env"] == {"A": "b"}
+    path = tmp_path / "job.json"
+    path.write_text(proc.stdout)
+    check = subprocess.run([sys.executable, "-I", str(runner_pyz), "validate", str(path)], capture_output=True,
+                           text=True, cwd=tmp_path, check=False)
+    assert check.returncode == 0 and json.loads(check.stdout) == job
+
+
+def test_bundle_validate_reports_bad_fields(tmp_path, runner_pyz):
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"job_id": "0f8fad5b-d9cb-469f-a165-70867728950e", "command": "ls -l"}))
+    proc = subprocess.run([sys.executable, "-I", str(runner_pyz), "validate", str(path)], capture_output=True,
+                          text=True, cwd=tmp_path, env={"PATH": os.environ["PATH"]}, check=False)
+    assert proc.returncode == job_runner.EXIT_INVALID
+    assert "command: must be a list of arguments" in proc.stderr
+    assert "Traceback" not in proc.stderr

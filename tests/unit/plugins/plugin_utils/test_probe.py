@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, telemetry
+from tests.toolchains import REPO
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
+FIXTURES = REPO / "tests" / "fixtures" / "gpu"
 MIB = 1048576
 
 SHELLS = [shell for shell in ("/bin/sh", shutil.which("bash"), shutil.which("busybox")) if shell]
@@ -354,8 +355,10 @@ def test_timeouts_out_of_range_are_refused(bad):
 
 
 def evaluate(run: Run, cmd: str, *, backend: str = "auto", host_metrics: bool = True, agent: str = "box1") -> dict:
+    """The outcome of a real probe run, as the gpu_query action returns it (its module result)."""
     return probe.evaluate(agent=agent, cmd=cmd, backend=backend, exec_stdout=run.stdout, exec_stderr=run.stderr,
-                          exec_rc=run.rc, started=run.started, ended=run.ended, host_metrics=host_metrics)
+                          exec_rc=run.rc, started=run.started, ended=run.ended,
+                          host_metrics=host_metrics).module_result()
 
 
 def fake_output(bin_dir: Path, tool: str, text: str, rc: int = 0) -> None:
@@ -476,7 +479,7 @@ def test_a_login_banner_before_the_header_is_ignored(bin_dir, remote_tmp):
 def synthetic(exec_stdout: str, exec_stderr: str = "", exec_rc: int = 0, host_metrics: bool = True) -> dict:
     return probe.evaluate(agent="box1", cmd="nvidia-smi", backend="auto", exec_stdout=exec_stdout,
                           exec_stderr=exec_stderr, exec_rc=exec_rc, started=1.0, ended=2.0,
-                          host_metrics=host_metrics)
+                          host_metrics=host_metrics).module_result()
 
 
 def test_ssh_host_key_change_is_host_key_changed():
@@ -572,8 +575,9 @@ def test_host_metric_parsing_is_bounded(loadavg, meminfo, cpus, expected):
 
 
 def test_exec_timeout_failure_names_the_budget():
-    result = probe.exec_timeout_failure(agent="box1", timeout_s=10)
+    result = probe.exec_timeout_failure(agent="box1", timeout_s=10).module_result()
     assert result["failed"] is True and result["reason"] == "timeout" and result["rc"] is None
+    assert result["answered"] is False
     assert "13 s" in result["msg"]
     assert probe.controller_deadline(10) == 10 + probe.CONTROLLER_GRACE_S
 

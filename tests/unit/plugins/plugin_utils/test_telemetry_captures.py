@@ -9,15 +9,15 @@ health, the nulls included) and a few ``fields`` entries, or, for a failure capt
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import telemetry
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.nvidia_smi import parse_header
-from tests.unit.capture_expectations import EXPECTATIONS, Capture
+from tests.unit.plugins.plugin_utils.capture_expectations import EXPECTATIONS, Capture
+from tests.toolchains import REPO
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
+FIXTURES = REPO / "tests" / "fixtures" / "gpu"
 
 STANDARD = {
     "index": "index",

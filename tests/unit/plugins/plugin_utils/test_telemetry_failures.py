@@ -11,6 +11,7 @@ import yaml
 
 from ansible_collections.hwledger.fleet.plugins.modules import gpu_query as gpu_query_doc
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import telemetry
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
 
 DEFAULT_CMD = "nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader"
 SPEC_ROCM_CMD = "rocm-smi --showtemp --showmeminfo --csv"
@@ -153,13 +154,14 @@ def test_other_known_bad_commands(cmd, advice):
 
 
 def test_failure_result_shape_and_agent_prefix():
+    """A parser's failure becomes the module result gpu_query returns (probe.ProbeOutcome.module_result)."""
     err = telemetry.QueryFailure("no_devices", "nothing there", rc=6, output_head="No devices were found")
-    assert telemetry.failure_result(err, agent="gpu-1") == {
+    assert ProbeOutcome.from_query_failure(err, agent="gpu-1").module_result() == {
         "failed": True, "msg": "gpu-1: nothing there", "reason": "no_devices", "rc": 6,
-        "output_head": "No devices were found",
+        "output_head": "No devices were found", "answered": True,
     }
     already = telemetry.QueryFailure("timeout", "gpu-1: took too long")
-    assert telemetry.failure_result(already, agent="gpu-1")["msg"] == "gpu-1: took too long"
+    assert ProbeOutcome.from_query_failure(already, agent="gpu-1").module_result()["msg"] == "gpu-1: took too long"
 
 
 def test_unknown_reason_is_a_programming_error():

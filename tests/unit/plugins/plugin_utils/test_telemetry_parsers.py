@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import telemetry, telemetry_base
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import telemetry, tool_parsing
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
 
 MIB = 1048576
 DEFAULT_CMD = "nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader"
@@ -218,7 +219,7 @@ def test_multibyte_output_is_measured_in_bytes():
 def test_binary_garbage_is_unparseable(garbage):
     err = failure(garbage)
     assert err.reason == "unparseable" and "binary" in err.msg
-    json.dumps(telemetry.failure_result(err, agent="a"))  # the head is serialisable
+    json.dumps(ProbeOutcome.from_query_failure(err, agent="a").module_result())  # the head is serialisable
     err.output_head.encode("utf-8")
 
 
@@ -247,7 +248,7 @@ def test_deeply_nested_json_is_unparseable():
 
 
 def test_too_many_gpu_rows():
-    text = "".join("%d, G, 1 MiB, 1 MiB\n" % i for i in range(telemetry_base.MAX_GPUS + 1))
+    text = "".join("%d, G, 1 MiB, 1 MiB\n" % i for i in range(tool_parsing.MAX_GPUS + 1))
     assert "is not a GPU list" in failure(text).msg
 
 
@@ -333,7 +334,7 @@ def test_rocm_concise_table_is_not_half_read():
 
 
 def test_textfsm_missing_gives_a_clear_message(monkeypatch):
-    monkeypatch.setattr(telemetry_base, "textfsm", None)
+    monkeypatch.setattr(tool_parsing, "textfsm", None)
     err = failure("GPU[0]\t\t: GPU use (%): 1\n", cmd="rocm-smi --showuse")
     assert "textfsm" in err.msg and "--json" in err.msg
 
