@@ -33,7 +33,7 @@ import pytest
 # control_dir is a fixture: importing it makes it available to the tests of this module.
 from tests.integration.gpu_query_support import control_dir  # noqa: F401 pylint: disable=unused-import
 from tests.integration.gpu_query_support import make_inventory
-from tests.lab import SshHost
+from lab import SshHost
 from tests.toolchains import Toolchain, toolchain
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ NOT_SHIPPED = (
     "bench", "build", "dist", "collections", "hwledger", "hwledger_fleet.egg-info", "lab",
     "pyproject.toml", "requirements", "Makefile", "scripts", "demo",
     "changelogs/.plugin-cache.yaml",
-    "tests/unit", "tests/integration", "tests/lab", "tests/fixtures", "tests/golden", "tests/output",
+    "tests/unit", "tests/integration", "tests/fixtures", "tests/golden", "tests/output",
     "tests/conftest.py", "tests/toolchains.py", "tests/.pytest_cache",
 )
 PLANTED = {
@@ -76,8 +76,6 @@ PLANTED = {
     "dist/hwledger_fleet-0.1.0-py3-none-any.whl": "",
     "hwledger_fleet.egg-info/PKG-INFO": "Name: hwledger-fleet\n",
     "changelogs/.plugin-cache.yaml": "objects: {}\n",
-    # The real-SSH lab is about to move from tests/lab to a top-level package.
-    "lab/__init__.py": "",
     "tests/output/junit/python3.11-units.xml": "",
     "plugins/modules/__pycache__/gpu_query.cpython-311.pyc": "",
 }
