@@ -9,6 +9,7 @@ import math
 import shlex
 import socket
 import sys
+from datetime import datetime, timezone
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, ssh
@@ -21,7 +22,7 @@ from hwledger.errors import UserError
 from hwledger.fanout import DEFAULT_MAX_PARALLEL, SshFanoutHeartbeat
 from hwledger.fleet import Fleet, agent_record
 from hwledger.heartbeat import DEFAULT_QUERY_TIMEOUT_S, HeartbeatRunError, record_outcomes
-from hwledger.store import JOB_ACTIVE_STATES, Store, age_seconds
+from hwledger.store import JOB_ACTIVE_STATES, Store, age_seconds, parse_time
 
 DEFAULT_STALE_AFTER_S = 30.0
 # The serve loop's own defaults, repeated here so that `--help` does not import the server (which only
@@ -59,7 +60,7 @@ def register(subparsers) -> None:
     status = sub.add_parser("status", parents=[files], help="state, last seen, GPUs and memory of every agent",
                             description="Show each agent's state, when it last answered, its GPUs and their memory.")
     status.add_argument("--json", action="store_true", help="print JSON")
-    status.add_argument("--stale-after", type=float, default=DEFAULT_STALE_AFTER_S, metavar="S",
+    status.add_argument("--stale-after", type=_seconds, default=DEFAULT_STALE_AFTER_S, metavar="S",
                         help="show an online agent as stale when its last answer is older than S seconds "
                              "(e.g. the server is not running; default %(default)s)")
     status.set_defaults(func=cmd_status)
@@ -99,6 +100,17 @@ def register(subparsers) -> None:
                        help="ssh processes at once in a fanout tick (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     serve.set_defaults(func=cmd_serve)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more (`nan`, `inf` and negatives are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds, 0 or more, e.g. 30")
+    return value
 
 
 def _fleet(args: argparse.Namespace) -> Fleet:
@@ -403,6 +415,9 @@ def _status_items(store: Store, stale_after: float) -> list[dict]:
             "last_seen": row.last_seen,
             "last_seen_age_s": round(age, 1) if age is not None else None,
             "consecutive_misses": row.consecutive_misses,
+            # An offline agent is dialled again only after its backoff (30 s doubling to 5 min).
+            "next_attempt_at": row.next_attempt_at,
+            "next_attempt_in_s": _seconds_until(row.next_attempt_at),
             "snapshot_recorded_at": snapshot_row.recorded_at if snapshot_row else None,
             "snapshot_age_s": round(age_seconds(snapshot_row.recorded_at), 1) if snapshot_row else None,
             "captured_at": (snapshot or {}).get("captured_at"),
@@ -415,6 +430,13 @@ def _status_items(store: Store, stale_after: float) -> list[dict]:
             "jobs": jobs_by_agent.get(row.name, {}),
         })
     return items
+
+
+def _seconds_until(when: str | None) -> float | None:
+    moment = parse_time(when)
+    if moment is None:
+        return None
+    return round(max(0.0, (moment - datetime.now(timezone.utc)).total_seconds()), 1)
 
 
 def _gpu_summary(gpus: list[dict]) -> str:
@@ -442,7 +464,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         memory = "-"
         if item["gpus"]:
             memory = f"{human_bytes(item['memory_free_bytes'])} / {human_bytes(item['memory_total_bytes'])}"
-        rows.append([printable(item["name"]), item["state"], human_age(item["last_seen_age_s"]),
+        state = item["state"]
+        if item["next_attempt_in_s"] is not None:
+            state += f" (next try in {item['next_attempt_in_s']:.0f}s)"
+        rows.append([printable(item["name"]), state, human_age(item["last_seen_age_s"]),
                      _gpu_summary(item["gpus"]), memory])
     print(table(rows, ["AGENT", "STATE", "LAST SEEN", "GPUS", "MEMORY FREE / TOTAL"]))
     for item in items:

@@ -329,3 +329,15 @@ def learn_argv(target: Target, known_hosts: str, *, ssh_binary: str = SSH) -> li
     first = [*LEARN_OPTIONS, f"UserKnownHostsFile={policy.known_hosts}", "GlobalKnownHostsFile=/dev/null",
              f"HostKeyAlias={host_key_alias(target)}", *_NO_CONTROL]
     return ssh_argv(target, policy, "true", ssh_binary=ssh_binary, first=first)
+
+
+def host_key_check_argv(target: Target, policy: SshPolicy, *, ssh_binary: str = SSH) -> list[str]:
+    """The argv of a connection that checks the host key ``target`` presents against the pinned one and
+    goes no further: every authentication method is off, so it ends at "Permission denied" when the key
+    matches and at OpenSSH's host-identification warning when it does not. The server uses it on a
+    bastion when the agents behind it stop answering: a changed bastion key is otherwise invisible (the
+    ProxyCommand's messages are lost once ssh runs the master in the background)."""
+    first = [*(option for option in LEARN_OPTIONS if not option.startswith(("StrictHostKeyChecking", "HashKnown"))),
+             "StrictHostKeyChecking=yes", f"UserKnownHostsFile={policy.known_hosts}",
+             "GlobalKnownHostsFile=/dev/null", f"HostKeyAlias={host_key_alias(target)}", *_NO_CONTROL]
+    return ssh_argv(target, policy, "true", ssh_binary=ssh_binary, first=first)

@@ -147,6 +147,27 @@ def parse_index(text: str) -> int:
     return int(text)
 
 
+def clean_text(text: str) -> str:
+    """Remote text made safe to keep and to serialise anywhere (JSON, SQLite, a log line).
+
+    Bytes that were not UTF-8 arrive as lone surrogates (decoded with surrogateescape), which every
+    encoder refuses; they become visible escapes (``\\xff``), so the message still shows what was sent.
+    Other lone surrogates become ``\\udXXX`` escapes. Control characters are left for the display layer
+    (a terminal or a page) to escape: they are valid text.
+    """
+    if not text:
+        return text or ""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that did not come from a byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def clip(text: str, limit: int = 80) -> str:
     """A short, single-line excerpt of remote text for an error message."""
     text = text.replace("\r", "\\r").replace("\n", "\\n")
