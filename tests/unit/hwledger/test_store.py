@@ -360,3 +360,43 @@ def test_one_host_whose_answer_cannot_be_recorded_never_keeps_the_others_out(sto
     bad = store.get_agent("gpu2")
     assert bad.state_reason == "unrecordable" and "could not record this host's answer" in bad.state_msg, bad
     assert store.latest_snapshot("gpu1") is not None and store.latest_snapshot("gpu3") is not None
+
+
+def _ok_or_error(row, outcome):
+    if outcome.ok:
+        return AgentUpdate("online", 0, seen=True)
+    return AgentUpdate("error", 0, outcome.reason, outcome.msg)
+
+
+def test_a_flapping_host_adds_a_few_events_per_window_not_one_per_tick(store, monkeypatch):
+    from datetime import datetime, timedelta, timezone
+
+    from hwledger.store import agents as agent_tables
+
+    clock = [datetime(2026, 12, 4, 12, 0, tzinfo=timezone.utc)]
+    monkeypatch.setattr(agent_tables, "utc_now", lambda: clock[0].isoformat(timespec="milliseconds"))
+    store.upsert_agent(_agent())
+    ticks = 0
+
+    def flap(times: int) -> None:
+        nonlocal ticks
+        for _ in range(times):
+            ok = ticks % 2 == 0
+            ticks += 1
+            outcome = ProbeOutcome(True, {"gpus": []}) if ok else ProbeOutcome(False, reason="nvml_error", msg="x")
+            store.record_heartbeats({"gpu1": outcome}, _ok_or_error)
+            clock[0] += timedelta(seconds=5)
+
+    flap(60)  # five minutes of a tool that fails every other tick
+    pairs = [(e.detail["old"], e.detail["new"]) for e in store.list_events(agent="gpu1", kind="agent_state")]
+    assert sorted(pairs) == [("error", "online"), ("online", "error"), ("pending", "online")]
+    assert store.get_agent("gpu1").state_events_coalesced == 58 - 1  # every later change was only counted
+    clock[0] += timedelta(seconds=agent_tables.STATE_EVENT_WINDOW_S)
+    flap(1)  # past the window: the next change is an event again and says how many it stands for
+    latest = store.list_events(agent="gpu1", kind="agent_state")[-1]
+    assert latest.detail["coalesced"] == 57 and store.get_agent("gpu1").state_events_coalesced == 0
+    # A host that only degrades keeps every step.
+    store.upsert_agent(_agent("gpu2"))
+    for _ in range(4):
+        store.record_heartbeats({"gpu2": ProbeOutcome(False, reason="unreachable", msg="down")}, _count_misses)
+    assert [e.detail["new"] for e in store.list_events(agent="gpu2", kind="agent_state")] == ["stale", "offline"]
