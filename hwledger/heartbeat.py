@@ -41,7 +41,7 @@ BLOCKING_REASONS = frozenset({"host_key_changed"})
 KEY_UNUSABLE = "key_unusable"
 BASTION_CHECK_TIMEOUT_S = 5
 # The host is there, but did not run this probe: not a miss, not a new state.
-NEUTRAL_REASONS = frozenset({"session_refused", "tool_still_running"})
+NEUTRAL_REASONS = frozenset({"probe_busy"})
 # Offline agents are dialled again after this long, doubling up to the maximum (reset when one answers).
 BACKOFF_FIRST_S = 30
 BACKOFF_MAX_S = 300
@@ -137,8 +137,9 @@ def decide_agent_state(row: AgentRow, outcome: ProbeOutcome, now: datetime | Non
     if reason == KEY_UNUSABLE:
         return AgentUpdate("error", row.consecutive_misses, reason, msg)
     if reason in NEUTRAL_REASONS:
-        # The host is there (its sshd refused one more session on a busy connection, or the GPU tool of an
-        # earlier heartbeat still runs): neither a miss nor a new state, just the reason.
+        # The host is there, and another poller is running its GPU tool right now (single flight): neither
+        # a miss nor a new state, just the reason. (A tool left over from an earlier probe, stuck in the
+        # driver, is `tool_still_running`: an error like any failing tool.)
         return AgentUpdate(row.state, row.consecutive_misses, reason, msg, seen=True,
                            next_attempt_at=row.next_attempt_at)
     if outcome.missed:

@@ -383,7 +383,11 @@ class Server:
             log.info("agent %s: %s -> %s%s", change.agent, change.old, change.new,
                      f" ({change.reason}: {printable(change.msg, limit=300)})" if change.reason else "")
         if report.outcomes:
-            report.dispatched = self._dispatch([name for name, o in report.outcomes.items() if o.ok])
+            # Jobs go to agents that answered and are `online` now: not to one whose GPU fell off the bus
+            # (`degraded`) nor to one that only answered another poller's busy tool.
+            online = {row.name for row in self.store.list_agents() if row.state == "online"}
+            report.dispatched = self._dispatch([name for name, o in report.outcomes.items()
+                                                if o.ok and name in online])
         report.duration_s = time.monotonic() - report.started
         return report
 

@@ -118,6 +118,7 @@ class SshHost:
         self.bin_dir = self.dir / "bin"
         self.tools_dir = self.dir / "tools"
         self.home = self.dir / "home"
+        self.runtime_dir = self.dir / "run"
         self.config_path = self.dir / "sshd_config"
         self.host_key_path = self.dir / "ssh_host_ed25519_key"
         self.log_path = self.dir / "sshd.log"
@@ -155,6 +156,7 @@ class SshHost:
         keys.write_text(Path(f"{self.lab.client_key}.pub").read_text())
         keys.chmod(0o600)
         tools.populate_bin_dir(self.bin_dir, python=python)
+        self.runtime_dir.mkdir(mode=0o700)
         self._new_host_key()
 
     def _new_host_key(self) -> None:
@@ -182,7 +184,9 @@ class SshHost:
             "Subsystem sftp internal-sftp",
             # Applied after sshd's own defaults, so it is the remote PATH (the login shell is /bin/sh,
             # which reads no rc file that could change it).  The marker finds the sessions at stop().
-            f"SetEnv PATH={self.bin_dir} {system.MARKER_VAR}={self.marker}",
+            # XDG_RUNTIME_DIR: per-machine, per-user runtime state (the probe's single-flight lock) is
+            # the host's own, as on separate machines, though every lab host runs on this one.
+            f"SetEnv PATH={self.bin_dir} XDG_RUNTIME_DIR={self.runtime_dir} {system.MARKER_VAR}={self.marker}",
             *sshd_version_options(self.lab.sshd_version),
         ]
         self.config_path.write_text("\n".join(lines) + "\n")

@@ -29,7 +29,7 @@ SCHEMA_VERSION = 1
 REASONS = frozenset({
     "tool_not_found", "driver_unavailable", "nvml_error", "no_devices", "invalid_query",
     "invalid_arguments", "unparseable", "output_too_large",
-    "timeout", "host_key_changed", "host_key_unknown", "unreachable",
+    "timeout", "tool_still_running", "probe_busy", "host_key_changed", "host_key_unknown", "unreachable",
 })
 
 MAX_OUTPUT_BYTES = 1 << 20
