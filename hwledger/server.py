@@ -39,6 +39,7 @@ from hwledger.heartbeat import (
     AnsibleHeartbeat,
     HeartbeatRunError,
     HeartbeatTransport,
+    QueryPacing,
     TickRecorder,
 )
 from hwledger.job_runs import (
@@ -147,6 +148,7 @@ class Server:
         self.store = fleet.open_store()
         self.stop_event = threading.Event()
         self.workers = JobWorkers(fleet.open_store, self.jobs, self.results_dir, self.stop_event)
+        self._pacing = QueryPacing()
         self.max_parallel_jobs = max_parallel_jobs
         self._pool = ThreadPoolExecutor(max_workers=max_parallel_jobs, thread_name_prefix="hwledger-job")
         self._busy: dict[str, Future] = {}  # agent name -> its job or clean-up in flight
@@ -366,10 +368,13 @@ class Server:
         targets.sort(key=lambda agent: _DIAL_ORDER.get(rows[agent.name].state, len(_DIAL_ORDER)))
         report.asked = len(targets)
         recorder = TickRecorder(self.store, {agent.name: agent for agent in targets})
+        liveness = self._pacing.liveness_only(targets)
         outcomes: dict = {}
         try:
             outcomes = self.transport.tick(targets, cancel=self.stop_event.is_set, on_outcome=recorder.on_outcome,
-                                           on_progress=recorder.on_progress, budget_s=self.interval_s)
+                                           on_progress=recorder.on_progress, budget_s=self.interval_s,
+                                           liveness=liveness)
+            self._pacing.note(outcomes, liveness)
         except HeartbeatRunError as exc:
             report.error = str(exc)
             self._throttled_event("heartbeat_failed", msg=str(exc)[:2000], hosts=len(targets))

@@ -43,7 +43,9 @@ description:
     C(ssh_key_path) (absolute or starting with C(~/)), optional C(ssh_port) (an integer, default V(22)),
     optional C(gpu_query_cmd) (default
     V(nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader)), optional
-    C(host_key_fingerprint) (V(SHA256:...)) and an optional C([agents.bastion]) table with C(hostname),
+    C(host_key_fingerprint) (V(SHA256:...)), optional C(query_timeout_s) (seconds, at most V(3600)) and
+    C(min_query_interval_s) (seconds, default V(0)) for C(hwledger fleet serve), and an optional
+    C([agents.bastion]) table with C(hostname),
     C(ssh_user), C(ssh_key_path) and optional C(ssh_port)."
   - "Every value is checked: unknown keys (the nearest valid key is suggested), password-like keys
     (authentication is by key only), wrong types, ports outside 1-65535 or written as strings, duplicate

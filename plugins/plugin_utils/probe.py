@@ -92,10 +92,11 @@ _SCRIPT = r"""B=@TOKEN@
 C=@CMD@
 T=@TIMEOUT@
 M=@HOSTMETRICS@
+Q=@QUERY@
 printf '\n@HEADER@%s\n' "$B"
 umask 077
 d= p= w= to=0 L= lo=
-for base in "${TMPDIR:-/tmp}" /tmp "${HOME:-/nonexistent}"; do
+[ "$Q" = 1 ] && for base in "${TMPDIR:-/tmp}" /tmp "${HOME:-/nonexistent}"; do
   d=$(mktemp -d "$base/hwledger-probe.XXXXXXXX" 2>/dev/null) && [ -d "$d" ] && break
   d=
 done
@@ -176,7 +177,9 @@ if [ -n "$d" ] && command -v ln >/dev/null 2>&1 && command -v readlink >/dev/nul
     done
   fi
 fi
-if [ -n "$lo" ]; then
+if [ "$Q" = 0 ]; then
+  :  # a liveness check: the host metrics and "done" only
+elif [ -n "$lo" ]; then
   printf '%s busy %.24s\n' "$B" "$lo"
 elif [ -n "$d" ]; then
   ( ulimit -f @FILEBLOCKS@ 2>/dev/null
@@ -239,12 +242,14 @@ def check_timeout(timeout_s: float) -> float:
     return float(timeout_s)
 
 
-def remote_script(cmd: str, *, timeout_s: float, host_metrics: bool, token: str | None = None) -> str:
+def remote_script(cmd: str, *, timeout_s: float, host_metrics: bool, token: str | None = None,
+                  query: bool = True) -> str:
     """The POSIX-sh probe for ONE exec: run ``cmd`` under a watchdog, frame its output, add host metrics.
 
     ``cmd`` is the operator-configured query command; it is passed to ``/bin/sh -c`` as it is (quoted
     here as one word), never combined with anything that came from a remote host. ``token`` is for tests
-    only; by default every script gets a fresh random one.
+    only; by default every script gets a fresh random one. ``query=False`` makes a liveness check: the
+    same exec without the GPU tool (an agent's ``min_query_interval_s`` has not passed yet).
     """
     if not isinstance(cmd, str) or not cmd.strip():
         raise ValueError("the GPU query command is empty; set gpu_query_cmd (or the cmd option)")
@@ -260,6 +265,7 @@ def remote_script(cmd: str, *, timeout_s: float, host_metrics: bool, token: str 
         "@CMD@": shlex.quote(cmd),
         "@TIMEOUT@": _sh_number(timeout_s),
         "@HOSTMETRICS@": "1" if host_metrics else "0",
+        "@QUERY@": "1" if query else "0",
         "@FILEBLOCKS@": str(TOOL_FILE_LIMIT_BLOCKS),
         "@GRACE@": _sh_number(KILL_GRACE_S),
         "@STDOUTCAP@": str(STDOUT_CAP),
@@ -589,8 +595,11 @@ def _busy(agent: str, cmd: str, holder: str, host: dict | None) -> ProbeOutcome:
 
 
 def evaluate(*, agent: str, cmd: str, backend: str, exec_stdout: str, exec_stderr: str, exec_rc: int,
-             started: float, ended: float, host_metrics: bool) -> ProbeOutcome:
+             started: float, ended: float, host_metrics: bool, query: bool = True) -> ProbeOutcome:
     """Turn the exec of ``remote_script`` into the host's outcome.
+
+    For a liveness check (``query=False``) a complete answer is an ``ok`` outcome without a snapshot
+    (the host is there; its GPUs were not asked), with the host metrics in ``host``.
 
     ``exec_*`` are what the connection returned for the whole script (stdout decoded with
     surrogateescape, or any error handler: only the tool's own bytes are affected); ``started`` and
@@ -614,6 +623,9 @@ def evaluate(*, agent: str, cmd: str, backend: str, exec_stdout: str, exec_stder
         host = parse_host_metrics(
             frames.content.get("loadavg"), frames.content.get("meminfo"), frames.values.get("cpus")
         )
+
+    if not query and frames.complete and not frames.content.keys() & {"stdout", "fatal"}:
+        return ProbeOutcome(True, snapshot=None, host=host)
 
     if "busy" in frames.values:
         return _busy(agent, cmd, frames.values["busy"], host)

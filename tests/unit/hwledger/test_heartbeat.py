@@ -149,3 +149,23 @@ def test_gpus_without_uuids_are_known_by_index_and_a_new_gpu_is_learned():
     three = [*two, {"index": 2, "name": "RTX 5090"}]
     grown = decide_agent_state(row, ProbeOutcome(True, _snapshot(*three)), NOW)
     assert grown.state == "online" and len(json.loads(grown.expected_gpus)) == 3
+
+
+def test_query_pacing_runs_the_tool_once_per_interval_and_counts_no_miss_as_a_run():
+    from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import Agent
+
+    from hwledger.heartbeat import QueryPacing
+
+    clock = [1000.0]
+    pacing = QueryPacing(clock=lambda: clock[0])
+    paced = Agent(name="paced", hostname="h1", ssh_user="u", ssh_key_path="/k", min_query_interval_s=60)
+    plain = Agent(name="plain", hostname="h2", ssh_user="u", ssh_key_path="/k")
+    assert pacing.liveness_only([paced, plain]) == set()  # never queried: the tool runs
+    pacing.note({"paced": ProbeOutcome(False, reason="unreachable")}, set())
+    assert pacing.liveness_only([paced]) == set()  # a miss ran no tool
+    pacing.note({"paced": ProbeOutcome(False, reason="timeout"), "plain": ProbeOutcome(True, {})}, set())
+    clock[0] += 59
+    assert pacing.liveness_only([paced, plain]) == {"paced"}  # a failing tool is paced too
+    pacing.note({"paced": ProbeOutcome(True, None)}, {"paced"})  # a liveness answer is not a run
+    clock[0] += 1
+    assert pacing.liveness_only([paced, plain]) == set()

@@ -36,7 +36,7 @@ class _SlowTransport:
         self._inside = threading.Lock()
         self.overlapped = False
 
-    def tick(self, agents, *, cancel, on_outcome=None, on_progress=None, budget_s=None):
+    def tick(self, agents, *, cancel, on_outcome=None, on_progress=None, budget_s=None, liveness=()):
         if not self._inside.acquire(blocking=False):
             self.overlapped = True
             return {}

@@ -664,3 +664,24 @@ def test_exec_timeout_failure_names_the_budget():
 def test_iso_utc_is_utc_with_z():
     assert probe.iso_utc(0) == "1970-01-01T00:00:00.000Z"
     assert probe.iso_utc(1700000000.5) == "2023-11-14T22:13:20.500Z"
+
+
+def test_a_liveness_check_runs_no_tool_and_answers_with_the_host_metrics(bin_dir, remote_tmp):
+    calls = remote_tmp.parent / "calls"
+    fake_tool(bin_dir, "gputool", "echo called >> %s; echo ok" % calls)
+    script = probe.remote_script("gputool", timeout_s=5, host_metrics=True, query=False)
+    env = {"PATH": "%s:/usr/bin:/bin" % bin_dir, "TMPDIR": str(remote_tmp), "HOME": str(remote_tmp)}
+    started = time.time()
+    proc = subprocess.run(["/bin/sh", "-c", script], capture_output=True, env=env, timeout=30, check=False)
+    frames = probe.split_frames(proc.stdout.decode())
+    assert frames.complete and "stdout" not in frames.content and "rc" not in frames.values
+    assert not calls.exists() and list(remote_tmp.iterdir()) == []  # no tool, no temp dir, no lock
+    outcome = probe.evaluate(agent="a", cmd="gputool", backend="nvidia", exec_stdout=proc.stdout.decode(),
+                             exec_stderr="", exec_rc=proc.returncode, started=started, ended=time.time(),
+                             host_metrics=True, query=False)
+    assert outcome.ok and outcome.snapshot is None and outcome.host["mem_total_bytes"] > 0
+    # Cut short, it is not an answer.
+    cut = probe.evaluate(agent="a", cmd="gputool", backend="nvidia", exec_stdout=proc.stdout.decode()[:-8],
+                         exec_stderr="", exec_rc=1, started=started, ended=time.time(), host_metrics=True,
+                         query=False)
+    assert not cut.ok
