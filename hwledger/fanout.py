@@ -82,8 +82,9 @@ class _Exec:
     deadline: float           # time.monotonic()
     pidfd: int | None
     cold: bool = False          # no master expected: this exec opens the connection
-    waited_for: bool = True     # the tick that started it waits for it (a warm exec); a cold one, only
-                                # within the tick's budget: after that it goes on between ticks
+    # The tick that started it waits for it (a warm exec); a cold one, only within the tick's budget:
+    # after that it goes on between ticks.
+    waited_for: bool = True
     stdout: list[bytes] = field(default_factory=list)
     stderr: list[bytes] = field(default_factory=list)
     stdout_size: int = 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 from typing import Any
@@ -209,7 +210,7 @@ def _seconds(value: Any, example: str) -> float:
         raise ValueError(f"is a string ({show(value)}); write the number of seconds without quotes, e.g. {example}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"must be a number of seconds, got {type_name(value)} {show(value)}; e.g. {example}")
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise ValueError(f"must be a finite number of seconds, got {value}; e.g. {example}")
     return value
 

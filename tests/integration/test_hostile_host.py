@@ -31,7 +31,7 @@ def short_data_dir():
 
 @pytest.mark.parametrize("transport", ["fanout", "ansible"])
 def test_a_host_printing_invalid_utf8_does_not_stop_the_others(lab, tmp_path, short_data_dir, transport):
-    healthy = [lab.add_loopback_host(lab.unique_name("ok")) for _ in range(3)]
+    healthy = [lab.add_loopback_host(lab.unique_name("ok")) for _index in range(3)]
     hostile = lab.add_loopback_host(lab.unique_name("nvml"))
     hostile.set_tool(stdout=b"", stderr=HOSTILE_STDERR, rc=9)
     try:

@@ -31,7 +31,7 @@ def test_the_gpu_tool_runs_at_its_own_pace_and_liveness_fills_the_ticks(lab, tmp
                              overrides={paced.name: {"min_query_interval_s": 3600}})
         server = Server(fleet, transport=SshFanoutHeartbeat(fleet.policy(), query_timeout_s=20), query_timeout_s=20)
         try:
-            for _ in range(4):
+            for _index in range(4):
                 report = server.tick()
                 assert report.outcomes[paced.name].ok and report.outcomes[every_tick.name].ok
             assert len(paced.tool_calls()) == 1 and len(every_tick.tool_calls()) == 4
@@ -39,7 +39,7 @@ def test_the_gpu_tool_runs_at_its_own_pace_and_liveness_fills_the_ticks(lab, tmp
             assert row.state == "online" and server.store.latest_snapshot(paced.name).data["gpus"]
             # Between two tool runs the liveness check still finds a host that went away.
             paced.stop()
-            for _ in range(3):
+            for _index in range(3):
                 server.tick()
             row = server.store.get_agent(paced.name)
         finally:

@@ -380,7 +380,7 @@ def test_a_flapping_host_adds_a_few_events_per_window_not_one_per_tick(store, mo
 
     def flap(times: int) -> None:
         nonlocal ticks
-        for _ in range(times):
+        for _index in range(times):
             ok = ticks % 2 == 0
             ticks += 1
             outcome = ProbeOutcome(True, {"gpus": []}) if ok else ProbeOutcome(False, reason="nvml_error", msg="x")
@@ -397,6 +397,6 @@ def test_a_flapping_host_adds_a_few_events_per_window_not_one_per_tick(store, mo
     assert latest.detail["coalesced"] == 57 and store.get_agent("gpu1").state_events_coalesced == 0
     # A host that only degrades keeps every step.
     store.upsert_agent(_agent("gpu2"))
-    for _ in range(4):
+    for _index in range(4):
         store.record_heartbeats({"gpu2": ProbeOutcome(False, reason="unreachable", msg="down")}, _count_misses)
     assert [e.detail["new"] for e in store.list_events(agent="gpu2", kind="agent_state")] == ["stale", "offline"]

@@ -219,7 +219,7 @@ def test_the_exec_ends_even_when_signals_cannot_end_the_tool(bin_dir, remote_tmp
         # Single flight: while it lives, the next probes start no sibling; they answer "busy" at once,
         # naming its process group.
         monkeypatch.undo()
-        for _ in range(2):
+        for _index in range(2):
             again = run_probe("gputool", bin_dir=bin_dir, remote_tmp=remote_tmp, timeout_s=1)
             busy = again.frames().values.get("busy", "")
             assert busy.startswith("g") and int(busy[1:]) > 1, again.stdout
@@ -250,7 +250,7 @@ def _probe_in_background(bin_dir: Path, remote_tmp: Path, timeout_s: float) -> s
 def test_probes_at_the_same_moment_run_the_tool_one_at_a_time(bin_dir, remote_tmp):
     runs = remote_tmp.parent / "runs.log"
     fake_tool(bin_dir, "gputool", "echo start >> %s; sleep 0.5; echo end >> %s; echo ok" % (runs, runs))
-    probes = [_probe_in_background(bin_dir, remote_tmp, 5) for _ in range(3)]
+    probes = [_probe_in_background(bin_dir, remote_tmp, 5) for _index in range(3)]
     outputs = [proc.communicate(timeout=60)[0].decode() for proc in probes]
     # Each probe waited for the one before it (they fit in the 2 s a probe waits), and got its answer.
     assert [probe.split_frames(out).content["stdout"] for out in outputs] == ["ok\n"] * 3
