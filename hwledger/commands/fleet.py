@@ -9,6 +9,7 @@ import math
 import shlex
 import socket
 import sys
+import textwrap
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, ssh
@@ -30,6 +31,15 @@ DEFAULT_INTERVAL_S = 5.0
 DEFAULT_MAX_PARALLEL_JOBS = 4
 MAX_INTERVAL_S = 86400  # a day; beyond it a wait's timeout can overflow, and nobody means it
 EXIT_HOST_KEY_UNCONFIRMED = 3
+# What `serve` exits with (cli.main maps UserError to 2 and OSError to 1); a service manager restarts on 1,
+# not on 2 (examples/hwledger-serve.service, RestartPreventExitStatus=2).
+SERVE_EXIT_STATUSES = (
+    "exit status:\n"
+    "  0    stopped by SIGTERM or SIGINT, or --once / --max-ticks done\n"
+    "  1    a file it had to read or write failed (e.g. a full disk): worth a restart\n"
+    "  2    a usage or setup error a restart cannot fix: a bad option, a store directory others can write\n"
+    "       to, a store from a newer hwledger, another serve already serving this store\n"
+    "  130  interrupted (Ctrl-C) while starting up")
 EXIT_HEARTBEAT_FAILED = 1
 
 
@@ -75,12 +85,16 @@ def register(subparsers) -> None:
                              "may stay on the host, as its key is no longer pinned)")
     remove.set_defaults(func=cmd_remove)
 
+    serve_about = (
+        "Every --interval seconds, one heartbeat over all agents (by default every host probed at once over its "
+        "reused SSH connection; with --transport ansible, the hwledger.fleet.heartbeat playbook through "
+        "ansible-runner); queued jobs go to agents that answered, through the hwledger.fleet.job playbook. "
+        "SIGTERM or SIGINT stops it within 2 seconds. It logs to stderr. examples/hwledger-serve.service runs it "
+        "as a systemd service.")
+    # Filled here: the raw formatter keeps the exit-status table of the epilog as written.
     serve = sub.add_parser("serve", parents=[files], help="run heartbeats and jobs",
-                           description="Every --interval seconds, one heartbeat over all agents (by default "
-                                       "every host probed at once over its reused SSH connection; with "
-                                       "--transport ansible, the hwledger.fleet.heartbeat playbook through "
-                                       "ansible-runner); queued jobs go to agents that answered, through the "
-                                       "hwledger.fleet.job playbook. SIGTERM or SIGINT stops it within 2 seconds.")
+                           description=textwrap.fill(serve_about, 79, break_on_hyphens=False),
+                           epilog=SERVE_EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_S, metavar="S",
                        help="seconds between heartbeat ticks (default %(default)s)")
     ticks = serve.add_mutually_exclusive_group()

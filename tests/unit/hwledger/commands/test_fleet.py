@@ -234,3 +234,13 @@ def test_serve_rejects_bad_numbers(env, capsys, argv, message):
     assert main(["fleet", "serve", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_serve_help_lists_its_exit_statuses(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fleet", "serve", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit status:" in out
+    for code in ("0 ", "1 ", "2 ", "130 "):
+        assert f"\n  {code}" in out, code
