@@ -172,6 +172,18 @@ def tour(state: fleet.FleetState, directory: Path, env: dict[str, str]) -> None:
     run([BIN / "hwledger", "fleet", "status"], env=env)
 
 
+def check_directory(directory: Path) -> None:
+    """Only a demo directory is emptied, as --dir could name any directory: the checkout's .demo, one the
+    demo made (it has an env file), a new or an empty one."""
+    if directory == DEFAULT_DIR or not os.path.lexists(directory):
+        return
+    if not directory.is_dir():
+        raise fleet.DemoError(f"--dir {directory} is not a directory; give a new or empty directory")
+    if any(directory.iterdir()) and not (directory / ENV_FILE).is_file():
+        raise fleet.DemoError(f"{directory} is not empty and not a demo directory (it has no {ENV_FILE} file); "
+                              "give --dir a new or empty directory")
+
+
 def prepare(directory: Path) -> None:
     """A fresh demo directory (0700): stop a fleet an earlier run left up, remove its files."""
     if fleet.running(directory) is not None:
@@ -191,12 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     except fleet.DemoError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("demo: interrupted; its fleet was stopped", file=sys.stderr)
+        return 130
 
 
 def demo(args: argparse.Namespace, directory: Path) -> int:
     if args.down:
         print(f"demo: {fleet.stop(directory)}")
         return 0
+    check_directory(directory)
     reason = lab_unavailable_reason()
     if reason:
         print(f"demo: cannot start real sshd hosts here: {reason}", file=sys.stderr)
@@ -204,17 +220,13 @@ def demo(args: argparse.Namespace, directory: Path) -> int:
     prepare(directory)
     env = dict(os.environ, **demo_files(directory), ANSIBLE_NOCOLOR="1")
     step("1. Start demo GPU hosts (real sshd, fake tools replaying real captures, ordinary login accounts)")
-    try:
-        state = fleet.start(directory)
-    except fleet.DemoError:
-        fleet.stop(directory)
-        raise
+    state = fleet.start(directory)  # on failure or Ctrl-C it leaves nothing up
     kept = False
     try:
         tour(state, directory, env)
         kept = args.keep
     finally:
-        if not kept:
+        if not kept:  # the tour failed or was interrupted, or no --keep: nothing stays up
             print(f"\ndemo: {fleet.stop(directory)}", flush=True)
     if not kept:
         print("demo: done. To keep a demo fleet running to play with, run `make demo` (python -m demo --keep).")

@@ -144,28 +144,38 @@ def running(directory: Path) -> FleetState | None:
 
 
 def start(directory: Path) -> FleetState:
-    """Start a supervisor for `directory` (which must exist) and wait until its hosts are up."""
+    """Start a supervisor for `directory` (which must exist) and wait until its hosts are up. If that fails
+    or is interrupted (Ctrl-C), the supervisor is stopped and what it made is removed: no fleet is left
+    up that nobody was told about."""
     (directory / STATE_FILE).unlink(missing_ok=True)
     with open(directory / LOG_FILE, "ab") as log:
         proc = subprocess.Popen(  # pylint: disable=consider-using-with  # it outlives this process on purpose
             [sys.executable, "-m", "demo.supervisor", str(directory)], cwd=REPO, stdin=subprocess.DEVNULL,
             stdout=log, stderr=log, close_fds=True, start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        state = FleetState.read(directory)
-        if state is not None and state.pid == proc.pid:
-            return state
-        if proc.poll() is not None:
-            reap_stale_labs()  # what it made before it failed (its lab's owner is dead now)
-            raise DemoError(f"the demo fleet did not start (exit status {proc.returncode}); "
-                            f"{directory / LOG_FILE} ends with:\n{_tail(directory / LOG_FILE)}")
-        if time.monotonic() > deadline:
-            proc.terminate()  # it takes down what it started
-            proc.wait(STOP_TIMEOUT_S)
-            reap_stale_labs()
-            raise DemoError(f"the demo fleet did not come up in {START_TIMEOUT_S:.0f} s; "
-                            f"{directory / LOG_FILE} ends with:\n{_tail(directory / LOG_FILE)}")
-        time.sleep(0.1)
+    try:
+        while True:
+            state = FleetState.read(directory)
+            if state is not None and state.pid == proc.pid:
+                return state
+            if proc.poll() is not None:
+                raise DemoError(f"the demo fleet did not start (exit status {proc.returncode}); "
+                                f"{directory / LOG_FILE} ends with:\n{_tail(directory / LOG_FILE)}")
+            if time.monotonic() > deadline:
+                raise DemoError(f"the demo fleet did not come up in {START_TIMEOUT_S:.0f} s; "
+                                f"{directory / LOG_FILE} ends with:\n{_tail(directory / LOG_FILE)}")
+            time.sleep(0.1)
+    except BaseException:
+        if proc.poll() is None:
+            proc.terminate()  # the supervisor takes down what it started
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        reap_stale_labs()  # what a supervisor that died half-way left (its lab's owner is dead now)
+        (directory / STATE_FILE).unlink(missing_ok=True)
+        raise
 
 
 def stop(directory: Path) -> str:

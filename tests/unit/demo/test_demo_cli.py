@@ -33,3 +33,12 @@ def test_next_steps_name_the_demo_files_and_demo_down(tmp_path: Path):
     assert lines[0] == f". {tmp_path / 'd' / 'env'}"
     assert f"-i {tmp_path / 'd' / 'demo.hwledger.yml'}" in " ".join(lines)
     assert lines[-1] == f"make demo-down DEMO_DIR={tmp_path / 'd'}"
+
+
+def test_a_directory_that_is_not_the_demos_is_left_alone(tmp_path: Path):
+    """--dir names a directory the demo empties first: never one that is not a demo directory."""
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = demo("--dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "not a demo directory" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
