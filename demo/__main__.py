@@ -233,8 +233,8 @@ def demo(args: argparse.Namespace, directory: Path) -> int:
         return 0
     step("The demo fleet stays up. Paste these lines, in this directory, to go on with it:")
     print("\n" + "".join(f"    {line}\n" for line in next_steps(directory)))
-    print(f"`. {shown(directory / ENV_FILE)}` puts .venv/bin first on PATH (hwledger, ansible-*; "
-          "`. .venv/bin/activate` does that alone) and points HWLEDGER_CONFIG, HWLEDGER_KNOWN_HOSTS and "
+    print(f"`. {shown(directory / ENV_FILE)}` puts {shown(BIN)} first on PATH (hwledger, ansible-*; "
+          f"`. {shown(BIN / 'activate')}` does that alone) and points HWLEDGER_CONFIG, HWLEDGER_KNOWN_HOSTS and "
           f"HWLEDGER_DB at {shown(directory)}/ (without them hwledger uses ~/.config/hwledger and "
           "~/.local/share/hwledger). `hwledger fleet serve` without --once keeps serving until Ctrl-C. "
           "make demo-down stops the hosts, their network namespaces and login accounts.")
