@@ -160,7 +160,8 @@ class SshHost:
         """Create the host's files; ``owner`` (uid, gid) of an ordinary login account gets HOME and tools/."""
         self.dir.mkdir(mode=0o700, parents=True)
         if self.remote_dir != self.dir:
-            self.remote_dir.mkdir(mode=0o755)
+            self.remote_dir.mkdir()
+            self.remote_dir.chmod(0o755)  # whatever the umask: the login passes through it
         # StrictModes: sshd checks the key file and every directory up to HOME (then stops), so
         # HOME and .ssh must be owned by root or the login and not group/world writable; /tmp above is fine.
         (self.home / ".ssh").mkdir(mode=0o700, parents=True)
@@ -169,7 +170,8 @@ class SshHost:
         keys.write_text(Path(f"{self.lab.client_key}.pub").read_text())
         keys.chmod(0o600)
         tools.populate_bin_dir(self.bin_dir, python=python)
-        self.tools_dir.mkdir(mode=0o755)
+        self.tools_dir.mkdir()
+        self.tools_dir.chmod(0o755)
         if owner is not None:
             # The login writes in HOME (Ansible's ~/.ansible) and tools/ (the fake tools' call logs).
             for path in (self.home, self.home / ".ssh", keys, self.tools_dir):

@@ -387,10 +387,16 @@ def test_lab_stop_leaves_no_process_namespace_or_account(tmp_path: Path) -> None
 
 
 def test_unprivileged_lab_logs_in_without_root_and_leaves_nothing(tmp_path: Path) -> None:
-    """Lab(root, unprivileged=True), the demo's lab: ordinary accounts, and the tools still work."""
+    """Lab(root, unprivileged=True), the demo's lab: ordinary accounts, and the tools still work, even when
+    the lab's files are written under a strict umask (what the login must read is chmod-ed explicitly)."""
     own = Lab(tmp_path / "lab", unprivileged=True)
     try:
-        host = own.add_loopback_host("plain", python=True)
+        previous = os.umask(0o077)
+        try:
+            host = own.add_loopback_host("plain", python=True)
+            host.set_tool("nvidia-smi")  # a second behaviour version, written under the same umask
+        finally:
+            os.umask(previous)
         result = ssh(host, "id -u; pwd; nvidia-smi --query-gpu=index --format=csv,noheader >/dev/null && echo tool; "
                            "touch ~/written && echo home; python3 -c 'print(2 + 2)'")
         uid, cwd, tool, home, python = result.stdout.decode().split()
