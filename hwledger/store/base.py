@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,19 @@ class StoreError(UserError):
 # ---------------------------------------------------------------------------------------------
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
+    # The umask is the process's: two threads opening stores at once (the server's job workers) would
+    # otherwise restore each other's value and leave 077 behind for the rest of the process.
+    with _UMASK_LOCK:
+        old = os.umask(mask)
+        try:
+            yield
+        finally:
+            os.umask(old)
 
 
 def _private_files(db: Path) -> list[Path]:

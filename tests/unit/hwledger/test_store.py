@@ -96,12 +96,15 @@ def test_concurrent_first_opens_migrate_once(db):
         except Exception as exc:  # noqa: BLE001 - collected for the assertion
             errors.append(exc)
 
+    umask = os.umask(0o022)
+    os.umask(umask)
     threads = [threading.Thread(target=open_it) for _thread in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert errors == []
+    assert os.umask(umask) == umask  # each open's umask 077 was undone, in whatever order they ran
     with Store.open(db) as store:
         assert store.schema_version == SCHEMA_VERSION
 
