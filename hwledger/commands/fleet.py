@@ -21,9 +21,9 @@ from hwledger.errors import UserError
 from hwledger.fanout import DEFAULT_MAX_PARALLEL, SshFanoutHeartbeat
 from hwledger.fleet import Fleet, agent_record
 from hwledger.heartbeat import DEFAULT_QUERY_TIMEOUT_S, HeartbeatRunError, record_outcomes
-from hwledger.store import JOB_ACTIVE_STATES, Store, age_seconds
+from hwledger.reports import DEFAULT_STALE_AFTER_S, status_items
+from hwledger.store import JOB_ACTIVE_STATES, Store
 
-DEFAULT_STALE_AFTER_S = 30.0
 # The serve loop's own defaults, repeated here so that `--help` does not import the server (which only
 # the serve command itself needs); a test checks they agree.
 DEFAULT_INTERVAL_S = 5.0
@@ -377,46 +377,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status_items(store: Store, stale_after: float) -> list[dict]:
-    jobs_by_agent: dict[str, dict[str, int]] = {}
-    for job in store.list_jobs(states=["queued", *JOB_ACTIVE_STATES]):
-        counts = jobs_by_agent.setdefault(job.agent, {})
-        counts[job.state] = counts.get(job.state, 0) + 1
-    items = []
-    for row in store.list_agents():
-        snapshot_row = store.latest_snapshot(row.name)
-        snapshot = snapshot_row.data if snapshot_row else None
-        gpus = (snapshot or {}).get("gpus") or []
-        age = age_seconds(row.last_seen)
-        state = row.state
-        if state == "online" and (age is None or age > stale_after):
-            state = "stale"  # nobody refreshed it: old data must not look live
-        totals = [g.get("memory_total_bytes") for g in gpus]
-        frees = [g.get("memory_free_bytes") for g in gpus]
-        items.append({
-            "name": row.name,
-            "state": state,
-            "recorded_state": row.state,
-            "reason": row.state_reason,
-            "msg": row.state_msg,
-            "state_since": row.state_since,
-            "last_seen": row.last_seen,
-            "last_seen_age_s": round(age, 1) if age is not None else None,
-            "consecutive_misses": row.consecutive_misses,
-            "snapshot_recorded_at": snapshot_row.recorded_at if snapshot_row else None,
-            "snapshot_age_s": round(age_seconds(snapshot_row.recorded_at), 1) if snapshot_row else None,
-            "captured_at": (snapshot or {}).get("captured_at"),
-            "backend": (snapshot or {}).get("backend"),
-            "gpus": [{k: g.get(k) for k in ("index", "name", "uuid", "memory_total_bytes", "memory_free_bytes",
-                                            "memory_used_bytes", "utilization_gpu_percent", "temperature_c",
-                                            "health")} for g in gpus],
-            "memory_total_bytes": sum(totals) if gpus and None not in totals else None,
-            "memory_free_bytes": sum(frees) if gpus and None not in frees else None,
-            "jobs": jobs_by_agent.get(row.name, {}),
-        })
-    return items
-
-
 def _gpu_summary(gpus: list[dict]) -> str:
     if not gpus:
         return "-"
@@ -430,7 +390,7 @@ def _gpu_summary(gpus: list[dict]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     fleet = _fleet(args)
     with fleet.open_store() as store:
-        items = _status_items(store, args.stale_after)
+        items = status_items(store, args.stale_after)
     if args.json:
         print(dumps(items))
         return 0
