@@ -1,4 +1,5 @@
-"""`hwledger fleet`: register-ssh, list, status, remove, serve."""
+"""`hwledger fleet`: register-ssh, list, status, remove, serve (its watching and retention options, and
+`prune`, live in `fleet_watch`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils.agent_values import
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.nvidia_smi import DEFAULT_GPU_QUERY_CMD
 
 from hwledger import agents_file, hostkeys
+from hwledger.commands import fleet_watch
 from hwledger.display import dumps, human_age, human_bytes, printable, table
 from hwledger.errors import UserError
 from hwledger.fanout import DEFAULT_MAX_PARALLEL, SshFanoutHeartbeat
@@ -98,7 +100,9 @@ def register(subparsers) -> None:
     serve.add_argument("--max-parallel", type=int, default=DEFAULT_MAX_PARALLEL, metavar="N",
                        help="ssh processes at once in a fanout tick (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    fleet_watch.add_serve_options(serve)
     serve.set_defaults(func=cmd_serve)
+    fleet_watch.add_prune_parser(sub, files)
 
 
 def _fleet(args: argparse.Namespace) -> Fleet:
@@ -480,10 +484,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from hwledger.server import Server  # pylint: disable=import-outside-toplevel  # the one importer of the loop
 
     fleet = _fleet(args)
+    companions = fleet_watch.serve_companions(args, fleet)
     transport = None  # Server's default: the ansible-runner heartbeat
     if args.transport == "fanout":
         transport = SshFanoutHeartbeat(fleet.policy(), query_timeout_s=args.query_timeout,
                                        max_parallel=args.max_parallel)
     server = Server(fleet, interval_s=args.interval, transport=transport,
-                    max_parallel_jobs=args.max_parallel_jobs, query_timeout_s=args.query_timeout)
+                    max_parallel_jobs=args.max_parallel_jobs, query_timeout_s=args.query_timeout,
+                    companions=companions)
     return server.run(once=args.once, max_ticks=args.max_ticks)

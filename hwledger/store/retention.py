@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -74,12 +75,14 @@ class Retention:
         return int(self._conn.execute("PRAGMA auto_vacuum").fetchone()[0])
 
     def prune(self, *, jobs_before: datetime | None, events_before: datetime | None, dry_run: bool = False,
-              vacuum: bool = True, full_vacuum: bool = False, wait_for_readers: bool = False) -> PruneReport:
+              vacuum: bool = True, full_vacuum: bool = False, wait_for_readers: bool = False,
+              keep_going: Callable[[], bool] = lambda: True) -> PruneReport:
         """Remove finished jobs that finished before `jobs_before` and events before `events_before` (None:
         keep them all), and the page's history older than an hour. Then hand the freed pages back when
         `vacuum`; `full_vacuum` also allows the one-off full VACUUM of a store from before incremental
         auto-vacuum. `wait_for_readers`: checkpoint the log fully at the end (waits for readers), so the
-        sizes reported are final; otherwise a passive checkpoint (the next checkpoint finishes the job)."""
+        sizes reported are final; otherwise a passive checkpoint (the next checkpoint finishes the job).
+        `keep_going` is asked between batches: False stops the prune there (the server is stopping)."""
         started = time.monotonic()
         if events_before is not None and events_before > datetime.now(timezone.utc) - timedelta(days=MIN_EVENT_AGE_DAYS):
             raise ValueError(f"events younger than {MIN_EVENT_AGE_DAYS} day(s) are never pruned")
@@ -93,16 +96,16 @@ class Retention:
             report.history = self._count("SELECT count(*) FROM gpu_memory_history WHERE minute < ?", history_cut)
         else:
             if report.jobs_before:
-                report.jobs = self._prune_jobs(report.jobs_before)
-            if report.events_before:
-                report.events = self._prune_events(report.events_before)
+                report.jobs = self._prune_jobs(report.jobs_before, keep_going)
+            if report.events_before and keep_going():
+                report.events = self._prune_events(report.events_before, keep_going)
             with self._write() as conn:
                 report.history = conn.execute("DELETE FROM gpu_memory_history WHERE minute < ?",
                                               (history_cut,)).rowcount
         mode = self.auto_vacuum_mode()
         report.needs_full_vacuum = mode == AUTO_VACUUM_NONE
-        if vacuum and not dry_run:
-            report.vacuum = self._vacuum(mode, full=full_vacuum)
+        if vacuum and not dry_run and keep_going():
+            report.vacuum = self._vacuum(mode, full=full_vacuum, keep_going=keep_going)
             if report.vacuum == "full":
                 report.needs_full_vacuum = False
         self._conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if wait_for_readers else 'PASSIVE'})").fetchall()
@@ -122,7 +125,7 @@ class Retention:
 
     # -- deleting --------------------------------------------------------------------------
 
-    def _prune_jobs(self, cut: str) -> int:
+    def _prune_jobs(self, cut: str, keep_going: Callable[[], bool]) -> int:
         states = sorted(JOB_TERMINAL_STATES)
         sql = (f"DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs WHERE state IN "
                f"({', '.join('?' * len(states))}) AND coalesce(finished_at, updated_at) < ? LIMIT ?)")
@@ -131,10 +134,10 @@ class Retention:
             with self._write() as conn:
                 count = conn.execute(sql, (*states, cut, PRUNE_BATCH_ROWS)).rowcount
             removed += count
-            if count < PRUNE_BATCH_ROWS:
+            if count < PRUNE_BATCH_ROWS or not keep_going():
                 return removed
 
-    def _prune_events(self, cut: str) -> int:
+    def _prune_events(self, cut: str, keep_going: Callable[[], bool]) -> int:
         removed = 0
         while True:
             with self._write() as conn:
@@ -145,7 +148,7 @@ class Retention:
                     (cut, PRUNE_BATCH_ROWS)).rowcount
                 conn.execute("DELETE FROM prune_gate")
             removed += count
-            if count < PRUNE_BATCH_ROWS:
+            if count < PRUNE_BATCH_ROWS or not keep_going():
                 return removed
 
     # -- giving the space back -------------------------------------------------------------
@@ -153,11 +156,11 @@ class Retention:
     def _freelist(self) -> int:
         return int(self._conn.execute("PRAGMA freelist_count").fetchone()[0])
 
-    def _vacuum(self, mode: int, *, full: bool) -> str | None:
+    def _vacuum(self, mode: int, *, full: bool, keep_going: Callable[[], bool]) -> str | None:
         if mode == AUTO_VACUUM_INCREMENTAL:
             if not self._freelist():
                 return None
-            while self._freelist():
+            while self._freelist() and keep_going():
                 before = self._freelist()
                 with self._write() as conn:
                     conn.execute(f"PRAGMA incremental_vacuum({VACUUM_BATCH_PAGES})").fetchall()
