@@ -11,10 +11,12 @@ Why it is shaped this way:
 - Only finished jobs go (succeeded, failed, timed_out, cancelled, lost), by when they finished; a queued or
   running job is never pruned, however old. `job_totals` (the finished-jobs counter) is not lowered.
 - The file shrinks: a store created by this hwledger uses incremental auto-vacuum, and freed pages are
-  handed back in batches (`PRAGMA incremental_vacuum`). A store created before that (auto_vacuum NONE) can
-  switch only through a full `VACUUM`, which rewrites the whole file while holding the write lock: the
-  `hwledger fleet prune` command does that once when asked to vacuum, the server never does (a long rewrite
-  would hold back its heartbeats), it only reuses the freed pages.
+  handed back in batches (`PRAGMA incremental_vacuum`), each a short write transaction: what the server's
+  hourly prune does. `hwledger fleet prune` may rewrite the file instead (`VACUUM`, holding the write lock
+  for its duration) when more than a quarter of it is free, which is much faster, and it must for a store
+  created before schema v2 (auto_vacuum NONE), which only a VACUUM can switch to incremental. The server
+  never rewrites (a long rewrite would hold back its heartbeats); on such an old store it reuses the freed
+  pages in place until someone runs `hwledger fleet prune`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from hwledger.store.schema import HISTORY_MINUTES, JOB_TERMINAL_STATES, MIN_EVEN
 
 PRUNE_BATCH_ROWS = 2000
 VACUUM_BATCH_PAGES = 2048  # 8 MiB of 4 KiB pages per write transaction
+REWRITE_WHEN_FREE = 4  # with `full_vacuum`: rewrite the file when more than 1/4 of its pages are free
 AUTO_VACUUM_NONE, AUTO_VACUUM_FULL, AUTO_VACUUM_INCREMENTAL = 0, 1, 2
 
 
@@ -79,8 +82,8 @@ class Retention:
               keep_going: Callable[[], bool] = lambda: True) -> PruneReport:
         """Remove finished jobs that finished before `jobs_before` and events before `events_before` (None:
         keep them all), and the page's history older than an hour. Then hand the freed pages back when
-        `vacuum`; `full_vacuum` also allows the one-off full VACUUM of a store from before incremental
-        auto-vacuum. `wait_for_readers`: checkpoint the log fully at the end (waits for readers), so the
+        `vacuum`; `full_vacuum` allows rewriting the file (VACUUM) when that is cheaper, or the only way (a
+        store from before incremental auto-vacuum). `wait_for_readers`: checkpoint the log fully at the end (waits for readers), so the
         sizes reported are final; otherwise a passive checkpoint (the next checkpoint finishes the job).
         `keep_going` is asked between batches: False stops the prune there (the server is stopping)."""
         started = time.monotonic()
@@ -157,6 +160,14 @@ class Retention:
         return int(self._conn.execute("PRAGMA freelist_count").fetchone()[0])
 
     def _vacuum(self, mode: int, *, full: bool, keep_going: Callable[[], bool]) -> str | None:
+        pages = int(self._conn.execute("PRAGMA page_count").fetchone()[0])
+        if full and (mode == AUTO_VACUUM_NONE or self._freelist() * REWRITE_WHEN_FREE > pages):
+            # A rewrite copies only the live pages, once: far cheaper than moving them one by one when much of
+            # the file is free (a year of a 100-agent fleet: 2 s against 90 s). It cannot run inside a
+            # transaction; it takes the write lock itself for the whole rewrite.
+            self._conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            self._conn.execute("VACUUM")
+            return "full"
         if mode == AUTO_VACUUM_INCREMENTAL:
             if not self._freelist():
                 return None
@@ -167,9 +178,4 @@ class Retention:
                 if self._freelist() >= before:
                     break  # nothing moved (should not happen): never loop for ever
             return "incremental"
-        if mode == AUTO_VACUUM_NONE and full:
-            # VACUUM cannot run inside a transaction; it takes the write lock itself for the whole rewrite.
-            self._conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            self._conn.execute("VACUUM")
-            return "full"
         return None  # FULL mode gives pages back at each commit; NONE without `full` reuses them in place
