@@ -83,3 +83,10 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def chromium_argv(chromium: str, profile: Path, *args: str) -> list[str]:
+    """Headless Chromium that needs nothing but this machine: no sandbox (tests run as root), no GPU, a
+    throw-away profile."""
+    return [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
+            f"--user-data-dir={profile}", *args]
