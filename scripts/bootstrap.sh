@@ -13,6 +13,19 @@ command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v git >/dev/null 2>&1 || need_pkgs+=(git)   # scripts/sanity.sh lists the files through git
 # venv needs ensurepip, which Debian ships separately (python3-venv); ansible-test's venvs need it too.
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+# For the tests of `hwledger fleet serve --http` (and the demo's screenshot): a real Prometheus scrapes it and
+# promtool checks its output; a headless Chromium loads the status page. Installed when root; otherwise
+# those tests skip with the reason (under CI=true they fail instead: CI runs as root, so it has them).
+test_pkgs=()
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || test_pkgs+=(prometheus)
+command -v chromium >/dev/null 2>&1 || test_pkgs+=(chromium)
+if [ ${#test_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    need_pkgs+=("${test_pkgs[@]}")
+  else
+    echo "bootstrap: not installed (their tests will skip): ${test_pkgs[*]}; 'sudo apt-get install ${test_pkgs[*]}'" >&2
+  fi
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "bootstrap: installing ${need_pkgs[*]} with apt-get"

@@ -96,8 +96,9 @@ def test_the_grafana_dashboard_queries_only_exported_metrics(fleet_store):
 
     def walk(node):
         if isinstance(node, dict):
-            if isinstance(node.get("expr"), str):
-                exprs.append(node["expr"])
+            for key in ("expr", "definition", "query"):  # panel queries and the template variable's
+                if isinstance(node.get(key), str):
+                    exprs.append(node[key])
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
@@ -112,7 +113,7 @@ def test_the_grafana_dashboard_queries_only_exported_metrics(fleet_store):
 
 def test_the_readme_lists_every_hwledger_metric(fleet_store):
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Watch the fleet"):]
+    section = readme[readme.index("Watch the fleet: `/metrics`"):]
     families = {re.sub(r"_(bucket|count|sum)$", "", name) for name in exported_names(fleet_store)
                 if name.startswith("hwledger_")}
     missing = sorted(name for name in families if f"`{name}" not in section)
