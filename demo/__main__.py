@@ -168,7 +168,7 @@ def watch(env: dict[str, str]) -> None:
         server = subprocess.Popen([str(a) for a in argv], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         base = None
-        for _ in range(100):  # the port it picked, from its log (at most 20 s)
+        for _attempt in range(100):  # the port it picked, from its log (at most 20 s)
             found = re.search(r"serving (http://127\.0\.0\.1:\d+)/", log_path.read_text(errors="replace"))
             if found or server.poll() is not None:
                 base = found.group(1) if found else None
@@ -176,7 +176,7 @@ def watch(env: dict[str, str]) -> None:
             time.sleep(0.2)
         if base is None:
             raise SystemExit(f"demo: serve --http did not start:\n{log_path.read_text(errors='replace')}")
-        for _ in range(50):  # the job is on its way (at most 10 s): the page shows it
+        for _attempt in range(50):  # the job is on its way (at most 10 s): the page shows it
             with urllib.request.urlopen(base + "/api/jobs?state=running", timeout=10) as answer:
                 if json.loads(answer.read()):
                     break

@@ -146,7 +146,7 @@ class WatchApp:
     def authorized(self, header: str | None) -> bool:
         if self.token is None:
             return True
-        scheme, _, given = (header or "").partition(" ")
+        scheme, _space, given = (header or "").partition(" ")
         presented = given.strip().encode("utf-8", "surrogateescape")
         return scheme.lower() == "bearer" and hmac.compare_digest(presented, self.token)
 
@@ -217,7 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(401, b"a bearer token is required (Authorization: Bearer <token>)\n", TEXT_TYPE, head,
                        {"WWW-Authenticate": 'Bearer realm="hwledger"'})
             return
-        path, _, query = self.path.partition("?")
+        path, _mark, query = self.path.partition("?")
         try:
             status, body, content_type = app.answer(path, query)
         except Exception:  # pylint: disable=broad-exception-caught

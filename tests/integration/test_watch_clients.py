@@ -26,7 +26,7 @@ def _big_jobs(fleet_env, agent: str, count: int) -> None:
     """Finished jobs with both output tails full (64 KiB each), as the server records them: /api/jobs then
     answers megabytes, more than the kernel buffers between a server and a client that never reads."""
     with fleet_env.store() as store:
-        for _ in range(count):
+        for _job in range(count):
             job = store.submit_job(agent, {"command": ["python3", "train.py"]})
             store.transition_job(job.id, ["queued"], "dispatched")
             store.transition_job(job.id, ["dispatched"], "running")
@@ -45,7 +45,7 @@ def test_a_client_that_never_reads_and_many_clients_never_hold_back_the_ticks(fl
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.connect(("127.0.0.1", port))
     stuck.sendall(b"GET /api/jobs HTTP/1.0\r\n\r\n")  # about 8 MB, never read
-    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]  # never send a byte
+    idle = [socket.create_connection(("127.0.0.1", port)) for _idle in range(16)]  # never send a byte
     with fleet_env.store() as store:
         seen_before = store.get_agent(host.name).last_seen
     started, ticks_before = time.monotonic(), _ticks(base)
@@ -55,7 +55,7 @@ def test_a_client_that_never_reads_and_many_clients_never_hold_back_the_ticks(fl
 
     def client(n: int) -> None:
         for path in ("/metrics", "/", "/api/fleet", "/api/jobs?limit=5", "/metrics")[n % 2:]:
-            status, _ = get(base + path, timeout=60)
+            status, _body = get(base + path, timeout=60)
             with lock:
                 statuses.append(status)
 
@@ -89,7 +89,7 @@ def test_serve_prunes_old_rows_from_the_start_and_counts_them(fleet_env, lab):
     long_ago = iso(datetime.now(timezone.utc) - timedelta(days=120))
     recent = iso(datetime.now(timezone.utc) - timedelta(days=3))
     with fleet_env.store() as store:
-        old, young = (store.submit_job(host.name, {"command": ["true"]}) for _ in range(2))
+        old, young = (store.submit_job(host.name, {"command": ["true"]}) for _job in range(2))
         for job, when in ((old, long_ago), (young, recent)):
             store.request_cancel(job.id)
             with store._write() as conn:  # pylint: disable=protected-access  # finished back then

@@ -75,8 +75,8 @@ def test_prometheus_scrapes_the_lab_fleet_and_promtool_accepts_it(fleet_env, lab
         assert len(result) == 1
         labels = result[0]["metric"]
         assert float(result[0]["value"][1]) == H200_FREE_BYTES
-        assert (labels["gpu"], labels["name"], labels["backend"], labels["job"]) == ("0", "NVIDIA H200", "nvidia",
-                                                                                    "hwledger")
+        expected = ("0", "NVIDIA H200", "nvidia", "hwledger")
+        assert (labels["gpu"], labels["name"], labels["backend"], labels["job"]) == expected
         assert labels["uuid"].startswith("GPU-")
         up = _query(port, 'up{job="hwledger"}')
         assert up and up[0]["value"][1] == "1"

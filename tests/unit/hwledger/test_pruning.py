@@ -33,7 +33,7 @@ def test_the_hourly_prune_runs_at_start_reports_and_stops(tmp_path):
     prune = HourlyPrune(fleet, jobs_age=timedelta(days=30), events_age=None, on_pruned=reports.append, every_s=3600)
     prune.start()
     try:
-        for _ in range(100):
+        for _attempt in range(100):
             if reports:
                 break
             prune._stop.wait(0.05)  # pylint: disable=protected-access

@@ -99,7 +99,7 @@ def test_dry_run_counts_and_changes_nothing(store, db):
 
 def test_the_file_shrinks_after_pruning_big_job_outputs(store):
     assert store.auto_vacuum_mode() == 2  # a new store is incremental
-    for _ in range(40):
+    for _job in range(40):
         _finished_job(store, days_ago=60, output="x" * 60000)
     store.prune(jobs_before=None, events_before=None, wait_for_readers=True)
     grown = store.size_bytes()

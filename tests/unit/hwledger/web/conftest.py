@@ -35,7 +35,7 @@ def fleet_store(tmp_path):
         record_outcomes(store, {"h200": ProbeOutcome.success(snapshot([H200])),
                                 "sparse": ProbeOutcome.success(snapshot([SPARSE])),
                                 "gone": ProbeOutcome.success(snapshot([H200]))})
-        for _ in range(3):
+        for _miss in range(3):
             record_outcomes(store, {"gone": ProbeOutcome.unreachable(
                 "ssh: Warning: Identity file /secret/keys/gone not accessible", agent="gone")})
         yield store

@@ -112,7 +112,7 @@ def test_routes_headers_and_methods(served):
 def test_the_bearer_token_is_required_on_every_path(served):
     base = served(TOKEN.encode())
     for path in ("/", "/metrics", "/api/fleet", "/api/jobs"):
-        status, headers, _ = _get(base + path)
+        status, headers, _body = _get(base + path)
         assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
         assert _get(base + path, token="wrong-token-wrong-token")[0] == 401
         assert _get(base + path, token=TOKEN)[0] == 200
@@ -122,11 +122,11 @@ def test_connections_past_the_cap_get_503_at_once_and_slots_come_back(served, mo
     monkeypatch.setattr(http, "MAX_CONNECTIONS", 3)
     base = served()
     port = int(base.rsplit(":", 1)[1])
-    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]  # connect, never send
+    idle = [socket.create_connection(("127.0.0.1", port)) for _idle in range(3)]  # connect, never send
     try:
         time.sleep(0.5)  # accepted and holding their slots
         started = time.monotonic()
-        status, _, _ = _get(base + "/metrics")
+        status = _get(base + "/metrics")[0]
         assert status == 503 and time.monotonic() - started < 5  # turned away, not queued behind them
     finally:
         for sock in idle:
@@ -135,5 +135,5 @@ def test_connections_past_the_cap_get_503_at_once_and_slots_come_back(served, mo
     while _get(base + "/metrics")[0] != 200:
         assert time.monotonic() < deadline, "the slots never came back"
         time.sleep(0.2)
-    _, _, body = _get(base + "/metrics")
+    body = _get(base + "/metrics")[2]
     assert b"hwledger_http_rejected_connections_total 1.0" in body
