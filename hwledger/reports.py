@@ -4,7 +4,9 @@ so the API and the CLI cannot drift apart)."""
 
 from __future__ import annotations
 
-from hwledger.store import JOB_ACTIVE_STATES, JobRow, Store, age_seconds
+from datetime import datetime, timezone
+
+from hwledger.store import JOB_ACTIVE_STATES, JobRow, Store, age_seconds, parse_time
 
 DEFAULT_STALE_AFTER_S = 30.0
 
@@ -37,6 +39,9 @@ def status_items(store: Store, stale_after: float) -> list[dict]:
             "last_seen": row.last_seen,
             "last_seen_age_s": round(age, 1) if age is not None else None,
             "consecutive_misses": row.consecutive_misses,
+            # An offline agent is dialled again only after its backoff (30 s doubling to 5 min).
+            "next_attempt_at": row.next_attempt_at,
+            "next_attempt_in_s": _seconds_until(row.next_attempt_at),
             "snapshot_recorded_at": snapshot_row.recorded_at if snapshot_row else None,
             "snapshot_age_s": round(age_seconds(snapshot_row.recorded_at), 1) if snapshot_row else None,
             "captured_at": (snapshot or {}).get("captured_at"),
@@ -49,6 +54,13 @@ def status_items(store: Store, stale_after: float) -> list[dict]:
             "jobs": jobs_by_agent.get(row.name, {}),
         })
     return items
+
+
+def _seconds_until(when: str | None) -> float | None:
+    moment = parse_time(when)
+    if moment is None:
+        return None
+    return round(max(0.0, (moment - datetime.now(timezone.utc)).total_seconds()), 1)
 
 
 DEFAULT_JOB_LIMIT = 200

@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime, timezone
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,7 +41,6 @@ from hwledger.heartbeat import (
     HeartbeatRunError,
     HeartbeatTransport,
     TickRecorder,
-    record_outcomes,
 )
 from hwledger.job_runs import (
     AnsibleJobs,
@@ -50,7 +50,7 @@ from hwledger.job_runs import (
     job_deadline_s,
     settle_job,
 )
-from hwledger.store import StateChange, age_seconds, utc_now
+from hwledger.store import AgentRow, StateChange, StoreError, age_seconds, parse_time, utc_now
 
 log = logging.getLogger("hwledger.server")
 
@@ -59,6 +59,9 @@ DEFAULT_MAX_PARALLEL_JOBS = 4
 STOP_GRACE_S = 1.5
 EVENT_THROTTLE_S = 60.0
 SERVE_LOCK_NAME = "serve.lock"
+# `hwledger fleet serve` exits with this when its store cannot be used any more (deleted, replaced,
+# read-only, disk full, damaged): nothing it does could be recorded.
+EXIT_STORE_FAILED = 4
 
 
 @dataclass
@@ -106,6 +109,18 @@ class _Orphan:
     job_id: str
     run_dir: str
     deadline: float
+
+
+_DIAL_ORDER = {state: rank for rank, state in enumerate(("online", "degraded", "error", "stale", "pending", "offline"))}
+
+
+def _due(row: AgentRow, now: datetime) -> bool:
+    """Whether an agent is asked this tick: not while its host key is refused (blocked until re-keyed),
+    and an offline agent only once its backoff is over (heartbeat.next_attempt)."""
+    if row.state == "host_key_changed":
+        return False
+    due = parse_time(row.next_attempt_at)
+    return due is None or due <= now
 
 
 def take_serve_lock(data_dir: Path) -> int:
@@ -179,9 +194,15 @@ class Server:
                 except Exception:  # pylint: disable=broad-exception-caught
                     pass
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for kind, (_last, count) in self._event_windows.items():
-            if count:  # occurrences not recorded yet
-                self.store.add_event(kind, occurrences=count)
+        stop_in_flight = getattr(self.transport, "stop_in_flight", None)
+        if stop_in_flight is not None:
+            stop_in_flight()  # execs of new connections still in flight go too (masters stay, ControlPersist)
+        try:
+            for kind, (_last, count) in self._event_windows.items():
+                if count:  # occurrences not recorded yet
+                    self.store.add_event(kind, occurrences=count)
+        except StoreError as exc:  # the store may be why we stop
+            log.warning("could not record the last server events: %s", exc)
         self.store.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases serve.lock
@@ -208,7 +229,17 @@ class Server:
             while not self.stop_event.is_set():
                 started = time.monotonic()
                 try:
+                    self.store.check_file()
                     report = self.tick()
+                except StoreError as exc:
+                    if exc.transient:
+                        log.warning("tick skipped: %s", exc)
+                        report = TickReport(started=started)
+                    else:
+                        # Nothing the server does can be recorded: stopping is the only honest thing left
+                        # (a supervisor restarts it against a store that works, or a person looks).
+                        log.critical("stopping: %s", exc)
+                        return EXIT_STORE_FAILED
                 except Exception as exc:  # pylint: disable=broad-exception-caught
                     # A daemon keeps its cadence through a bad tick (store busy too long, a bug in one
                     # host's data...): say it, record it, try again next tick.
@@ -366,23 +397,30 @@ class Server:
         self._check_orphans()
         self._reload_agents()
         rows = {row.name: row for row in self.store.list_agents()}
-        targets = [a for name, a in self._agents.items() if rows.get(name) and rows[name].state != "host_key_changed"]
+        now = datetime.now(timezone.utc)
+        targets = [agent for name, agent in self._agents.items() if name in rows and _due(rows[name], now)]
+        # Hosts that answered lately first: when new connections are rationed (a restarted server, a
+        # network blip), dead and never-seen hosts must not take the slots of the healthy ones.
+        targets.sort(key=lambda agent: _DIAL_ORDER.get(rows[agent.name].state, len(_DIAL_ORDER)))
         report.asked = len(targets)
-        recorder = TickRecorder(self.store)
+        recorder = TickRecorder(self.store, {agent.name: agent for agent in targets})
+        outcomes: dict = {}
         try:
-            report.outcomes = self.transport.tick(targets, cancel=self.stop_event.is_set,
-                                                  on_outcome=recorder.on_outcome, on_progress=recorder.on_progress)
+            outcomes = self.transport.tick(targets, cancel=self.stop_event.is_set, on_outcome=recorder.on_outcome,
+                                           on_progress=recorder.on_progress, budget_s=self.interval_s)
         except HeartbeatRunError as exc:
             report.error = str(exc)
             self._throttled_event("heartbeat_failed", msg=str(exc)[:2000], hosts=len(targets))
             log.error("heartbeat run failed (no host state changed): %s", printable(exc))
+        if self.stop_event.is_set():
+            report.duration_s = time.monotonic() - report.started
+            return report
+        report.outcomes = recorder.finish(outcomes, self.policy)
         report.changes = recorder.changes
-        if report.outcomes and not self.stop_event.is_set():
-            late = {name: o for name, o in report.outcomes.items() if name not in recorder.recorded}
-            report.changes = report.changes + record_outcomes(self.store, late)
-            for change in report.changes:
-                log.info("agent %s: %s -> %s%s", change.agent, change.old, change.new,
-                         f" ({change.reason}: {printable(change.msg, limit=300)})" if change.reason else "")
+        for change in report.changes:
+            log.info("agent %s: %s -> %s%s", change.agent, change.old, change.new,
+                     f" ({change.reason}: {printable(change.msg, limit=300)})" if change.reason else "")
+        if report.outcomes:
             report.dispatched = self._dispatch([name for name, o in report.outcomes.items() if o.ok])
         report.duration_s = time.monotonic() - report.started
         return report

@@ -112,6 +112,8 @@ class SshHost:
         self.bastion = bastion
         self.forwarding = forwarding
         self.gpu_query_cmd = tools.DEFAULT_GPU_QUERY_CMD
+        # Sessions sshd allows on one connection (MaxSessions); a shared-cluster host may allow only one.
+        self.max_sessions = 200
         self.dir = lab.root / "hosts" / name
         self.bin_dir = self.dir / "bin"
         self.tools_dir = self.dir / "tools"
@@ -169,7 +171,7 @@ class SshHost:
                 authorized_keys=f"{self.home}/.ssh/authorized_keys",
                 user=self.user,
                 max_startups="1000:30:1000",
-                max_sessions=200,
+                max_sessions=self.max_sessions,
                 tcp_forwarding=self.forwarding,
             ),
             "PermitUserEnvironment no",
@@ -460,10 +462,12 @@ class Lab:
         rc: int = 0,
         delay: float = 0.0,
         python: bool = False,
+        max_sessions: int = 200,
     ) -> SshHost:
         """A running host on its own 127.0.x.y (auto-picked unless given) and the lab's port."""
         # The address is settled at start (auto-picked ones may be taken by another test run).
         host = self._new_host(name, address=address or "", python=python)
+        host.max_sessions = max_sessions
         host.set_tool(tool, capture=capture, stdout=stdout, stderr=stderr, rc=rc, delay=delay)
         if address is not None:
             self._pin(host)

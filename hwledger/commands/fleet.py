@@ -61,7 +61,7 @@ def register(subparsers) -> None:
     status = sub.add_parser("status", parents=[files], help="state, last seen, GPUs and memory of every agent",
                             description="Show each agent's state, when it last answered, its GPUs and their memory.")
     status.add_argument("--json", action="store_true", help="print JSON")
-    status.add_argument("--stale-after", type=float, default=DEFAULT_STALE_AFTER_S, metavar="S",
+    status.add_argument("--stale-after", type=_seconds, default=DEFAULT_STALE_AFTER_S, metavar="S",
                         help="show an online agent as stale when its last answer is older than S seconds "
                              "(e.g. the server is not running; default %(default)s)")
     status.set_defaults(func=cmd_status)
@@ -103,6 +103,17 @@ def register(subparsers) -> None:
     fleet_watch.add_serve_options(serve)
     serve.set_defaults(func=cmd_serve)
     fleet_watch.add_prune_parser(sub, files)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more (`nan`, `inf` and negatives are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds, 0 or more, e.g. 30")
+    return value
 
 
 def _fleet(args: argparse.Namespace) -> Fleet:
@@ -406,7 +417,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         memory = "-"
         if item["gpus"]:
             memory = f"{human_bytes(item['memory_free_bytes'])} / {human_bytes(item['memory_total_bytes'])}"
-        rows.append([printable(item["name"]), item["state"], human_age(item["last_seen_age_s"]),
+        state = item["state"]
+        if item["next_attempt_in_s"] is not None:
+            state += f" (next try in {item['next_attempt_in_s']:.0f}s)"
+        rows.append([printable(item["name"]), state, human_age(item["last_seen_age_s"]),
                      _gpu_summary(item["gpus"]), memory])
     print(table(rows, ["AGENT", "STATE", "LAST SEEN", "GPUS", "MEMORY FREE / TOTAL"]))
     for item in items:

@@ -5,7 +5,7 @@ Why it is shaped this way:
 - Rows go in batches, each its own short write transaction, so a server writing heartbeats meanwhile waits
   at most one batch (milliseconds), never the whole prune.
 - Events stay append-only for everything younger than the cut: the delete trigger lets a row go only while
-  the transaction holds a cut in `prune_gate` (schema v2) and only when the row is older than it, and the
+  the transaction holds a cut in `prune_gate` (schema v3) and only when the row is older than it, and the
   gate is emptied before the transaction commits. A cut younger than MIN_EVENT_AGE_DAYS is refused by the
   gate itself, whatever the caller asks.
 - Only finished jobs go (succeeded, failed, timed_out, cancelled, lost), by when they finished; a queued or
@@ -14,7 +14,7 @@ Why it is shaped this way:
   handed back in batches (`PRAGMA incremental_vacuum`), each a short write transaction: what the server's
   hourly prune does. `hwledger fleet prune` may rewrite the file instead (`VACUUM`, holding the write lock
   for its duration) when more than a quarter of it is free, which is much faster, and it must for a store
-  created before schema v2 (auto_vacuum NONE), which only a VACUUM can switch to incremental. The server
+  created by an earlier hwledger (auto_vacuum NONE), which only a VACUUM can switch to incremental. The server
   never rewrites (a long rewrite would hold back its heartbeats); on such an old store it reuses the freed
   pages in place until someone runs `hwledger fleet prune`.
 """

@@ -5,11 +5,10 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-SCHEMA_VERSION = 2
-DEFAULT_BUSY_TIMEOUT_S = 15.0
-DEFAULT_SNAPSHOTS_KEPT = 12  # per agent; the latest good snapshot is kept besides these
+SCHEMA_VERSION = 3
 
-AGENT_STATES = ("pending", "online", "stale", "offline", "error", "host_key_changed", "removed")
+# `degraded`: the host answers, but a GPU it had is missing (fell off the bus).
+AGENT_STATES = ("pending", "online", "degraded", "stale", "offline", "error", "host_key_changed", "removed")
 JOB_STATES = ("queued", "dispatched", "running", "succeeded", "failed", "timed_out", "cancelled", "lost")
 JOB_TERMINAL_STATES = frozenset({"succeeded", "failed", "timed_out", "cancelled", "lost"})
 JOB_ACTIVE_STATES = frozenset({"dispatched", "running"})
@@ -27,6 +26,14 @@ def _state_check(column: str, states: Sequence[str]) -> str:
     return f"CHECK ({column} IN ({', '.join(repr(s) for s in states)}))"
 
 
+# A migration never changes once released: v1 keeps the states it was written with.
+_V1_AGENT_STATES = ("pending", "online", "stale", "offline", "error", "host_key_changed", "removed")
+_AGENT_V1_COLUMNS = (
+    "name, hostname, ip, port, ssh_user, key_path, key_fingerprint, host_key_fingerprint, bastion, "
+    "bastion_host_key_fingerprint, registered_at, state, state_reason, state_msg, state_since, last_seen, "
+    "last_attempt, consecutive_misses, last_snapshot_id, removed_at"
+)
+
 MIGRATIONS: tuple[str, ...] = (
     # v1
     f"""
@@ -42,7 +49,7 @@ MIGRATIONS: tuple[str, ...] = (
         bastion              TEXT,
         bastion_host_key_fingerprint TEXT,
         registered_at        TEXT NOT NULL,
-        state                TEXT NOT NULL DEFAULT 'pending' {_state_check('state', AGENT_STATES)},
+        state                TEXT NOT NULL DEFAULT 'pending' {_state_check('state', _V1_AGENT_STATES)},
         state_reason         TEXT,
         state_msg            TEXT,
         state_since          TEXT NOT NULL,
@@ -98,7 +105,44 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
         BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
     """,
-    # v2: retention (`hwledger fleet prune`) and what `serve --http` reads.
+    # v2: the reliability work. agents: the `degraded` state (SQLite cannot alter a CHECK, so the table is
+    # rebuilt), when an offline agent is dialled next (backoff), coalesced state events of a flapping
+    # agent (and an index to find its recent ones), and the GPUs it is expected to have. jobs: how many attempts a job may take, and when its
+    # command was launched on the host (an attempt counts from there).
+    f"""
+    CREATE TABLE agents_v2 (
+        name                 TEXT PRIMARY KEY,
+        hostname             TEXT NOT NULL,
+        ip                   TEXT,
+        port                 INTEGER NOT NULL,
+        ssh_user             TEXT NOT NULL,
+        key_path             TEXT NOT NULL,
+        key_fingerprint      TEXT,
+        host_key_fingerprint TEXT,
+        bastion              TEXT,
+        bastion_host_key_fingerprint TEXT,
+        registered_at        TEXT NOT NULL,
+        state                TEXT NOT NULL DEFAULT 'pending' {_state_check('state', AGENT_STATES)},
+        state_reason         TEXT,
+        state_msg            TEXT,
+        state_since          TEXT NOT NULL,
+        last_seen            TEXT,
+        last_attempt         TEXT,
+        consecutive_misses   INTEGER NOT NULL DEFAULT 0,
+        last_snapshot_id     INTEGER,
+        removed_at           TEXT,
+        next_attempt_at      TEXT,
+        state_events_coalesced INTEGER NOT NULL DEFAULT 0,
+        expected_gpus        TEXT
+    );
+    INSERT INTO agents_v2 ({_AGENT_V1_COLUMNS}) SELECT {_AGENT_V1_COLUMNS} FROM agents;
+    DROP TABLE agents;
+    ALTER TABLE agents_v2 RENAME TO agents;
+    CREATE INDEX events_by_agent ON events(agent, kind, id);
+    ALTER TABLE jobs ADD COLUMN max_attempts INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN launched_at TEXT;
+    """,
+    # v3: retention (`hwledger fleet prune`) and what `serve --http` reads.
     #
     # Events stay append-only for everything younger than the prune's cut. The pruner writes its cut into
     # `prune_gate` and deletes in the same transaction, then empties the gate before it commits, so no

@@ -1,5 +1,5 @@
 """What `hwledger fleet serve --http` reads besides agents, snapshots and jobs: the page's last hour of free
-memory, jobs counted by state, and the finished-jobs totals (tables and triggers of schema v2)."""
+memory, jobs counted by state, and the finished-jobs totals (tables and triggers of schema v3)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ Two sources:
 Naming follows https://prometheus.io/docs/practices/naming/: the `hwledger_` prefix, base units in the
 name (`_bytes`, `_seconds`, `_celsius`, `_watts`, `_ratio` for 0..1), `_total` on counters. A value the GPU
 did not report (null in the snapshot) is absent, never 0. GPU and host series exist only for agents that
-are `online`: a stale, offline or failing agent's last data would look live on a graph, and
+are `online` or `degraded` (they answered the latest heartbeat): a stale, offline or failing agent's last
+data would look live on a graph, and
 `hwledger_agent_state` says why they went. docs/metrics.md maps every name to nvidia_gpu_exporter's and
 dcgm-exporter's.
 """
@@ -35,6 +36,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TICK_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GPU_LABELS = ("agent", "gpu", "uuid", "name", "backend")
 SHOWN_AGENT_STATES = tuple(state for state in AGENT_STATES if state != "removed")  # removed agents are not listed
+# The states whose latest snapshot is live: it came with the latest heartbeat (`degraded`: the host answered
+# but a GPU it had is missing; the ones it still has are current).
+LIVE_STATES = frozenset({"online", "degraded"})
 
 # (metric name, help, snapshot key, scale): per GPU.
 GPU_GAUGES = (
@@ -73,7 +77,7 @@ class StoreCollector(Collector):
         now = time.time()
         with self.open_store() as store:
             agents = store.list_agents()
-            snapshots = {row.name: store.latest_snapshot(row.name) for row in agents if row.state == "online"}
+            snapshots = {row.name: store.latest_snapshot(row.name) for row in agents if row.state in LIVE_STATES}
             job_counts = store.job_counts()
             finished = store.finished_job_totals()
             size = store.size_bytes()

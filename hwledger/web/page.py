@@ -32,7 +32,8 @@ h1 { font-size: 22px; margin: 0 0 12px; }
 .head { display: flex; justify-content: space-between; align-items: center; gap: 8px; }
 .state { font-size: 12px; font-weight: 600; padding: 2px 8px; border-radius: 10px; background: #e4e7eb; }
 .state-online { border-top-color: #2e9d4f; } .state-online .state { background: #d5f2dd; color: #1d6b35; }
-.state-stale { border-top-color: #d69a00; } .state-stale .state { background: #fbefc9; color: #7a5800; }
+.state-stale, .state-degraded { border-top-color: #d69a00; }
+.state-stale .state, .state-degraded .state { background: #fbefc9; color: #7a5800; }
 .state-offline, .state-error { border-top-color: #d03b3b; }
 .state-offline .state, .state-error .state { background: #f9d9d9; color: #8f1f1f; }
 .state-host_key_changed { border-top-color: #7b3fc4; } .state-host_key_changed .state { background: #eadcf8; }
@@ -133,7 +134,7 @@ def agent_card(item: dict, history: dict[int, list[MemoryPoint]], now: datetime)
     if item.get("reason") and item.get("recorded_state") != "online":
         parts.append(f'<p class="msg">{text(item["reason"])}: {text(item.get("msg"), limit=300)}</p>')
     if item["gpus"]:
-        if state != "online":
+        if state not in ("online", "degraded"):
             parts.append(f'<p class="meta">GPU data from {text(human_age(item.get("snapshot_age_s")))}</p>')
         parts.append('<ul class="gpus">')
         parts += [gpu_block(gpu, history.get(gpu.get("index"), []), now) for gpu in item["gpus"]]

@@ -27,7 +27,11 @@ description:
     O(host_key_checking=off)), C(hwledger_gpu_query_cmd) and C(hwledger_agent) (the agent's configuration as a
     dictionary: C(name), C(hostname), C(ssh_user), C(ssh_key_path), C(ssh_port), C(gpu_query_cmd),
     C(host_key_fingerprint) and C(bastion))."
-  - "C(ansible_ssh_common_args) carries the host key policy (O(host_key_checking) against O(known_hosts_file),
+  - "C(ansible_ssh_common_args) starts with C(-F none): no ssh_config applies to these hosts, neither
+    C(~/.ssh/config) nor C(/etc/ssh/ssh_config), so a connection is made from the agents file alone, the same
+    in a terminal, under AWX or in a service, and a C(Host *) or C(Match exec) block cannot add a
+    C(ProxyCommand), C(RemoteCommand) or C(LocalCommand) to it. Put what a host needs in the agents file.
+    It then carries the host key policy (O(host_key_checking) against O(known_hosts_file),
     with C(HostKeyAlias=hwledger-agent-<name>) so a recycled address cannot match an old key),
     C(BatchMode=yes), C(IdentitiesOnly=yes), C(ForwardAgent=no), C(ForwardX11=no), C(ConnectTimeout),
     C(ServerAliveInterval), connection reuse (C(ControlMaster=auto), C(ControlPersist),

@@ -304,28 +304,38 @@ def _bastion_from_table(table: Any, report) -> Bastion | None:
     return Bastion(**values)
 
 
-def _key_file_warnings(index: int, agent: Agent, problems: _Problems) -> None:
-    keys = [("ssh_key_path", agent.ssh_key_path)]
+def key_file_problem(path: str, field_name: str = "ssh_key_path", whose: str = "this agent") -> str | None:
+    """What is wrong with a private key file as ssh will use it (missing, unreadable, readable by others),
+    with the fix; None when nothing is. Used when the file is loaded, and by the server when a host
+    refuses the key, so that "Permission denied (publickey)" names the real cause."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return (f"key file {path} does not exist, so ssh cannot log in to {whose}; create it (ssh-keygen -t "
+                f"ed25519 -f {path}) or point {field_name} at your private key")
+    except OSError as exc:
+        return f"cannot read key file {path}: {exc.strerror}"
+    if stat.S_ISREG(mode) and mode & 0o077:
+        return (f"key file {path} has mode {stat.S_IMODE(mode):04o}; ssh ignores private keys that others can "
+                f"read: run chmod 600 {path}")
+    if not os.access(path, os.R_OK):
+        return f"key file {path} cannot be read by this user (uid {os.geteuid()}); fix its owner or mode (0600)"
+    return None
+
+
+def agent_key_files(agent: Agent) -> list[tuple[str, str, str]]:
+    """(field, path, whose) of every private key an agent's connection uses: its own, and its bastion's."""
+    keys = [("ssh_key_path", agent.ssh_key_path, "this agent")]
     if agent.bastion is not None:
-        keys.append(("bastion.ssh_key_path", agent.bastion.ssh_key_path))
-    for field_name, path in keys:
-        whose = "the bastion" if field_name.startswith("bastion.") else "this agent"
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            problems.agent_problem(index, agent.name, field_name,
-                                   f"key file {path} does not exist, so ssh cannot log in to {whose}; create "
-                                   f"it (ssh-keygen -t ed25519 -f {path}) or point {field_name} at your private key",
-                                   warning=True)
-            continue
-        except OSError as exc:
-            problems.agent_problem(index, agent.name, field_name, f"cannot read key file {path}: {exc.strerror}",
-                                   warning=True)
-            continue
-        if stat.S_ISREG(mode) and mode & 0o077:
-            problems.agent_problem(index, agent.name, field_name,
-                                   f"key file {path} has mode {stat.S_IMODE(mode):04o}; ssh ignores private keys "
-                                   f"that others can read: run chmod 600 {path}", warning=True)
+        keys.append(("bastion.ssh_key_path", agent.bastion.ssh_key_path, "the bastion"))
+    return keys
+
+
+def _key_file_warnings(index: int, agent: Agent, problems: _Problems) -> None:
+    for field_name, path, whose in agent_key_files(agent):
+        problem = key_file_problem(path, field_name, whose)
+        if problem is not None:
+            problems.agent_problem(index, agent.name, field_name, problem, warning=True)
 
 
 def key_file_warnings(agents: list[Agent], source: str) -> list[str]:

@@ -47,6 +47,7 @@ import shlex
 from dataclasses import dataclass
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import telemetry
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.tool_parsing import clean_text
 
 PROBE_VERSION = 1
 HEADER_PREFIX = "HWLEDGER-PROBE/%d " % PROBE_VERSION
@@ -329,12 +330,6 @@ NO_ANSWER = "no_answer"
 MISS_REASONS = frozenset({"unreachable", NO_ANSWER})
 
 
-def _clean(text: str) -> str:
-    """Text that is safe to keep and to serialise anywhere (JSON, SQLite, a terminal escapes the rest):
-    bytes that were not UTF-8 arrive as lone surrogates, which an encoder refuses; they become U+FFFD."""
-    return text.encode("utf-8", "replace").decode("utf-8") if text else ""
-
-
 @dataclass(frozen=True)
 class ProbeOutcome:
     """One host's answer to one probe, whichever way it was asked (the ``gpu_query`` action, the app's
@@ -342,7 +337,7 @@ class ProbeOutcome:
 
     ``answered`` is False when the host did not run the probe: it could not be reached (or its host key
     was refused), or the exec did not come back before the controller's deadline. ``host`` carries the
-    host metrics that came back with a failure. Every string is clean text (``_clean``).
+    host metrics that came back with a failure. Every string is clean text (``tool_parsing.clean_text``).
     """
 
     ok: bool
@@ -355,8 +350,8 @@ class ProbeOutcome:
     answered: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "msg", _clean(self.msg))
-        object.__setattr__(self, "output_head", _clean(self.output_head))
+        object.__setattr__(self, "msg", clean_text(self.msg))
+        object.__setattr__(self, "output_head", clean_text(self.output_head))
 
     @classmethod
     def success(cls, snapshot: dict) -> "ProbeOutcome":

@@ -207,3 +207,13 @@ def test_serve_rejects_bad_numbers(env, capsys, argv, message):
     assert main(["fleet", "serve", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "five", ""])
+def test_stale_after_refuses_values_that_are_not_a_finite_duration(env, capsys, value):
+    _register_offline(env, "gpu1", [{"index": 0, "name": "H100"}])
+    with pytest.raises(SystemExit) as exc:
+        main(["fleet", "status", "--stale-after", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--stale-after" in err and "Traceback" not in err, err

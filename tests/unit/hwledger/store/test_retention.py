@@ -1,5 +1,5 @@
 """Retention (hwledger/store/retention.py): old finished jobs and old events go, everything younger stays
-append-only, the file shrinks, and a store from before schema v2 is migrated and can be shrunk too."""
+append-only, the file shrinks, and a store from an earlier hwledger is migrated and can be shrunk too."""
 
 from __future__ import annotations
 
