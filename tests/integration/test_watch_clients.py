@@ -41,13 +41,18 @@ def test_a_client_that_never_reads_and_many_clients_never_hold_back_the_ticks(fl
     port = int(base.rsplit(":", 1)[1])
     wait_for(lambda: _ticks(base) >= 2, timeout=60, what="the first ticks")
 
+    def seen():
+        with fleet_env.store() as store:
+            return store.get_agent(host.name).last_seen
+
+    wait_for(seen, timeout=60, what="the lab host's first answer")
+
     stuck = socket.socket()
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.connect(("127.0.0.1", port))
     stuck.sendall(b"GET /api/jobs HTTP/1.0\r\n\r\n")  # about 8 MB, never read
     idle = [socket.create_connection(("127.0.0.1", port)) for _idle in range(16)]  # never send a byte
-    with fleet_env.store() as store:
-        seen_before = store.get_agent(host.name).last_seen
+    seen_before = seen()
     started, ticks_before = time.monotonic(), _ticks(base)
 
     statuses: list[int] = []
@@ -71,8 +76,7 @@ def test_a_client_that_never_reads_and_many_clients_never_hold_back_the_ticks(fl
     time.sleep(2)
     elapsed, done = time.monotonic() - started, _ticks(base) - ticks_before
     assert done >= max(3, elapsed / INTERVAL_S / 5), (done, elapsed)
-    with fleet_env.store() as store:
-        assert store.get_agent(host.name).last_seen > seen_before
+    assert seen() > seen_before
     text = get(base + "/metrics")[1].decode()
     assert value(text, "hwledger_http_connections") >= 2  # the stuck client still holds its slot (and this one)
 
