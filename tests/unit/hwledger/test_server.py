@@ -206,3 +206,39 @@ def test_every_connection_that_writes_job_transitions_syncs_fully(fleet):
                 assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         server.close()
+
+
+class _Companion:
+    def __init__(self, fail_on_tick: bool = False):
+        self.calls: list[str] = []
+        self.fail_on_tick = fail_on_tick
+
+    def start(self):
+        self.calls.append("start")
+
+    def tick_done(self, report, *, elapsed_s, overran):
+        self.calls.append(f"tick:{report.asked}:{overran}")
+        if self.fail_on_tick:
+            raise RuntimeError("a companion bug")
+
+    def stop(self):
+        self.calls.append("stop")
+
+
+def test_companions_start_with_the_loop_hear_every_tick_and_stop_with_it(fleet):
+    watcher, broken = _Companion(), _Companion(fail_on_tick=True)
+    server = Server(fleet, interval_s=0.05, transport=_SlowTransport(delay=0.0), companions=[watcher, broken])
+    server.run(max_ticks=3)
+    assert watcher.calls == ["start", "tick:1:False", "tick:1:False", "tick:1:False", "stop"]
+    assert broken.calls[-1] == "stop" and len(broken.calls) == 5  # its failures did not stop the loop
+
+
+def test_a_companion_that_cannot_start_stops_the_server_with_its_error(fleet):
+    class _Refuses(_Companion):
+        def start(self):
+            raise UserError("--http 127.0.0.1:9835: the address is in use")
+
+    first, refusing = _Companion(), _Refuses()
+    with pytest.raises(UserError, match="in use"):
+        Server(fleet, interval_s=0.05, transport=_SlowTransport(delay=0.0), companions=[first, refusing]).run(once=True)
+    assert first.calls == ["start", "stop"] and refusing.calls == []
