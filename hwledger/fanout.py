@@ -367,6 +367,11 @@ class _FanoutLoop:
                 self._spawn(warm.pop(), cold=False)
             waiting = any(ex.waited_for and (not ex.cold or in_budget) for ex in self.running.values())
             if not (warm or (cold and in_budget) or waiting):
+                if self.running:
+                    # Execs of earlier ticks that ended meanwhile are reported now (a poll that does not
+                    # wait): a fleet whose only hosts are in flight must still hear from them.
+                    self._wait_events(time.monotonic())
+                    self._enforce_deadlines()
                 return True  # cold agents not started within the budget are asked by a later tick
             if self.running:
                 self._wait_events(cold_until)

@@ -430,3 +430,24 @@ def test_outcomes_are_classified_like_the_ansible_path_s() -> None:
     assert ProbeOutcome.from_module_result(watchdog.module_result()).reason == "timeout"
     assert not ProbeOutcome.from_module_result(watchdog.module_result()).missed
     assert json.loads(json.dumps(probe.ssh_command("echo 'x'"))).startswith("exec /bin/sh -c ")
+
+
+def test_a_lone_host_whose_dial_outlives_the_budget_is_heard_at_a_later_tick(fake: FakeFleet, policy) -> None:
+    """A first connection slower than the tick's budget goes on between ticks and is reported by a later
+    tick, even when it is the only host (no other exec keeps that tick's event loop running), and it is
+    not dialled again while it runs."""
+    fake.host("slow-1.test", sleep=1.0)
+    hb = transport(fake, policy)
+    try:
+        assert hb.tick([agent("slow-1")], cancel=never, budget_s=0.05) == {}
+        assert hb.in_flight() == ["slow-1"]
+        outcomes: dict = {}
+        give_up = time.monotonic() + 30  # the exec takes about a second; 30 s means it was never read
+        while "slow-1" not in outcomes and time.monotonic() < give_up:
+            time.sleep(0.2)
+            outcomes = hb.tick([agent("slow-1")], cancel=never, budget_s=0.05)
+        assert outcomes["slow-1"].ok, outcomes
+        assert hb.in_flight() == []
+        assert [kind for kind, _pid, host, _t in fake.events() if kind == "start" and host == "slow-1.test"] == ["start"]
+    finally:
+        hb.close()
