@@ -451,3 +451,29 @@ def test_a_lone_host_whose_dial_outlives_the_budget_is_heard_at_a_later_tick(fak
         assert [kind for kind, _pid, host, _t in fake.events() if kind == "start" and host == "slow-1.test"] == ["start"]
     finally:
         hb.close()
+
+
+def test_no_answer_over_a_warm_connection_retires_its_master(fake: FakeFleet, policy) -> None:
+    """An exec over a connection believed warm that gets no answer by its deadline: the master may be
+    wedged (its network died; it still takes sessions, which hang), so it is asked to exit and the next
+    dial is a fresh connection. A cold dial that times out has no master to retire."""
+    fake.host("ok-1.test")
+    control_dir = Path(tempfile.mkdtemp(prefix="hwl-", dir="/tmp"))  # masters are shared only with one
+    sharing = ssh.SshPolicy(known_hosts=policy.known_hosts, control_dir=str(control_dir))
+    hb = transport(fake, sharing, query_timeout_s=1, deadline_s=0.5)
+    try:
+        wedged, cold = agent("hang-1"), agent("hang-2")
+        hb.note_connection(wedged, True, 0.1)  # it answered a moment ago: its master is up
+        assert hb.is_warm(wedged, time.monotonic()) and not hb.is_warm(cold, time.monotonic())
+        outcomes = hb.tick([wedged, cold, agent("ok-1")], cancel=never)
+        assert outcomes["hang-1"].reason == outcomes["hang-2"].reason == "no_answer"
+        assert outcomes["ok-1"].ok
+        give_up = time.monotonic() + 10
+        while not [e for e in fake.events() if e[0] == "op"] and time.monotonic() < give_up:
+            time.sleep(0.05)
+        assert [(kind, op, host) for kind, op, host, _t in fake.events() if kind == "op"] == [("op", "exit", "hang-1.test")]
+        assert not hb.is_warm(wedged, time.monotonic())  # the next dial is a new connection
+    finally:
+        hb.close()
+        shutil.rmtree(control_dir, ignore_errors=True)
+    assert leftover_processes(str(fake.root)) == []
