@@ -255,7 +255,7 @@ class AnsibleRuns:
                 forks=self.forks,
                 quiet=True,
                 suppress_env_files=True,
-                fact_cache_type="jsonfile",
+                fact_cache_type="memory",
             )
             config.prepare()
             if config.pexpect_timeout != CANCEL_POLL_S:  # the settings file was not read
@@ -302,7 +302,7 @@ class AnsibleRuns:
         a `{{ lookup('pipe', ...) }}` in an agent's gpu_query_cmd would run on the controller. Tagged
         unsafe, every value is data for Ansible, as the ssh_agents inventory plugin makes it too.
         """
-        text = yaml.serialize(_unsafe_node(data), Dumper=yaml.SafeDumper, allow_unicode=False, width=1 << 20)
+        text = yaml.serialize(_unsafe_node(data), Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), allow_unicode=False, width=1 << 20)
         private_files.write_atomically(path, text.encode("utf-8"))
         return path
 

@@ -242,3 +242,42 @@ def test_results_are_plain_data(bin_dir, shell):
     gpu = result["ansible_facts"]["hwledger_snapshot"]["gpus"][0]
     assert gpu["name"] == name
     assert isinstance(gpu["name"], str)
+
+
+# --- knobs read from the host's variables, and the summary line ----------------------------------------
+
+
+def test_knobs_come_from_the_host_variables_when_the_task_gives_none(bin_dir, shell):
+    """The playbooks template nothing per host: the action reads hwledger_gpu_query_timeout and
+    hwledger_host_metrics itself (as -e k=v strings too)."""
+    fake_tool(bin_dir, "nvidia-smi", "printf '0, GPU, 1024 MiB, 1024 MiB\\n'")
+    task_vars = dict(TASK_VARS, hwledger_gpu_query_timeout="7", hwledger_host_metrics="false")
+    result = make_action({}, shell).run(task_vars=task_vars)
+    assert result["ansible_facts"]["hwledger_snapshot"].get("host") is None
+    assert re.search(r"^M=0$", shell.calls[0][0], re.M)
+    assert re.search(r"^T=7$", shell.calls[0][0], re.M), shell.calls[0][0][:400]
+    # The task's own options win over the variables.
+    make_action({"timeout": 3, "host_metrics": True}, shell).run(task_vars=task_vars)
+    assert re.search(r"^T=3$", shell.calls[1][0], re.M) and re.search(r"^M=1$", shell.calls[1][0], re.M)
+
+
+def test_a_bad_knob_is_a_clear_failure_and_nothing_runs(shell):
+    result = make_action({}, shell).run(task_vars=dict(TASK_VARS, hwledger_gpu_query_timeout="soon"))
+    assert result["failed"] is True
+    assert "hwledger_gpu_query_timeout must be a number, got 'soon'" in result["msg"]
+    assert shell.calls == []
+
+
+def test_summary_line_of_a_host_that_answered(bin_dir, shell):
+    fake_tool(bin_dir, "nvidia-smi", "printf '0, NVIDIA H100 80GB HBM3, 81559 MiB, 81000 MiB\\n1, {{ x }}, [N/A], [N/A]\\n'")
+    result = make_action({}, shell).run(task_vars=dict(TASK_VARS))
+    line = result["summary"]
+    assert line.startswith("gpu-box-1: 2 GPU(s) (nvidia, ")
+    assert "; [0] NVIDIA H100 80GB HBM3: 81000 of 81559 MiB free; [1] {{ x }}: memory unknown; load " in line
+    assert re.search(r"; load \d+(\.\d+)? on \d+ CPUs, \d+(\.\d+)? of \d+(\.\d+)? GiB memory available$", line)
+
+
+def test_summary_line_of_a_failure_names_the_reason_once(shell):
+    result = make_action({}, shell).run(task_vars=dict(TASK_VARS))  # no nvidia-smi on PATH
+    assert result["summary"].startswith("gpu-box-1: FAILED (tool_not_found): 'nvidia-smi' was not found")
+    assert result["summary"].count("gpu-box-1") == 1
