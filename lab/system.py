@@ -172,18 +172,21 @@ def die_with_parent() -> None:
 # --- login accounts -----------------------------------------------------------------------------
 
 
-def create_alias_account(name: str, home: Path, lab_id: str) -> None:
-    """Create a uid-0 alias account whose login shell is /bin/sh and whose HOME is ``home``.
+def create_alias_account(name: str, home: Path, lab_id: str, *, shell: str = "/bin/sh") -> None:
+    """Create a uid-0 alias account whose login shell is ``shell`` (/bin/sh) and whose HOME is ``home``.
 
     Why not log in as root: sshd starts root's login shell, and bash sources ~/.bashrc even for a
     non-interactive ``ssh host cmd``; root's rc files may prepend their own PATH (this very machine's
     .bashrc puts pyenv's python3 first), which would defeat the point of a remote PATH without python3.
     /bin/sh (dash) reads no rc file for ``sh -c``, so sshd's SetEnv PATH is exactly the remote PATH.
     The account is uid 0 so it may read the lab's private (0700) directories, and it has no password
-    ('*', not '!': sshd with UsePAM no refuses locked accounts)."""
+    ('*', not '!': sshd with UsePAM no refuses locked accounts).
+
+    ``shell="/bin/bash"`` makes the other kind of host on purpose: bash sources ``~/.bashrc`` for ``ssh host
+    cmd``, so an rc file there changes the remote PATH as a rented box's does (pyenv, conda)."""
     argv = [
         "useradd", "--system", "--non-unique", "--uid", "0", "--gid", "0",
-        "--no-create-home", "--no-user-group", "--home-dir", str(home), "--shell", "/bin/sh",
+        "--no-create-home", "--no-user-group", "--home-dir", str(home), "--shell", shell,
         "--password", "*", "--comment", f"{ACCOUNT_COMMENT} {lab_id}", name,
     ]  # fmt: skip
     # Several test runs may edit /etc/passwd at once: useradd gives up at once on a held lock.
