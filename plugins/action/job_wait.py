@@ -3,8 +3,11 @@
 """Follow a started job and read its result, bounded (hwledger.fleet.job_wait); the scripts are in
 plugin_utils/job_remote.py.
 
-Why polls back off from 0.1 s: a trivial job ends a few tenths of a second after it starts, and each poll is
-one multiplexed exec (milliseconds); a fixed 2 s poll made every job last at least 2 s more than it ran.
+Why polls start fast: a trivial job ends a few tenths of a second after it starts, and each poll is one
+multiplexed exec (milliseconds); a fixed 2 s poll made every job last up to 2 s more than it ran. The first
+poll (0.1 s after the start) watches the job on the remote every 50 ms for up to a second, so a short job is
+seen to end at once; later polls are instant and back off to poll_s, so a long job costs an exec every
+poll_s seconds and holds no connection in between.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_remote, 
 ARGUMENT_SPEC = module_doc.argument_spec(job_wait_doc.DOCUMENTATION)
 
 FIRST_POLL_S = 0.1
+FIRST_WAIT_S = 1.0  # the first poll watches the job on the remote for up to this long (every 50 ms)
 BACKOFF = 1.5
 EXEC_DEADLINE_S = 60  # one poll or check (a hung connection is cut, and the next poll tries again)
 READ_DEADLINE_S = 300  # the read of result.json: a FIFO swapped in would block head forever
@@ -49,7 +53,8 @@ class ActionModule(ActionBase):
             token = job_remote.new_token()
             found = job_remote.parse_inspect(self._exec(job_remote.inspect_script(path, token))["stdout"], token)
             self._check(found, args["result_max_bytes"], host, runner_rc, state)
-            read = self._exec(job_remote.read_command(path, args["result_max_bytes"]), READ_DEADLINE_S)
+            read = self._exec(job_remote.read_command(path, args["result_max_bytes"], then_remove=True),
+                              READ_DEADLINE_S)
         except job_remote.RemoteStepError as exc:
             result.update(failed=True, reason=exc.reason, msg=wrap_var(str(exc)))
             return result
@@ -57,6 +62,7 @@ class ActionModule(ActionBase):
             changed=True,
             runner_rc=runner_rc,
             runner_stdout=found["out"],
+            removed=read.get("rc") == 0,  # the read also removed the private directory
             read={"rc": read.get("rc"), "stdout": read.get("stdout", ""), "stderr": read.get("stderr", ""),
                   "failed": False},
             # Up to result_max_bytes + 1 raw bytes of the remote, validated by job_result next: no callback
@@ -77,12 +83,15 @@ class ActionModule(ActionBase):
         deadline = time.monotonic() + timeout_s
         delay = FIRST_POLL_S
         failures = 0
+        first = job_remote.poll_script(path, pid, wait_s=min(FIRST_WAIT_S, timeout_s))
         script = job_remote.poll_script(path, pid)
+        polls = 0
         while True:
             time.sleep(delay)
             delay = min(delay * BACKOFF, poll_s)
             try:
-                state, runner_rc = job_remote.parse_poll(self._exec(script)["stdout"])
+                state, runner_rc = job_remote.parse_poll(self._exec(first if polls == 0 else script)["stdout"])
+                polls += 1
                 failures = 0
             except AnsibleConnectionFailure:
                 # The job runs on, detached: a dropped connection is retried with a new one.

@@ -17,7 +17,8 @@ description:
   - When the runner has ended, checks C(result.json) without opening it (C(ls -lnd), an lstat). It must be a
     regular file, not a symlink, owned by the connection's user and at most O(result_max_bytes). Then reads
     it with C(head -c <result_max_bytes + 1> --), so a file swapped or grown after the check costs the
-    controller at most one byte more than the limit; M(hwledger.fleet.job_result) validates the bytes.
+    controller at most one byte more than the limit, and removes the job's private directory in the same
+    exec; M(hwledger.fleet.job_result) validates the bytes.
   - The result of a successful wait holds the raw bytes read; it is hidden from every callback (C(no_log)),
     failures are not (they hold no bytes of the result).
 author:
@@ -87,6 +88,11 @@ runner_stdout:
   returned: success
   type: str
   sample: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08  /tmp/hwledger-job-.../result.json"
+removed:
+  description: Whether the read also removed the job's private directory (the same exec, after the read).
+  returned: success
+  type: bool
+  sample: true
 read:
   description: The bounded read of C(result.json) (C(rc), C(stdout), C(stderr)), for
     M(hwledger.fleet.job_result).

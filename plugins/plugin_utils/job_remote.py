@@ -152,14 +152,22 @@ def parse_start(rc, stdout, stderr):
 # Poll, inspect, read
 
 
-def poll_script(path, pid):
-    """Prints ``done RC``, ``running`` or ``gone`` (the runner's wrapper vanished without an exit status)."""
+def poll_script(path, pid, wait_s=0.0):
+    """Prints ``done RC``, ``running`` or ``gone`` (the runner's wrapper vanished without an exit status).
+
+    With ``wait_s``, the remote checks every 50 ms for up to that long before answering ``running``: the
+    first poll of a job sees a short job end within 50 ms for the cost of one exec (where ``sleep`` takes
+    no fraction, the check is made once)."""
     d = shlex.quote(path)
-    return ("d=%s\n"
+    steps = int(round(float(wait_s) / 0.05))
+    return ("d=%s; p=%d; n=%d\n"
+            "while [ ! -f \"$d/runner.rc\" ] && [ \"$n\" -gt 0 ] && kill -0 \"$p\" 2>/dev/null && sleep 0.05 2>/dev/null; do\n"
+            "  n=$((n - 1))\n"
+            "done\n"
             "if [ -f \"$d/runner.rc\" ]; then echo \"done $(cat \"$d/runner.rc\")\"\n"
-            "elif kill -0 %d 2>/dev/null; then echo running\n"
+            "elif kill -0 \"$p\" 2>/dev/null; then echo running\n"
             "elif [ -f \"$d/runner.rc\" ]; then echo \"done $(cat \"$d/runner.rc\")\"\n"
-            "else echo gone; fi\n" % (d, int(pid)))
+            "else echo gone; fi\n" % (d, int(pid), steps))
 
 
 def parse_poll(stdout):
@@ -217,9 +225,15 @@ def _parse_ls(line):
     return {"kind": kind, "uid": int(fields[2]), "size": int(fields[4])}
 
 
-def read_command(path, max_bytes):
-    """The bounded read: ``head -c LIMIT+1 -- DIR/result.json`` (one byte past the limit tells it is too big)."""
-    return "head -c %d -- %s" % (int(max_bytes) + 1, shlex.quote(path + "/result.json"))
+def read_command(path, max_bytes, *, then_remove=False):
+    """The bounded read: ``head -c LIMIT+1 -- DIR/result.json`` (one byte past the limit tells it is too big).
+
+    ``then_remove``: the same exec then removes the private directory (the bytes are on their way to the
+    controller, which validates them; nothing else of the job is needed there), saving the role a step."""
+    command = "head -c %d -- %s" % (int(max_bytes) + 1, shlex.quote(path + "/result.json"))
+    if then_remove:
+        command = "%s; status=$?; %s; exit $status" % (command, remove_command(path))
+    return command
 
 
 def remove_command(path):

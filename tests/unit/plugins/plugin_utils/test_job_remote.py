@@ -203,3 +203,30 @@ def test_remove_command_refuses_anything_but_a_job_dir():
     with pytest.raises(ValueError):
         job_remote.remove_command("/home/user")
     assert job_remote.remove_command("/tmp/hwledger-job-a-1") == "rm -rf -- /tmp/hwledger-job-a-1"
+
+
+def test_the_first_poll_watches_the_job_end_on_the_remote(remote):
+    path = remote.base / "hwledger-job-x-3"
+    path.mkdir()
+    runner = subprocess.Popen(["/bin/sh", "-c", 'sleep 0.3; echo 5 > "$1/runner.rc"', "sh", str(path)])
+    try:
+        answer = remote.run(job_remote.poll_script(str(path), runner.pid, wait_s=5.0)).stdout.decode()
+        assert job_remote.parse_poll(answer) == ("done", 5)
+        assert job_remote.parse_poll(remote.run(job_remote.poll_script(str(path), 2**22 + 9)).stdout.decode()) == ("done", 5)
+    finally:
+        runner.wait()
+
+
+def test_a_poll_without_a_wait_answers_running_at_once(remote):
+    path = remote.base / "hwledger-job-x-4"
+    path.mkdir()
+    assert job_remote.parse_poll(remote.run(job_remote.poll_script(str(path), os.getpid())).stdout.decode()) == ("running", None)
+    assert job_remote.parse_poll(remote.run(job_remote.poll_script(str(path), 2**22 + 9, wait_s=5)).stdout.decode()) == ("gone", None)
+
+
+def test_the_read_can_remove_the_directory_in_the_same_exec(remote):
+    path = remote.base / "hwledger-job-x-5"
+    path.mkdir()
+    (path / "result.json").write_bytes(b"x" * 50)
+    proc = remote.run(job_remote.read_command(str(path), 10, then_remove=True))
+    assert proc.stdout == b"x" * 11 and proc.returncode == 0 and not path.exists()
