@@ -16,6 +16,7 @@ from ansible_collections.hwledger.fleet.plugins.modules import job_start as job_
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_remote, job_schema, module_doc
 
 ARGUMENT_SPEC = module_doc.argument_spec(job_start_doc.DOCUMENTATION)
+ARGUMENT_SPEC["job_json"]["no_log"] = True  # the job's env values (the documentation format has no such key)
 
 
 class ActionModule(ActionBase):

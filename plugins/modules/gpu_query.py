@@ -287,8 +287,8 @@ ansible_facts:
               sample: 498216415232
 summary:
   description:
-    - One line for people, as the C(hwledger.fleet.heartbeat) playbook prints it per host: the GPUs with their
-      free and total memory, and the host load and memory; or C(FAILED (reason): message).
+    - One line for people, as the C(hwledger.fleet.heartbeat) playbook prints it per host. It gives the GPUs with
+      their free and total memory and the host load and memory, or C(FAILED) with the reason and the message.
     - Built in Python from the values above (GPU names are the host's text, kept as data).
   returned: always
   type: str

@@ -36,7 +36,6 @@ options:
       - It holds the job's env values. It goes to the host on standard input and is returned by nothing.
     type: str
     required: true
-    no_log: true
   runner_source:
     description:
       - Controller path of the one-file runner (RV(hwledger.fleet.job_spec#module:runner_source)), sent with the
