@@ -182,6 +182,7 @@ class AnsibleRuns:
         timeout_s: float | None = None,
         label: str = "run",
         on_private_dir: Callable[[Path], None] | None = None,
+        skip_tags: str | None = None,
     ) -> PlaybookRun:
         """Run `playbook` (an FQCN such as `hwledger.fleet.heartbeat`, or a playbook file's path) and return
         what happened.
@@ -191,6 +192,7 @@ class AnsibleRuns:
         `on_private_dir(path)` is called with the run's private dir before ansible-playbook starts
         (the job worker records it, so a crashed server's orphaned run can be found by its path).
         `on_event` sees every kept host event as it arrives (from the runner thread).
+        `skip_tags`: tasks the run leaves out (filtered before any worker starts, so they cost nothing).
         """
         import ansible_runner  # imported here: ~0.2 s, and CLI commands that never run Ansible skip it
 
@@ -251,6 +253,7 @@ class AnsibleRuns:
                 inventory=str(inventory_file),
                 extravars=str(extravars_file),
                 limit=limit,
+                skip_tags=skip_tags,
                 envvars=envvars,
                 forks=self.forks,
                 quiet=True,
