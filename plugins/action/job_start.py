@@ -16,7 +16,7 @@ from ansible_collections.hwledger.fleet.plugins.modules import job_start as job_
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_remote, job_schema, module_doc
 
 ARGUMENT_SPEC = module_doc.argument_spec(job_start_doc.DOCUMENTATION)
-ARGUMENT_SPEC["job_json"]["no_log"] = True  # the job's env values (the documentation format has no such key)
+ARGUMENT_SPEC["job"]["no_log"] = True  # its job_json holds the job's env values (the doc format has no such key)
 
 
 class ActionModule(ActionBase):
@@ -32,18 +32,22 @@ class ActionModule(ActionBase):
         del tmp
         _validation, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
         host = str((task_vars or {}).get("inventory_hostname", "the host"))
+        job = args["job"]
         try:
-            job_id = job_schema.validate_job_id(args["job_id"])
+            job_id = job_schema.validate_job_id(job.get("job_id"))
+            job_json = job.get("job_json")
+            if not isinstance(job_json, str):
+                raise ValueError("job holds no job_json: give the whole registered result of job_spec")
             minutes = job_remote.stale_minutes(args["stale_age"]) if args["stale_age"] else 0
             script = job_remote.start_script(job_id, runner=args["runner"], tmp_base=args["tmp_base"],
                                              stale_age_minutes=minutes)
             bundle = None
             if args["runner"] != "hwledger":
-                if not args["runner_source"]:
-                    raise ValueError("runner_source is required unless runner=hwledger")
-                with open(args["runner_source"], "rb") as handle:
+                if not job.get("runner_source"):
+                    raise ValueError("job holds no runner_source, which runner=%s needs" % args["runner"])
+                with open(str(job["runner_source"]), "rb") as handle:
                     bundle = handle.read()
-            data = job_remote.start_input(to_bytes(args["job_json"]), bundle)
+            data = job_remote.start_input(to_bytes(job_json), bundle)
         except (job_schema.JobSpecError, ValueError, OSError) as exc:
             result.update(failed=True, reason="invalid_job", msg="%s: cannot start the job: %s" % (host, to_text(exc)))
             return result

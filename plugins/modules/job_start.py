@@ -26,21 +26,16 @@ description:
 author:
   - hwledger-fleet developers (!UNKNOWN)
 options:
-  job_id:
-    description: The job's id (a UUID, as validated by M(hwledger.fleet.job_spec)).
-    type: str
-    required: true
-  job_json:
+  job:
     description:
-      - The validated job spec as M(hwledger.fleet.job_spec) returns it (RV(hwledger.fleet.job_spec#module:job_json)).
-      - It holds the job's env values. It goes to the host on standard input and is returned by nothing.
-    type: str
+      - The registered result of M(hwledger.fleet.job_spec), whole, not its fields one by one (ansible-core 2.18
+        would parse a templated C(job_json) string back into a dict).
+      - Its RV(hwledger.fleet.job_spec#module:job_id), RV(hwledger.fleet.job_spec#module:job_json) (the job's env
+        values included; it goes to the host on standard input and is returned by nothing) and
+        RV(hwledger.fleet.job_spec#module:runner_source) (the one-file runner, sent with the job unless
+        O(runner=hwledger)) are used.
+    type: dict
     required: true
-  runner_source:
-    description:
-      - Controller path of the one-file runner (RV(hwledger.fleet.job_spec#module:runner_source)), sent with the
-        job unless O(runner=hwledger).
-    type: path
   runner:
     description:
       - V(auto) runs C(hwledger run) when it is on the remote PATH, else the staged runner with C(python3).
@@ -85,9 +80,7 @@ EXAMPLES = r"""
 
 - name: Start it on the host
   hwledger.fleet.job_start:
-    job_id: "{{ job.job_id }}"
-    job_json: "{{ job.job_json }}"
-    runner_source: "{{ job.runner_source }}"
+    job: "{{ job }}"
     stale_age: 8d
   register: started
 """

@@ -52,8 +52,8 @@ def test_one_exec_with_the_job_on_stdin_and_the_dir_returned(tmp_path, bundle):
     (tmp_path / "bin" / "python3").symlink_to(sys.executable)
     shell = LocalShell("%s:/usr/bin:/bin" % (tmp_path / "bin"))
     spec = job_schema.new_job(["true"], env={"TOKEN": "never-on-argv"}, timeout_s=10)
-    result = make_action({"job_id": spec["job_id"], "job_json": job_schema.encode_job(spec).decode(),
-                          "runner_source": bundle, "tmp_base": str(tmp_path)}, shell).run(task_vars={"inventory_hostname": "h"})
+    job = {"job_id": spec["job_id"], "job_json": job_schema.encode_job(spec).decode(), "runner_source": bundle}
+    result = make_action({"job": job, "tmp_base": str(tmp_path)}, shell).run(task_vars={"inventory_hostname": "h"})
     try:
         assert result.get("failed") is not True, result
         assert result["changed"] is True and result["runner"] == "staged" and result["pid"] > 0
@@ -67,23 +67,24 @@ def test_one_exec_with_the_job_on_stdin_and_the_dir_returned(tmp_path, bundle):
 def test_no_runner_says_what_the_remote_needs(tmp_path, bundle):
     shell = LocalShell(str(tmp_path))  # an empty PATH: no python3, no hwledger (sh builtins only)
     spec = job_schema.new_job(["true"])
-    result = make_action({"job_id": spec["job_id"], "job_json": job_schema.encode_job(spec).decode(),
-                          "runner_source": bundle, "tmp_base": str(tmp_path)}, shell).run(task_vars={"inventory_hostname": "h"})
+    job = {"job_id": spec["job_id"], "job_json": job_schema.encode_job(spec).decode(), "runner_source": bundle}
+    result = make_action({"job": job, "tmp_base": str(tmp_path)}, shell).run(task_vars={"inventory_hostname": "h"})
     assert result["failed"] is True and result["reason"] == "no_runner"
     assert result["msg"].startswith("h cannot run hwledger jobs: python3 is not on its PATH")
     assert "needs python3 (>= 3.8) on the remote" in result["msg"]
 
 
-@pytest.mark.parametrize("args, message", [
-    ({"job_id": "not-a-uuid"}, "job_id"),
-    ({"stale_age": "soon"}, "stale age"),
-    ({"runner_source": None}, "runner_source is required"),
+@pytest.mark.parametrize("job, args, message", [
+    ({"job_id": "not-a-uuid"}, {}, "job_id"),
+    ({}, {"stale_age": "soon"}, "stale age"),
+    ({"runner_source": None}, {}, "job holds no runner_source, which runner=auto needs"),
+    ({"job_json": {"command": ["true"]}}, {}, "job holds no job_json"),
 ])
-def test_bad_arguments_fail_before_any_exec(tmp_path, bundle, args, message):
+def test_bad_arguments_fail_before_any_exec(tmp_path, bundle, job, args, message):
     shell = LocalShell(str(tmp_path))
     spec = job_schema.new_job(["true"])
-    base = {"job_id": spec["job_id"], "job_json": job_schema.encode_job(spec).decode(), "runner_source": bundle}
-    base.update(args)
-    result = make_action(base, shell).run(task_vars={})
+    given = {"job_id": spec["job_id"], "job_json": job_schema.encode_job(spec).decode(), "runner_source": bundle}
+    given.update(job)
+    result = make_action({"job": given, **args}, shell).run(task_vars={})
     assert result["failed"] is True and message in result["msg"]
     assert shell.calls == []
