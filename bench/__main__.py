@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
+
 from bench.fleet import DEFAULT_CAPTURE, DEFAULT_QUERY_CMD, BenchFleet, BenchUnavailable
 from bench.measure import Meter, census, master_pids, median
 
@@ -306,7 +308,7 @@ def hang_case(fleet: BenchFleet, files, args: argparse.Namespace) -> dict:
 
     product = Product(files, query_timeout_s=args.hang_timeout, max_parallel=args.parallel, on_outcome=on_outcome)
     meter = Meter(product.control_dir, fleet.fleet_pids)
-    deadline = product.transport.deadline_s
+    deadline = probe.controller_deadline(args.hang_timeout)
     say(f"\nhang case: {args.hang_n} healthy hosts + a host whose tool sleeps + a black-holed address; "
         f"query timeout {args.hang_timeout} s (controller deadline {deadline} s)")
     ticks = []

@@ -61,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         _error(f"{exc.strerror or exc}{where}")
         return EXIT_OS_ERROR
+    except Exception as exc:  # pylint: disable=broad-exception-caught
+        # SQLite failing under a read (a damaged or vanished store): writes already say it through
+        # StoreError. sqlite3 is looked up, not imported: `hwledger run` on a GPU host never loads it.
+        sqlite3 = sys.modules.get("sqlite3")
+        if sqlite3 is None or not isinstance(exc, sqlite3.Error):
+            raise
+        _error(f"the store could not be read: {exc}. Check the file given by --db / HWLEDGER_DB (restore it, or "
+               "move it away to start a new one)")
+        return UserError.exit_code
 
 
 def _error(message: str) -> None:

@@ -33,7 +33,7 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, ssh
@@ -82,6 +82,9 @@ class _Exec:
     deadline: float           # time.monotonic()
     pidfd: int | None
     cold: bool = False          # no master expected: this exec opens the connection
+    # The tick that started it waits for it (a warm exec); a cold one, only within the tick's budget:
+    # after that it goes on between ticks.
+    waited_for: bool = True
     stdout: list[bytes] = field(default_factory=list)
     stderr: list[bytes] = field(default_factory=list)
     stdout_size: int = 0
@@ -90,6 +93,7 @@ class _Exec:
     timed_out: bool = False     # killed at the deadline
     too_large: bool = False     # killed for printing too much
     ended: float = 0.0
+    query: bool = True          # False: a liveness check (the GPU tool was not run)
 
 
 class SshFanoutHeartbeat:
@@ -121,8 +125,9 @@ class SshFanoutHeartbeat:
         self.backend = backend
         self.max_parallel = max_parallel_for_fd_limit(max_parallel)
         self.max_new_connections = min(max_new_connections, self.max_parallel)
-        self.deadline_s = probe.controller_deadline(self.query_timeout_s) if deadline_s is None else float(deadline_s)
-        if self.deadline_s <= 0:
+        # A fixed controller deadline for every exec (tests); None: each agent's query timeout plus the grace.
+        self.deadline_override = None if deadline_s is None else float(deadline_s)
+        if self.deadline_override is not None and self.deadline_override <= 0:
             raise ValueError(f"deadline_s must be positive, got {deadline_s!r}")
         self.ssh_binary = ssh_binary
         # An observer of every outcome as it arrives (tests, the benchmark), besides the tick's own hooks.
@@ -130,38 +135,68 @@ class SshFanoutHeartbeat:
         self._seen: dict[str, Agent] = {}
         self._answered: dict[str, tuple[Agent, float]] = {}  # name -> (agent, monotonic time)
         self._durations: dict[str, float] = {}  # name -> seconds its last exec took
+        # The execs still in flight between ticks (new connections that outlived a tick's budget).
+        self._loop: _FanoutLoop | None = None
+        self._liveness: set[str] = set()  # this tick's agents that get the liveness check
         ssh.prepare_control_dir(policy)
 
     # -- the protocol ------------------------------------------------------------------------
 
     def tick(self, agents: Sequence[Agent], *, cancel: Callable[[], bool], on_outcome: OnOutcome | None = None,
-             on_progress: Callable[[], None] | None = None) -> dict[str, ProbeOutcome]:
+             on_progress: Callable[[], None] | None = None, budget_s: float | None = None,
+             liveness: Collection[str] = ()) -> dict[str, ProbeOutcome]:
         """One heartbeat over `agents`. Hosts missing from the answer were not asked (cancelled, or
         the controller could not start their ssh) and keep their state. `on_outcome` sees each outcome as
-        it arrives; `on_progress` is called about every POLL_S while hosts are still out."""
+        it arrives; `on_progress` is called about every POLL_S while hosts are still out. The agents named
+        in `liveness` get the liveness check instead of the GPU query (their minimum interval has not passed).
+
+        `budget_s`: how long the tick waits for new connections. A host without a master (it has not
+        answered lately: a dead host, a silent listener, a black-holed address) costs up to ConnectTimeout
+        to dial; past the budget its exec goes on in the background, is not started again while it runs,
+        and its outcome is reported by the tick during which it ends. So dead hosts never hold the healthy
+        ones' cadence. None waits for every exec (register-ssh's first heartbeat)."""
         # Only the current agents are remembered: removed ones are forgotten (bounded memory).
         self._seen = {agent.name: agent for agent in agents}
         self._answered = {name: seen for name, seen in self._answered.items() if name in self._seen}
         self._durations = {name: took for name, took in self._durations.items() if name in self._seen}
-        if not agents:
+        if not agents and self._loop is None:
             return {}
-        return self.run_probes(agents, cancel=cancel, on_outcome=on_outcome, on_progress=on_progress)
+        self._liveness = set(liveness)
+        return self.run_probes(agents, cancel=cancel, on_outcome=on_outcome, on_progress=on_progress,
+                               budget_s=budget_s)
 
     # -- the fan-out ---------------------------------------------------------------------------
 
     def run_probes(self, agents: Sequence[Agent], *, cancel: Callable[[], bool] = lambda: False,
-                   on_outcome: OnOutcome | None = None,
-                   on_progress: Callable[[], None] | None = None) -> dict[str, ProbeOutcome]:
-        """Run the probe on every agent; {agent name: its outcome} for those asked."""
-        loop = _FanoutLoop(self, cancel, on_outcome, on_progress)
+                   on_outcome: OnOutcome | None = None, on_progress: Callable[[], None] | None = None,
+                   budget_s: float | None = None) -> dict[str, ProbeOutcome]:
+        """Run the probe on every agent; {agent name: its outcome} for those that answered during this call
+        (see `tick` for the budget)."""
+        loop = self._loop or _FanoutLoop(self)
+        self._loop = loop
         try:
-            loop.run(list(agents))
-        finally:
-            loop.abort()  # kills and reaps whatever is still running (only after an exception or a cancel)
+            finished = loop.run(list(agents), cancel, on_outcome, on_progress, budget_s)
+        except BaseException:
+            self.stop_in_flight()  # kills and reaps everything still running
+            raise
+        if not finished:  # cancelled
+            self.stop_in_flight()
+        elif not loop.running:
+            self.stop_in_flight()  # nothing in flight: hold no selector between ticks
         if loop.spawn_errors and not loop.results:
             raise HeartbeatRunError(
                 f"could not start ssh for any agent: {loop.spawn_errors[0]}")
         return loop.results
+
+    def in_flight(self) -> list[str]:
+        """The agents whose exec is still running between ticks (a connection being made)."""
+        return sorted(ex.agent.name for ex in self._loop.running.values()) if self._loop else []
+
+    def stop_in_flight(self) -> None:
+        """Kill (and reap) the execs still in flight: the server is stopping."""
+        if self._loop is not None:
+            self._loop.abort()
+            self._loop = None
 
     def is_warm(self, agent: Agent, now: float) -> bool:
         """Whether the agent's ssh master is (almost certainly) up: it answered within ControlPersist, with
@@ -187,14 +222,27 @@ class SshFanoutHeartbeat:
     def argv(self, agent: Agent, script: str) -> list[str]:
         return ssh.ssh_argv(agent, self.policy, probe.ssh_command(script), ssh_binary=self.ssh_binary)
 
+    def timeout_for(self, agent: Agent) -> float:
+        """The agent's GPU-tool timeout: its own query_timeout_s, else the server's."""
+        return agent.query_timeout_s if agent.query_timeout_s is not None else self.query_timeout_s
+
+    def deadline_for(self, agent: Agent) -> float:
+        """How long the controller waits for the agent's exec."""
+        if self.deadline_override is not None:
+            return self.deadline_override
+        return probe.controller_deadline(self.timeout_for(agent))
+
+    def wants_query(self, agent: Agent) -> bool:
+        return agent.name not in self._liveness
+
     def script(self, agent: Agent) -> str:
-        return probe.remote_script(agent.gpu_query_cmd, timeout_s=self.query_timeout_s,
-                                   host_metrics=self.host_metrics)
+        return probe.remote_script(agent.gpu_query_cmd, timeout_s=self.timeout_for(agent),
+                                   host_metrics=self.host_metrics, query=self.wants_query(agent))
 
     def evaluate(self, ex: _Exec, stdout: bytes) -> ProbeOutcome:
         """The outcome of one finished exec (the one parser: probe.evaluate)."""
         if ex.timed_out:
-            return probe.exec_timeout_failure(agent=ex.agent.name, timeout_s=self.query_timeout_s)
+            return probe.exec_timeout_failure(agent=ex.agent.name, timeout_s=self.timeout_for(ex.agent))
         if ex.too_large:
             return ProbeOutcome.failure(
                 "output_too_large",
@@ -212,6 +260,7 @@ class SshFanoutHeartbeat:
             started=ex.started,
             ended=ex.ended,
             host_metrics=self.host_metrics,
+            query=ex.query,
         )
 
     # -- shutdown ------------------------------------------------------------------------------
@@ -223,6 +272,7 @@ class SshFanoutHeartbeat:
         restarted server (or the Ansible path) reuse them."""
         agents = list(self._seen.values())
         self._seen.clear()
+        self.stop_in_flight()
         if exit_masters:
             exit_control_masters(agents, self.policy, ssh_binary=self.ssh_binary, max_parallel=self.max_parallel)
 
@@ -268,7 +318,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 class _FanoutLoop:
-    """One tick's event loop: spawn within the bound, read pipes, reap on pidfd, kill at the deadline.
+    """The event loop: spawn within the bound, read pipes, reap on pidfd, kill at the deadline. It lives
+    from one tick to the next while execs of new connections are still in flight.
 
     An exec is complete when its ssh has exited and its stdout is at end of file. Not stderr: for the
     first connection through a bastion, the ProxyCommand that ssh starts inherits ssh's stderr and
@@ -277,19 +328,26 @@ class _FanoutLoop:
     which writes the output into the pipe itself.)
     """
 
-    def __init__(self, transport: SshFanoutHeartbeat, cancel: Callable[[], bool], on_outcome: OnOutcome | None,
-                 on_progress: Callable[[], None] | None):
+    def __init__(self, transport: SshFanoutHeartbeat):
         self.t = transport
-        self.cancel = cancel
-        self.on_outcome = on_outcome
-        self.on_progress = on_progress
+        self.on_outcome: OnOutcome | None = None
+        self.current: set[str] = set()
         self.sel = selectors.DefaultSelector()
         self.running: dict[int, _Exec] = {}   # pid -> exec
         self.results: dict[str, ProbeOutcome] = {}
         self.spawn_errors: list[str] = []
 
-    def run(self, agents: list[Agent]) -> None:
+    def run(self, agents: list[Agent], cancel: Callable[[], bool], on_outcome: OnOutcome | None,
+            on_progress: Callable[[], None] | None, budget_s: float | None) -> bool:
+        """One tick; False when it was cancelled."""
+        self.results, self.spawn_errors, self.on_outcome = {}, [], on_outcome
+        self.current = {agent.name for agent in agents}  # an exec of an agent removed meanwhile is not reported
         now = time.monotonic()
+        cold_until = now + budget_s if budget_s is not None else float("inf")
+        in_flight = {ex.agent.name for ex in self.running.values()}
+        for ex in self.running.values():
+            ex.waited_for = False  # started by an earlier tick: reported when it ends, not waited for
+        agents = [a for a in agents if a.name not in in_flight]
         # New connections start first (at most max_new_connections at a time): in steady state they are
         # the few hosts that failed last time, and a black-holed one must not start late and then hold
         # the tick for its whole deadline. Warm agents fill the other slots, the slowest last time first,
@@ -297,19 +355,29 @@ class _FanoutLoop:
         cold = [a for a in agents if not self.t.is_warm(a, now)]
         warm = sorted((a for a in agents if self.t.is_warm(a, now)), key=self.t.last_duration)
         cold.reverse()  # pop() from the end: the caller's order
-        while warm or cold or self.running:
-            if self.cancel():
+        while True:
+            if cancel():
                 log.info("heartbeat cancelled with %d host(s) in flight", len(self.running))
-                return
-            while cold and len(self.running) < self.t.max_parallel and self.cold_running < self.t.max_new_connections:
+                return False
+            in_budget = time.monotonic() < cold_until
+            while (in_budget and cold and len(self.running) < self.t.max_parallel
+                   and self.cold_running < self.t.max_new_connections):
                 self._spawn(cold.pop(), cold=True)
             while warm and len(self.running) < self.t.max_parallel:
                 self._spawn(warm.pop(), cold=False)
+            waiting = any(ex.waited_for and (not ex.cold or in_budget) for ex in self.running.values())
+            if not (warm or (cold and in_budget) or waiting):
+                if self.running:
+                    # Execs of earlier ticks that ended meanwhile are reported now (a poll that does not
+                    # wait): a fleet whose only hosts are in flight must still hear from them.
+                    self._wait_events(time.monotonic())
+                    self._enforce_deadlines()
+                return True  # cold agents not started within the budget are asked by a later tick
             if self.running:
-                self._wait_events()
+                self._wait_events(cold_until)
                 self._enforce_deadlines()
-            if self.on_progress is not None:
-                self.on_progress()
+            if on_progress is not None:
+                on_progress()
 
     @property
     def cold_running(self) -> int:
@@ -332,7 +400,8 @@ class _FanoutLoop:
             self.spawn_errors.append(f"{type(exc).__name__}: {exc}")
             log.error("agent %s: cannot start ssh: %s", agent.name, exc)
             return
-        ex = _Exec(agent, proc, time.time(), time.monotonic() + self.t.deadline_s, _pidfd(proc.pid), cold=cold)
+        ex = _Exec(agent, proc, time.time(), time.monotonic() + self.t.deadline_for(agent), _pidfd(proc.pid),
+                   cold=cold, query=self.t.wants_query(agent))
         self.running[proc.pid] = ex
         for pipe, kind in ((proc.stdout, "o"), (proc.stderr, "e")):
             os.set_blocking(pipe.fileno(), False)
@@ -340,8 +409,8 @@ class _FanoutLoop:
         if ex.pidfd is not None:
             self.sel.register(ex.pidfd, selectors.EVENT_READ, (ex, "x"))
 
-    def _wait_events(self) -> None:
-        soonest = min(ex.deadline for ex in self.running.values())
+    def _wait_events(self, cold_until: float) -> None:
+        soonest = min(min(ex.deadline for ex in self.running.values()), cold_until)
         timeout = max(0.0, min(POLL_S, soonest - time.monotonic()))
         polled = [ex for ex in self.running.values() if ex.pidfd is None and not ex.exited]
         if polled:
@@ -416,6 +485,8 @@ class _FanoutLoop:
         self._finish(ex.agent.name, self.t.evaluate(ex, stdout))
 
     def _finish(self, name: str, outcome: ProbeOutcome) -> None:
+        if name not in self.current:
+            return  # removed while its exec was in flight
         self.results[name] = outcome
         for listener in (self.on_outcome, self.t.on_outcome):
             if listener is not None:
@@ -434,7 +505,7 @@ class _FanoutLoop:
         now = time.monotonic()
         for ex in [ex for ex in self.running.values() if now >= ex.deadline]:
             log.debug("agent %s: no answer within %.1f s; killing its ssh (pid %d)",
-                      ex.agent.name, self.t.deadline_s, ex.proc.pid)
+                      ex.agent.name, self.t.deadline_for(ex.agent), ex.proc.pid)
             ex.timed_out = True
             self._kill(ex)
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import private_files, ssh
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import private_files, probe, ssh
 
 from hwledger.errors import UserError
 
@@ -259,6 +259,26 @@ def learn_host_key(
         detail = _last_lines(stderr)
         raise HostKeyLearnError(f"could not fetch the host key of {what}: {detail or 'ssh gave no reason'}")
     return learned[-1]
+
+
+def check_host_key(target: ssh.Target, policy: ssh.SshPolicy, *, timeout_s: float = 10) -> tuple[str | None, str]:
+    """Connect to `target` without authenticating and compare its host key with the pinned one.
+
+    Returns (classification, what ssh said): "host_key_changed" or "host_key_unknown" (probe's one
+    classifier of ssh's messages), "unreachable" when it did not even get to the key, or None when the
+    key matched (ssh then stopped at authentication, which is off).
+    """
+    try:
+        proc = _run_quiet(ssh.host_key_check_argv(target, policy), timeout_s)
+    except subprocess.TimeoutExpired:
+        return "unreachable", f"no answer within {timeout_s:.0f} s"
+    said = proc.stderr or ""
+    reason = probe.classify_ssh_failure(said)
+    if reason is not None:
+        return reason, said
+    if "Permission denied" in said or "No more authentication methods" in said:
+        return None, said  # the key exchange passed: the pinned key is the one presented
+    return "unreachable", said
 
 
 def _last_lines(text: str, count: int = 3) -> str:

@@ -20,10 +20,12 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime, timezone
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import private_files
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import Agent
@@ -38,8 +40,8 @@ from hwledger.heartbeat import (
     AnsibleHeartbeat,
     HeartbeatRunError,
     HeartbeatTransport,
+    QueryPacing,
     TickRecorder,
-    record_outcomes,
 )
 from hwledger.job_runs import (
     AnsibleJobs,
@@ -49,7 +51,7 @@ from hwledger.job_runs import (
     job_deadline_s,
     settle_job,
 )
-from hwledger.store import StateChange, age_seconds, utc_now
+from hwledger.store import AgentRow, StateChange, StoreError, age_seconds, parse_time, utc_now
 
 log = logging.getLogger("hwledger.server")
 
@@ -58,6 +60,9 @@ DEFAULT_MAX_PARALLEL_JOBS = 4
 STOP_GRACE_S = 1.5
 EVENT_THROTTLE_S = 60.0
 SERVE_LOCK_NAME = "serve.lock"
+# `hwledger fleet serve` exits with this when its store cannot be used any more (deleted, replaced,
+# read-only, disk full, damaged): nothing it does could be recorded.
+EXIT_STORE_FAILED = 4
 
 
 @dataclass
@@ -85,11 +90,38 @@ class TickReport:
         return ", ".join(parts) + f" ({self.duration_s:.2f} s)"
 
 
+class ServeCompanion(Protocol):
+    """Something that runs beside the loop in threads of its own (`serve --http`, the hourly prune): started
+    once the server holds the store's lock, told the end of every tick, stopped when the loop ends. It must
+    never block: the loop calls it between ticks."""
+
+    def start(self) -> None:
+        ...
+
+    def tick_done(self, report: TickReport, *, elapsed_s: float, overran: bool) -> None:
+        ...
+
+    def stop(self) -> None:
+        ...
+
+
 @dataclass
 class _Orphan:
     job_id: str
     run_dir: str
     deadline: float
+
+
+_DIAL_ORDER = {state: rank for rank, state in enumerate(("online", "degraded", "error", "stale", "pending", "offline"))}
+
+
+def _due(row: AgentRow, now: datetime) -> bool:
+    """Whether an agent is asked this tick: not while its host key is refused (blocked until re-keyed),
+    and an offline agent only once its backoff is over (heartbeat.next_attempt)."""
+    if row.state == "host_key_changed":
+        return False
+    due = parse_time(row.next_attempt_at)
+    return due is None or due <= now
 
 
 def take_serve_lock(data_dir: Path) -> int:
@@ -121,8 +153,10 @@ class Server:
         jobs: AnsibleJobs | None = None,
         max_parallel_jobs: int = DEFAULT_MAX_PARALLEL_JOBS,
         query_timeout_s: int = DEFAULT_QUERY_TIMEOUT_S,
+        companions: Sequence[ServeCompanion] = (),
     ):
         self.fleet = fleet
+        self.companions = list(companions)
         self.interval_s = interval_s
         self.policy = fleet.policy()
         self.runs = AnsibleRuns(runs_dir=fleet.runs_dir)
@@ -132,6 +166,7 @@ class Server:
         self.store = fleet.open_store()
         self.stop_event = threading.Event()
         self.workers = JobWorkers(fleet.open_store, self.jobs, self.results_dir, self.stop_event)
+        self._pacing = QueryPacing()
         self.max_parallel_jobs = max_parallel_jobs
         self._pool = ThreadPoolExecutor(max_workers=max_parallel_jobs, thread_name_prefix="hwledger-job")
         self._busy: dict[str, Future] = {}  # agent name -> its job or clean-up in flight
@@ -161,9 +196,15 @@ class Server:
                 except Exception:  # pylint: disable=broad-exception-caught
                     pass
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for kind, (_last, count) in self._event_windows.items():
-            if count:  # occurrences not recorded yet
-                self.store.add_event(kind, occurrences=count)
+        stop_in_flight = getattr(self.transport, "stop_in_flight", None)
+        if stop_in_flight is not None:
+            stop_in_flight()  # execs of new connections still in flight go too (masters stay, ControlPersist)
+        try:
+            for kind, (_last, count) in self._event_windows.items():
+                if count:  # occurrences not recorded yet
+                    self.store.add_event(kind, occurrences=count)
+        except StoreError as exc:  # the store may be why we stop
+            log.warning("could not record the last server events: %s", exc)
         self.store.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases serve.lock
@@ -177,6 +218,12 @@ class Server:
                 installed.append((sig, signal.signal(sig, self.request_stop)))
         try:
             self._lock_fd = take_serve_lock(self.fleet.check_data_dir())
+            for started_count, companion in enumerate(self.companions):
+                try:
+                    companion.start()
+                except BaseException:
+                    self.companions = self.companions[:started_count]  # stop only those that started
+                    raise
             self.recover()
             log.info("serving the agents of %s every %.1f s (store %s)", self.fleet.config, self.interval_s,
                      self.fleet.db)
@@ -184,7 +231,17 @@ class Server:
             while not self.stop_event.is_set():
                 started = time.monotonic()
                 try:
+                    self.store.check_file()
                     report = self.tick()
+                except StoreError as exc:
+                    if exc.transient:
+                        log.warning("tick skipped: %s", exc)
+                        report = TickReport(started=started)
+                    else:
+                        # Nothing the server does can be recorded: stopping is the only honest thing left
+                        # (a supervisor restarts it against a store that works, or a person looks).
+                        log.critical("stopping: %s", exc)
+                        return EXIT_STORE_FAILED
                 except Exception as exc:  # pylint: disable=broad-exception-caught
                     # A daemon keeps its cadence through a bad tick (store busy too long, a bug in one
                     # host's data...): say it, record it, try again next tick.
@@ -193,12 +250,13 @@ class Server:
                     report = TickReport(started=started)
                 ticks += 1
                 log.log(logging.INFO if once else logging.DEBUG, "tick %d: %s", ticks, report.summary())
+                elapsed = time.monotonic() - started
+                self._tell_companions(report, elapsed)
                 if self.stop_event.is_set():
                     break
                 if once or (max_ticks is not None and ticks >= max_ticks):
                     self.wait_for_workers()
                     break
-                elapsed = time.monotonic() - started
                 if elapsed > self.interval_s:
                     # Never overlap, never queue up: record the overrun and start the next tick now.
                     self._throttled_event("tick_overrun", duration_s=round(elapsed, 3), interval_s=self.interval_s,
@@ -210,8 +268,21 @@ class Server:
         finally:
             for sig, previous in installed:
                 signal.signal(sig, previous)
+            for companion in reversed(self.companions):
+                try:
+                    companion.stop()
+                except Exception:  # pylint: disable=broad-exception-caught
+                    log.exception("stopping %s failed", type(companion).__name__)
             self.close()
         return 0
+
+    def _tell_companions(self, report: TickReport, elapsed: float) -> None:
+        for companion in self.companions:
+            try:
+                companion.tick_done(report, elapsed_s=elapsed, overran=elapsed > self.interval_s)
+            except Exception:  # pylint: disable=broad-exception-caught
+                # Watching the fleet must never stop serving it.
+                log.exception("%s failed after a tick", type(companion).__name__)
 
     def _throttled_event(self, kind: str, **detail: object) -> None:
         """Record a recurring server event at most once per EVENT_THROTTLE_S, with how often it happened
@@ -328,24 +399,38 @@ class Server:
         self._check_orphans()
         self._reload_agents()
         rows = {row.name: row for row in self.store.list_agents()}
-        targets = [a for name, a in self._agents.items() if rows.get(name) and rows[name].state != "host_key_changed"]
+        now = datetime.now(timezone.utc)
+        targets = [agent for name, agent in self._agents.items() if name in rows and _due(rows[name], now)]
+        # Hosts that answered lately first: when new connections are rationed (a restarted server, a
+        # network blip), dead and never-seen hosts must not take the slots of the healthy ones.
+        targets.sort(key=lambda agent: _DIAL_ORDER.get(rows[agent.name].state, len(_DIAL_ORDER)))
         report.asked = len(targets)
-        recorder = TickRecorder(self.store)
+        recorder = TickRecorder(self.store, {agent.name: agent for agent in targets})
+        liveness = self._pacing.liveness_only(targets)
+        outcomes: dict = {}
         try:
-            report.outcomes = self.transport.tick(targets, cancel=self.stop_event.is_set,
-                                                  on_outcome=recorder.on_outcome, on_progress=recorder.on_progress)
+            outcomes = self.transport.tick(targets, cancel=self.stop_event.is_set, on_outcome=recorder.on_outcome,
+                                           on_progress=recorder.on_progress, budget_s=self.interval_s,
+                                           liveness=liveness)
+            self._pacing.note(outcomes, liveness)
         except HeartbeatRunError as exc:
             report.error = str(exc)
             self._throttled_event("heartbeat_failed", msg=str(exc)[:2000], hosts=len(targets))
             log.error("heartbeat run failed (no host state changed): %s", printable(exc))
+        if self.stop_event.is_set():
+            report.duration_s = time.monotonic() - report.started
+            return report
+        report.outcomes = recorder.finish(outcomes, self.policy)
         report.changes = recorder.changes
-        if report.outcomes and not self.stop_event.is_set():
-            late = {name: o for name, o in report.outcomes.items() if name not in recorder.recorded}
-            report.changes = report.changes + record_outcomes(self.store, late)
-            for change in report.changes:
-                log.info("agent %s: %s -> %s%s", change.agent, change.old, change.new,
-                         f" ({change.reason}: {printable(change.msg, limit=300)})" if change.reason else "")
-            report.dispatched = self._dispatch([name for name, o in report.outcomes.items() if o.ok])
+        for change in report.changes:
+            log.info("agent %s: %s -> %s%s", change.agent, change.old, change.new,
+                     f" ({change.reason}: {printable(change.msg, limit=300)})" if change.reason else "")
+        if report.outcomes:
+            # Jobs go to agents that answered and are `online` now: not to one whose GPU fell off the bus
+            # (`degraded`) nor to one that only answered another poller's busy tool.
+            online = {row.name for row in self.store.list_agents() if row.state == "online"}
+            report.dispatched = self._dispatch([name for name, o in report.outcomes.items()
+                                                if o.ok and name in online])
         report.duration_s = time.monotonic() - report.started
         return report
 

@@ -1,4 +1,5 @@
-"""`hwledger fleet`: register-ssh, list, status, remove, serve."""
+"""`hwledger fleet`: register-ssh, list, status, remove, serve (its watching and retention options, and
+`prune`, live in `fleet_watch`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import shlex
 import socket
 import sys
+import textwrap
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, ssh
@@ -16,20 +18,32 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils.agent_values import
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.nvidia_smi import DEFAULT_GPU_QUERY_CMD
 
 from hwledger import agents_file, hostkeys
+from hwledger.commands import fleet_watch
 from hwledger.display import dumps, human_age, human_bytes, printable, table
 from hwledger.errors import UserError
 from hwledger.fanout import DEFAULT_MAX_PARALLEL, SshFanoutHeartbeat
 from hwledger.fleet import Fleet, agent_record
 from hwledger.heartbeat import DEFAULT_QUERY_TIMEOUT_S, HeartbeatRunError, record_outcomes
-from hwledger.store import JOB_ACTIVE_STATES, Store, age_seconds
+from hwledger.reports import DEFAULT_STALE_AFTER_S, effective_state, status_items
+from hwledger.store import JOB_ACTIVE_STATES, Store
 
-DEFAULT_STALE_AFTER_S = 30.0
 # The serve loop's own defaults, repeated here so that `--help` does not import the server (which only
 # the serve command itself needs); a test checks they agree.
 DEFAULT_INTERVAL_S = 5.0
 DEFAULT_MAX_PARALLEL_JOBS = 4
 MAX_INTERVAL_S = 86400  # a day; beyond it a wait's timeout can overflow, and nobody means it
 EXIT_HOST_KEY_UNCONFIRMED = 3
+# What `serve` exits with (cli.main maps UserError to 2 and OSError to 1); a service manager restarts on 1,
+# not on 2 (examples/hwledger-serve.service, RestartPreventExitStatus=2).
+SERVE_EXIT_STATUSES = (
+    "exit status:\n"
+    "  0    stopped by SIGTERM or SIGINT, or --once / --max-ticks done\n"
+    "  1    a file it had to read or write failed (e.g. a full disk): worth a restart\n"
+    "  2    a usage or setup error a restart cannot fix: a bad option, a store directory others can write\n"
+    "       to, a store from a newer hwledger, another serve already serving this store\n"
+    "  4    its store went away while it ran (deleted, replaced, unwritable, damaged or full): a\n"
+    "       restart opens, or creates, the store at its path again\n"
+    "  130  interrupted (Ctrl-C) while starting up")
 EXIT_HEARTBEAT_FAILED = 1
 
 
@@ -52,16 +66,16 @@ def register(subparsers) -> None:
     _add_register(sub, files)
 
     listing = sub.add_parser("list", parents=[files], help="list registered agents",
-                             description="List the agents of ssh-agents.toml with their registration details.")
+                             description="List the agents of ssh-agents.toml with their registration details "
+                                         "and the state `fleet status` shows.")
     listing.add_argument("--json", action="store_true", help="print JSON")
+    _add_stale_after(listing)
     listing.set_defaults(func=cmd_list)
 
     status = sub.add_parser("status", parents=[files], help="state, last seen, GPUs and memory of every agent",
                             description="Show each agent's state, when it last answered, its GPUs and their memory.")
     status.add_argument("--json", action="store_true", help="print JSON")
-    status.add_argument("--stale-after", type=float, default=DEFAULT_STALE_AFTER_S, metavar="S",
-                        help="show an online agent as stale when its last answer is older than S seconds "
-                             "(e.g. the server is not running; default %(default)s)")
+    _add_stale_after(status)
     status.set_defaults(func=cmd_status)
 
     remove = sub.add_parser("remove", parents=[files], help="remove an agent",
@@ -75,12 +89,16 @@ def register(subparsers) -> None:
                              "may stay on the host, as its key is no longer pinned)")
     remove.set_defaults(func=cmd_remove)
 
+    serve_about = (
+        "Every --interval seconds, one heartbeat over all agents (by default every host probed at once over its "
+        "reused SSH connection; with --transport ansible, the hwledger.fleet.heartbeat_facts playbook through "
+        "ansible-runner); queued jobs go to agents that answered, through the hwledger.fleet.job playbook. "
+        "SIGTERM or SIGINT stops it within 2 seconds. It logs to stderr. examples/hwledger-serve.service runs it "
+        "as a systemd service.")
+    # Filled here: the raw formatter keeps the exit-status table of the epilog as written.
     serve = sub.add_parser("serve", parents=[files], help="run heartbeats and jobs",
-                           description="Every --interval seconds, one heartbeat over all agents (by default "
-                                       "every host probed at once over its reused SSH connection; with "
-                                       "--transport ansible, the hwledger.fleet.heartbeat_facts playbook through "
-                                       "ansible-runner); queued jobs go to agents that answered, through the "
-                                       "hwledger.fleet.job playbook. SIGTERM or SIGINT stops it within 2 seconds.")
+                           description=textwrap.fill(serve_about, 79, break_on_hyphens=False),
+                           epilog=SERVE_EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_S, metavar="S",
                        help="seconds between heartbeat ticks (default %(default)s)")
     ticks = serve.add_mutually_exclusive_group()
@@ -99,7 +117,26 @@ def register(subparsers) -> None:
     serve.add_argument("--max-parallel", type=int, default=DEFAULT_MAX_PARALLEL, metavar="N",
                        help="ssh processes at once in a fanout tick (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    fleet_watch.add_serve_options(serve)
     serve.set_defaults(func=cmd_serve)
+    fleet_watch.add_prune_parser(sub, files)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more (`nan`, `inf` and negatives are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds, 0 or more, e.g. 30")
+    return value
+
+
+def _add_stale_after(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stale-after", type=_seconds, default=DEFAULT_STALE_AFTER_S, metavar="S",
+                        help="show an online agent as stale when its last answer is older than S seconds "
+                             "(e.g. the server is not running; default %(default)s)")
 
 
 def _fleet(args: argparse.Namespace) -> Fleet:
@@ -348,8 +385,13 @@ def _first_heartbeat(fleet: Fleet, store: Store, agent: agents_schema.Agent) -> 
 def cmd_list(args: argparse.Namespace) -> int:
     fleet = _fleet(args)
     configured = agents_file.read_agents(fleet.config)
-    with fleet.open_store() as store:
-        rows = {row.name: row for row in store.list_agents()}
+    store = fleet.existing_store()
+    rows = {}
+    if store is not None:
+        with store:
+            rows = {row.name: row for row in store.list_agents()}
+    elif configured:
+        print(f"hwledger: {fleet.no_store_note()}", file=sys.stderr)
     items = []
     for agent in configured:
         row = rows.get(agent.name)
@@ -364,7 +406,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             "host_key_fingerprint": agent.host_key_fingerprint or (row.host_key_fingerprint if row else None),
             "gpu_query_cmd": agent.gpu_query_cmd,
             "registered_at": row.registered_at if row else None,
-            "state": row.state if row else "pending",
+            # Not in the store: in the file only (added by hand, or no store yet); the server records it
+            # as pending when it first reads the file.
+            "state": effective_state(row, args.stale_after) if row else "pending",
+            "recorded_state": row.state if row else None,
         })
     if args.json:
         print(dumps(items))
@@ -376,46 +421,6 @@ def cmd_list(args: argparse.Namespace) -> int:
                   printable(i["host_key_fingerprint"] or "-")] for i in items],
                 ["AGENT", "DESTINATION", "VIA", "STATE", "HOST KEY"]))
     return 0
-
-
-def _status_items(store: Store, stale_after: float) -> list[dict]:
-    jobs_by_agent: dict[str, dict[str, int]] = {}
-    for job in store.list_jobs(states=["queued", *JOB_ACTIVE_STATES]):
-        counts = jobs_by_agent.setdefault(job.agent, {})
-        counts[job.state] = counts.get(job.state, 0) + 1
-    items = []
-    for row in store.list_agents():
-        snapshot_row = store.latest_snapshot(row.name)
-        snapshot = snapshot_row.data if snapshot_row else None
-        gpus = (snapshot or {}).get("gpus") or []
-        age = age_seconds(row.last_seen)
-        state = row.state
-        if state == "online" and (age is None or age > stale_after):
-            state = "stale"  # nobody refreshed it: old data must not look live
-        totals = [g.get("memory_total_bytes") for g in gpus]
-        frees = [g.get("memory_free_bytes") for g in gpus]
-        items.append({
-            "name": row.name,
-            "state": state,
-            "recorded_state": row.state,
-            "reason": row.state_reason,
-            "msg": row.state_msg,
-            "state_since": row.state_since,
-            "last_seen": row.last_seen,
-            "last_seen_age_s": round(age, 1) if age is not None else None,
-            "consecutive_misses": row.consecutive_misses,
-            "snapshot_recorded_at": snapshot_row.recorded_at if snapshot_row else None,
-            "snapshot_age_s": round(age_seconds(snapshot_row.recorded_at), 1) if snapshot_row else None,
-            "captured_at": (snapshot or {}).get("captured_at"),
-            "backend": (snapshot or {}).get("backend"),
-            "gpus": [{k: g.get(k) for k in ("index", "name", "uuid", "memory_total_bytes", "memory_free_bytes",
-                                            "memory_used_bytes", "utilization_gpu_percent", "temperature_c",
-                                            "health")} for g in gpus],
-            "memory_total_bytes": sum(totals) if gpus and None not in totals else None,
-            "memory_free_bytes": sum(frees) if gpus and None not in frees else None,
-            "jobs": jobs_by_agent.get(row.name, {}),
-        })
-    return items
 
 
 def _gpu_summary(gpus: list[dict]) -> str:
@@ -430,8 +435,13 @@ def _gpu_summary(gpus: list[dict]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     fleet = _fleet(args)
-    with fleet.open_store() as store:
-        items = _status_items(store, args.stale_after)
+    store = fleet.existing_store()
+    if store is None:
+        print(f"hwledger: {fleet.no_store_note()}", file=sys.stderr)
+        print("[]" if args.json else "no agents registered")
+        return 0
+    with store:
+        items = status_items(store, args.stale_after)
     if args.json:
         print(dumps(items))
         return 0
@@ -443,7 +453,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         memory = "-"
         if item["gpus"]:
             memory = f"{human_bytes(item['memory_free_bytes'])} / {human_bytes(item['memory_total_bytes'])}"
-        rows.append([printable(item["name"]), item["state"], human_age(item["last_seen_age_s"]),
+        state = item["state"]
+        if item["next_attempt_in_s"] is not None:
+            state += f" (next try in {item['next_attempt_in_s']:.0f}s)"
+        rows.append([printable(item["name"]), state, human_age(item["last_seen_age_s"]),
                      _gpu_summary(item["gpus"]), memory])
     print(table(rows, ["AGENT", "STATE", "LAST SEEN", "GPUS", "MEMORY FREE / TOTAL"]))
     for item in items:
@@ -521,10 +534,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from hwledger.server import Server  # pylint: disable=import-outside-toplevel  # the one importer of the loop
 
     fleet = _fleet(args)
+    companions = fleet_watch.serve_companions(args, fleet)
     transport = None  # Server's default: the ansible-runner heartbeat
     if args.transport == "fanout":
         transport = SshFanoutHeartbeat(fleet.policy(), query_timeout_s=args.query_timeout,
                                        max_parallel=args.max_parallel)
     server = Server(fleet, interval_s=args.interval, transport=transport,
-                    max_parallel_jobs=args.max_parallel_jobs, query_timeout_s=args.query_timeout)
+                    max_parallel_jobs=args.max_parallel_jobs, query_timeout_s=args.query_timeout,
+                    companions=companions)
     return server.run(once=args.once, max_ticks=args.max_ticks)

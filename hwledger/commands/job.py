@@ -12,6 +12,7 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema
 from hwledger.display import dumps, human_age, printable, table
 from hwledger.errors import UserError
 from hwledger.fleet import Fleet
+from hwledger.reports import DEFAULT_JOB_LIMIT, job_list, job_to_dict
 from hwledger.store import JOB_STATES, JobRow, Store, age_seconds
 
 
@@ -54,7 +55,7 @@ def register(subparsers) -> None:
     listing = sub.add_parser("list", parents=[files], help="list jobs")
     listing.add_argument("--agent", metavar="NAME")
     listing.add_argument("--state", action="append", choices=JOB_STATES, help="only jobs in this state (repeatable)")
-    listing.add_argument("--limit", type=int, default=200, metavar="N", help="at most N jobs, newest (default 200)")
+    listing.add_argument("--limit", type=int, default=DEFAULT_JOB_LIMIT, metavar="N", help="at most N jobs, newest (default 200)")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_list)
 
@@ -84,6 +85,16 @@ def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _store(args: argparse.Namespace) -> Store:
     return Fleet.from_options(db=args.db).open_store()
+
+
+def _existing_store(args: argparse.Namespace) -> Store | None:
+    """The store for a command that only reads it (or finds a job in it): None, said on stderr, when there
+    is none, which is then not created."""
+    fleet = Fleet.from_options(db=args.db)
+    store = fleet.existing_store()
+    if store is None:
+        print(f"hwledger: {fleet.no_store_note()}", file=sys.stderr)
+    return store
 
 
 def _spec_error(exc: job_schema.JobSpecError, where: str) -> UserError:
@@ -133,17 +144,6 @@ def build_spec(args: argparse.Namespace) -> dict:
         raise _spec_error(exc, where) from None
 
 
-def job_to_dict(job: JobRow) -> dict:
-    return {
-        "id": job.id, "agent": job.agent, "state": job.state, "spec": job.spec,
-        "created_at": job.created_at, "updated_at": job.updated_at, "dispatched_at": job.dispatched_at,
-        "started_at": job.started_at, "finished_at": job.finished_at, "attempts": job.attempts,
-        "timeout_s": job.timeout_s, "cancel_requested": job.cancel_requested, "exit_code": job.exit_code,
-        "error": job.error, "result": job.result, "remote_dir": job.remote_dir,
-        "cleanup_pending": job.cleanup_pending,
-    }
-
-
 def cmd_new(args: argparse.Namespace) -> int:
     print(json.dumps(build_spec(args), sort_keys=True, indent=2))
     return 0
@@ -165,11 +165,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UserError("--limit must be at least 1")
-    with _store(args) as store:
-        jobs = store.list_jobs(agent=args.agent, states=args.state, newest=args.limit)
-    if args.json:
-        print(dumps([job_to_dict(job) for job in jobs]))
+    store = _existing_store(args)
+    if store is None:
+        print("[]" if args.json else "no jobs")
         return 0
+    with store:
+        if args.json:
+            print(dumps(job_list(store, agent=args.agent, states=args.state, limit=args.limit)))
+            return 0
+        jobs = store.list_jobs(agent=args.agent, states=args.state, newest=args.limit)
     if not jobs:
         print("no jobs")
         return 0
@@ -188,7 +192,10 @@ def _find(store: Store, job_id: str) -> JobRow:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    store = _existing_store(args)
+    if store is None:
+        raise UserError(f"no job {args.job_id!r}: there is no store")
+    with store:
         job = _find(store, args.job_id)
         events = store.list_events(job_id=job.id)
     if args.json:
@@ -227,7 +234,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    store = _existing_store(args)
+    if store is None:
+        raise UserError(f"no job {args.job_id!r}: there is no store")
+    with store:
         job = _find(store, args.job_id)
         state = job.state if job.terminal else store.request_cancel(job.id)
     if job.terminal:

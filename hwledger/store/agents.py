@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import timedelta
 from collections.abc import Callable, Mapping
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.tool_parsing import clean_text, clean_tree
 
 from hwledger.store.records import (
     AGENT_COLUMNS,
@@ -16,10 +18,20 @@ from hwledger.store.records import (
     AgentUpdate,
     SnapshotRow,
     StateChange,
+    parse_time,
     snapshot_row,
     utc_now,
 )
 from hwledger.store.schema import AGENT_STATES
+
+
+# A flapping agent gets at most one agent_state event per this many seconds (the rest are counted).
+STATE_EVENT_WINDOW_S = 300.0
+
+
+def _text(value: str | None) -> str | None:
+    """A string from a host made safe to bind (invalid bytes escaped); see tool_parsing.clean_text."""
+    return clean_text(value) if isinstance(value, str) else value
 
 
 class AgentTables:
@@ -43,7 +55,8 @@ class AgentTables:
                     bastion = excluded.bastion,
                     bastion_host_key_fingerprint = excluded.bastion_host_key_fingerprint,
                     registered_at = excluded.registered_at, state = 'pending', state_since = excluded.state_since,
-                    state_reason = NULL, state_msg = NULL, consecutive_misses = 0, removed_at = NULL
+                    state_reason = NULL, state_msg = NULL, consecutive_misses = 0, removed_at = NULL,
+                    next_attempt_at = NULL, expected_gpus = NULL
                 """,
                 (record.name, record.hostname, record.ip, record.port, record.ssh_user, record.key_path,
                  record.key_fingerprint, record.host_key_fingerprint, record.bastion,
@@ -85,6 +98,7 @@ class AgentTables:
             old = conn.execute("SELECT state FROM agents WHERE name = ?", (name,)).fetchone()
             if old is None or old[0] == "removed":
                 return False
+            reason, msg = _text(reason), _text(msg)
             conn.execute(
                 "UPDATE agents SET state = ?, state_reason = ?, state_msg = ?, state_since = "
                 "CASE WHEN state = ? THEN state_since ELSE ? END WHERE name = ?",
@@ -103,40 +117,87 @@ class AgentTables:
         state decisions.
 
         `decide(current_row, outcome)` runs under the write lock, so the read-modify-write of the
-        miss counter cannot race another writer. Agents removed meanwhile are skipped.
+        miss counter cannot race another writer. Agents removed meanwhile are skipped. Each host is
+        written under its own savepoint: whatever one host sent, it can never keep the others' answers
+        out of the store (that host is recorded as `unrecordable` instead).
         """
         now = utc_now()
         changes: list[StateChange] = []
         with self._write() as conn:
             for name, outcome in outcomes.items():
-                row = conn.execute(f"SELECT {AGENT_COLUMNS} FROM agents WHERE name = ?", (name,)).fetchone()
-                if row is None or row[AGENT_FIELDS.index("state")] == "removed":
-                    continue
-                current = AgentRow(*row)
-                update = decide(current, outcome)
-                snapshot_id = conn.execute(
-                    "INSERT INTO snapshots (agent, recorded_at, ok, reason, msg, data) VALUES (?, ?, ?, ?, ?, ?)",
-                    (name, now, int(outcome.ok), outcome.reason, outcome.msg or None,
-                     json.dumps(outcome.snapshot, sort_keys=True) if outcome.snapshot is not None else None),
-                ).lastrowid
-                conn.execute(
-                    """
-                    UPDATE agents SET state = ?, state_reason = ?, state_msg = ?,
-                        state_since = CASE WHEN state = ? THEN state_since ELSE ? END,
-                        consecutive_misses = ?, last_attempt = ?,
-                        last_seen = CASE WHEN ? THEN ? ELSE last_seen END,
-                        last_snapshot_id = CASE WHEN ? THEN ? ELSE last_snapshot_id END
-                    WHERE name = ?
-                    """,
-                    (update.state, update.reason, update.msg, update.state, now, update.consecutive_misses, now,
-                     int(update.seen), now, int(outcome.ok and outcome.snapshot is not None), snapshot_id, name),
-                )
-                if current.state != update.state:
-                    changes.append(StateChange(name, current.state, update.state, update.reason, update.msg))
-                    self._event(conn, "agent_state", agent=name, at=now, old=current.state,
-                                new=update.state, reason=update.reason, msg=update.msg)
-                self._prune_snapshots(conn, name)
+                conn.execute("SAVEPOINT host")
+                try:
+                    change = self._record_one(conn, name, outcome, decide, now)
+                except (sqlite3.Error, ValueError, TypeError) as exc:
+                    conn.execute("ROLLBACK TO host")
+                    fallback = ProbeOutcome(False, reason="unrecordable",
+                                            msg=f"hwledger could not record this host's answer: {type(exc).__name__}: "
+                                                f"{clean_text(str(exc))[:300]}")
+                    change = self._record_one(conn, name, fallback, decide, now)
+                conn.execute("RELEASE host")
+                if change is not None:
+                    changes.append(change)
         return changes
+
+    def _record_one(self, conn: sqlite3.Connection, name: str, outcome: ProbeOutcome,
+                    decide: Callable[[AgentRow, ProbeOutcome], AgentUpdate], now: str) -> StateChange | None:
+        row = conn.execute(f"SELECT {AGENT_COLUMNS} FROM agents WHERE name = ?", (name,)).fetchone()
+        if row is None or row[AGENT_FIELDS.index("state")] == "removed":
+            return None
+        current = AgentRow(*row)
+        update = decide(current, outcome)
+        reason, msg = _text(update.reason), _text(update.msg)
+        snapshot_id = conn.execute(
+            "INSERT INTO snapshots (agent, recorded_at, ok, reason, msg, data) VALUES (?, ?, ?, ?, ?, ?)",
+            (name, now, int(outcome.ok), _text(outcome.reason), _text(outcome.msg) or None,
+             # ensure_ascii: a string the host sent is escaped, never refused by the encoder.
+             json.dumps(clean_tree(outcome.snapshot), sort_keys=True, ensure_ascii=True)
+             if outcome.snapshot is not None
+             else None),
+        ).lastrowid
+        conn.execute(
+            """
+            UPDATE agents SET state = ?, state_reason = ?, state_msg = ?,
+                state_since = CASE WHEN state = ? THEN state_since ELSE ? END,
+                consecutive_misses = ?, last_attempt = ?,
+                last_seen = CASE WHEN ? THEN ? ELSE last_seen END,
+                last_snapshot_id = CASE WHEN ? THEN ? ELSE last_snapshot_id END,
+                next_attempt_at = ?,
+                expected_gpus = COALESCE(?, expected_gpus)
+            WHERE name = ?
+            """,
+            (update.state, reason, msg, update.state, now, update.consecutive_misses, now,
+             int(update.seen), now, int(outcome.ok and outcome.snapshot is not None), snapshot_id,
+             update.next_attempt_at, update.expected_gpus, name),
+        )
+        self._prune_snapshots(conn, name)
+        if current.state == update.state:
+            return None
+        self._state_event(conn, current, update.state, reason, msg, now)
+        return StateChange(name, current.state, update.state, reason, msg)
+
+    def _state_event(self, conn: sqlite3.Connection, current: AgentRow, new: str, reason: str | None,
+                     msg: str | None, now: str) -> None:
+        """An `agent_state` event, unless the agent is flapping: a change it already made (the same old ->
+        new pair) within STATE_EVENT_WINDOW_S is only counted, and the next event says how many were folded
+        into it. A host that degrades (online -> stale -> offline) gets every step recorded; a host whose
+        tool flaps between ok and error every tick gets a couple of events per window, not some 17,000 a
+        day in a log that is append-only."""
+        since = (parse_time(now) - timedelta(seconds=STATE_EVENT_WINDOW_S)).isoformat(timespec="milliseconds")
+        repeat = conn.execute(
+            "SELECT 1 FROM events WHERE agent = ? AND kind = 'agent_state' AND at > ? "
+            "AND json_extract(detail, '$.old') = ? AND json_extract(detail, '$.new') = ? LIMIT 1",
+            (current.name, since, current.state, new),
+        ).fetchone()
+        if repeat is not None:
+            conn.execute("UPDATE agents SET state_events_coalesced = state_events_coalesced + 1 WHERE name = ?",
+                         (current.name,))
+            return
+        detail = {"old": current.state, "new": new, "reason": reason, "msg": msg}
+        if current.state_events_coalesced:
+            detail["coalesced"] = current.state_events_coalesced
+        self._event(conn, "agent_state", agent=current.name, at=now, **detail)
+        conn.execute("UPDATE agents SET state_events_coalesced = 0 WHERE name = ?", (current.name,))
 
     def _prune_snapshots(self, conn: sqlite3.Connection, agent: str) -> None:
         """Keep the newest `snapshots_kept` rows per agent, plus the latest good one (status needs it)."""

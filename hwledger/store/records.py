@@ -70,6 +70,9 @@ class AgentRow:
     consecutive_misses: int
     last_snapshot_id: int | None
     removed_at: str | None
+    next_attempt_at: str | None = None         # an offline agent is not dialled before this (backoff)
+    state_events_coalesced: int = 0            # state changes since the last agent_state event
+    expected_gpus: str | None = None           # JSON: the GPUs the agent answered with when it was whole
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class JobRow:
     run_dir: str | None
     remote_dir: str | None
     cleanup_pending: bool
+    max_attempts: int = 1
+    launched_at: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -128,6 +133,8 @@ class AgentUpdate:
     reason: str | None = None
     msg: str | None = None
     seen: bool = False  # the host answered (even if its GPU tool failed)
+    next_attempt_at: str | None = None  # when an offline agent may be dialled again; None: every tick
+    expected_gpus: str | None = None  # the GPUs to expect from now on (JSON); None keeps what was there
 
 
 @dataclass(frozen=True)

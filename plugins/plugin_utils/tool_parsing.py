@@ -29,7 +29,7 @@ SCHEMA_VERSION = 1
 REASONS = frozenset({
     "tool_not_found", "driver_unavailable", "nvml_error", "no_devices", "invalid_query",
     "invalid_arguments", "unparseable", "output_too_large",
-    "timeout", "host_key_changed", "host_key_unknown", "unreachable",
+    "timeout", "tool_still_running", "probe_busy", "host_key_changed", "host_key_unknown", "unreachable",
 })
 
 MAX_OUTPUT_BYTES = 1 << 20
@@ -145,6 +145,43 @@ def parse_index(text: str) -> int:
     if len(text) > 9 or not text.isdigit() or not text.isascii():
         raise ValueError("%r is not a GPU index" % text[:20])
     return int(text)
+
+
+def clean_text(text: str) -> str:
+    """Remote text made safe to keep and to serialise anywhere (JSON, SQLite, a log line).
+
+    Bytes that were not UTF-8 arrive as lone surrogates (decoded with surrogateescape), which every
+    encoder refuses; they become visible escapes (``\\xff``), so the message still shows what was sent.
+    Other lone surrogates become ``\\udXXX`` escapes. Control characters are left for the display layer
+    (a terminal or a page) to escape: they are valid text.
+    """
+    if not text:
+        return text or ""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _SURROGATE.sub(_escape_surrogate, text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(match) -> str:
+    code = ord(match.group())
+    # U+DC80..U+DCFF stand for the undecodable bytes 0x80..0xFF (surrogateescape).
+    return "\\x%02x" % (code - 0xDC00) if 0xDC80 <= code <= 0xDCFF else "\\u%04x" % code
+
+
+def clean_tree(value):
+    """``clean_text`` applied to every string (keys included) of a JSON-like value."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {clean_tree(key): clean_tree(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_tree(item) for item in value]
+    return value
 
 
 def clip(text: str, limit: int = 80) -> str:

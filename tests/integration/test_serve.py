@@ -6,17 +6,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import stat
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from hwledger import hostkeys
 from hwledger.ansible_runs import AnsibleRuns
 from hwledger.fanout import SshFanoutHeartbeat
-from hwledger.heartbeat import HOST_KEY_UNKNOWN_MSG
+from hwledger.heartbeat import BACKOFF_FIRST_S, HOST_KEY_UNKNOWN_MSG
 from hwledger.server import Server
+from hwledger.store import parse_time
 from tests.integration.fleet_support import files_containing, wait_for
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.processes import mentioning as processes_mentioning
 
@@ -63,11 +66,22 @@ def test_a_host_going_down_and_coming_back(fleet_env, server_for, lab, fresh_hos
             gpus_before = store.latest_snapshot(fresh_host.name).data["gpus"]
             assert len(gpus_before) == 2  # the last good data is kept (shown with its age)
 
+        # Offline: not dialled again before its backoff is over (30 s, doubling up to 5 minutes) ...
+        with fleet_env.store() as store:
+            due = parse_time(store.get_agent(fresh_host.name).next_attempt_at)
+        assert 25 <= (due - datetime.now(timezone.utc)).total_seconds() <= BACKOFF_FIRST_S
         fresh_host.start()
+        report = server.tick()
+        assert fresh_host.name not in report.outcomes and steady.name in report.outcomes
+        # ... and dialled once it is over.
+        with sqlite3.connect(fleet_env.db) as raw:
+            raw.execute("UPDATE agents SET next_attempt_at = ? WHERE name = ?",
+                        ((datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat(), fresh_host.name))
         server.tick()
         assert _states(fleet_env, fresh_host.name, steady.name) == ("online", "online")
         with fleet_env.store() as store:
             assert store.get_agent(fresh_host.name).consecutive_misses == 0
+            assert store.get_agent(fresh_host.name).next_attempt_at is None  # the backoff is reset
             state_events = store.list_events(agent=fresh_host.name, kind="agent_state")
             changes = [(e.detail["old"], e.detail["new"]) for e in state_events]
         assert changes == [("pending", "online"), ("online", "stale"), ("stale", "offline"), ("offline", "online")]

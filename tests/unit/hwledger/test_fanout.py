@@ -65,7 +65,9 @@ else
       echo 'Host key verification failed.' >&2
       code=255 ;;
     flood*) head -c 3000000 /dev/zero ;;
-    *) PATH="$FAKE_SSH_DIR/hosts/$host:$PATH" /bin/sh -c "$cmd"; code=$? ;;
+    *) # Each host is a machine of its own: its own tools and its own runtime dir (the probe's lock).
+       PATH="$FAKE_SSH_DIR/hosts/$host:$PATH" XDG_RUNTIME_DIR="$FAKE_SSH_DIR/hosts/$host.run" /bin/sh -c "$cmd"
+       code=$? ;;
   esac
 fi
 printf 'end %s %s %s\n' "$$" "$host" "$(now)" >>"$log"
@@ -88,6 +90,7 @@ class FakeFleet:
     def host(self, name: str, *, capture: str = A800, rc: int = 0, sleep: float = 0.0) -> None:
         bin_dir = self.root / "hosts" / name
         bin_dir.mkdir()
+        (self.root / "hosts" / f"{name}.run").mkdir(mode=0o700)
         tool = bin_dir / "nvidia-smi"
         pause = f"sleep {sleep}\n" if sleep else ""
         tool.write_text(f"#!/bin/sh\n{pause}cat {FIXTURES / capture}\nexit {rc}\n")
@@ -428,3 +431,24 @@ def test_outcomes_are_classified_like_the_ansible_path_s() -> None:
     assert ProbeOutcome.from_module_result(watchdog.module_result()).reason == "timeout"
     assert not ProbeOutcome.from_module_result(watchdog.module_result()).missed
     assert json.loads(json.dumps(probe.ssh_command("echo 'x'"))).startswith("exec /bin/sh -c ")
+
+
+def test_a_lone_host_whose_dial_outlives_the_budget_is_heard_at_a_later_tick(fake: FakeFleet, policy) -> None:
+    """A first connection slower than the tick's budget goes on between ticks and is reported by a later
+    tick, even when it is the only host (no other exec keeps that tick's event loop running), and it is
+    not dialled again while it runs."""
+    fake.host("slow-1.test", sleep=1.0)
+    hb = transport(fake, policy)
+    try:
+        assert hb.tick([agent("slow-1")], cancel=never, budget_s=0.05) == {}
+        assert hb.in_flight() == ["slow-1"]
+        outcomes: dict = {}
+        give_up = time.monotonic() + 30  # the exec takes about a second; 30 s means it was never read
+        while "slow-1" not in outcomes and time.monotonic() < give_up:
+            time.sleep(0.2)
+            outcomes = hb.tick([agent("slow-1")], cancel=never, budget_s=0.05)
+        assert outcomes["slow-1"].ok, outcomes
+        assert hb.in_flight() == []
+        assert [kind for kind, _pid, host, _t in fake.events() if kind == "start" and host == "slow-1.test"] == ["start"]
+    finally:
+        hb.close()

@@ -36,7 +36,7 @@ class _SlowTransport:
         self._inside = threading.Lock()
         self.overlapped = False
 
-    def tick(self, agents, *, cancel, on_outcome=None, on_progress=None):
+    def tick(self, agents, *, cancel, on_outcome=None, on_progress=None, budget_s=None, liveness=()):
         if not self._inside.acquire(blocking=False):
             self.overlapped = True
             return {}
@@ -197,3 +197,54 @@ def test_a_job_worker_that_dies_after_running_does_not_leave_the_job_running(fle
         history = [e.detail["new"] for e in store.list_events(job_id=job_id) if e.kind == "job_state"]
     assert job.state == "lost" and job.cleanup_pending and "worker failed" in job.error
     assert history == ["queued", "dispatched", "running", "lost"]
+
+
+def test_every_connection_that_writes_job_transitions_syncs_fully(fleet):
+    """synchronous=FULL (2): a job transition that returned has reached the disk, a power cut after it
+    cannot undo it (WAL's default, NORMAL, may lose the last commits). The server's tick connection and
+    each job worker's connection are checked, as the server makes them."""
+    server = Server(fleet, interval_s=1, transport=_SlowTransport(delay=0))
+    try:
+        with server.workers.open_store() as worker_store:
+            for store in (server.store, worker_store):
+                conn = store._conn  # noqa: SLF001 - the pragma is what is under test
+                assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+                assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        server.close()
+
+
+class _Companion:
+    def __init__(self, fail_on_tick: bool = False):
+        self.calls: list[str] = []
+        self.fail_on_tick = fail_on_tick
+
+    def start(self):
+        self.calls.append("start")
+
+    def tick_done(self, report, *, elapsed_s, overran):
+        self.calls.append(f"tick:{report.asked}:{overran}")
+        if self.fail_on_tick:
+            raise RuntimeError("a companion bug")
+
+    def stop(self):
+        self.calls.append("stop")
+
+
+def test_companions_start_with_the_loop_hear_every_tick_and_stop_with_it(fleet):
+    watcher, broken = _Companion(), _Companion(fail_on_tick=True)
+    server = Server(fleet, interval_s=0.05, transport=_SlowTransport(delay=0.0), companions=[watcher, broken])
+    server.run(max_ticks=3)
+    assert watcher.calls == ["start", "tick:1:False", "tick:1:False", "tick:1:False", "stop"]
+    assert broken.calls[-1] == "stop" and len(broken.calls) == 5  # its failures did not stop the loop
+
+
+def test_a_companion_that_cannot_start_stops_the_server_with_its_error(fleet):
+    class _Refuses(_Companion):
+        def start(self):
+            raise UserError("--http 127.0.0.1:9835: the address is in use")
+
+    first, refusing = _Companion(), _Refuses()
+    with pytest.raises(UserError, match="in use"):
+        Server(fleet, interval_s=0.05, transport=_SlowTransport(delay=0.0), companions=[first, refusing]).run(once=True)
+    assert first.calls == ["start", "stop"] and refusing.calls == []
