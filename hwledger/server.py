@@ -6,8 +6,9 @@ recorded and the next tick starts at once):
 2. run one heartbeat over every agent that is not blocked (`host_key_changed`) through the heartbeat
    transport (`hwledger.heartbeat`: the resident fan-out by default, or the Ansible playbook), writing
    each host's outcome and new state to the store as it arrives;
-3. hand queued jobs of agents that answered to the job workers (`hwledger.job_runs`; threads, so
-   heartbeats keep their cadence; one job per agent at a time), and pending remote clean-ups likewise.
+3. hand queued jobs to the job workers (`hwledger.job_runs`; threads, so heartbeats keep their cadence):
+   `hwledger.job_dispatch` decides which go and where (a job without `resources` holds its whole agent, one
+   with `resources` only the GPUs `hwledger.placement` chose for it), and pending remote clean-ups likewise.
 
 At start-up it settles what a previous server left behind (`recover`). One server per store: `run` holds
 an flock on `<data dir>/serve.lock` for the process's life.
@@ -43,15 +44,15 @@ from hwledger.heartbeat import (
     QueryPacing,
     TickRecorder,
 )
+from hwledger.job_dispatch import DispatchRound
 from hwledger.job_runs import (
     AnsibleJobs,
     JobWorkers,
-    crash_point,
     discard_settled_results,
     job_deadline_s,
     settle_job,
 )
-from hwledger.store import AgentRow, StateChange, StoreError, age_seconds, parse_time, utc_now
+from hwledger.store import AgentRow, StateChange, StoreError, age_seconds, parse_time
 
 log = logging.getLogger("hwledger.server")
 
@@ -59,6 +60,8 @@ DEFAULT_INTERVAL_S = 5.0
 DEFAULT_MAX_PARALLEL_JOBS = 4
 STOP_GRACE_S = 1.5
 EVENT_THROTTLE_S = 60.0
+# A job with resources is placed only on agents whose latest snapshot is younger than this many intervals.
+PLACEMENT_MAX_AGE_INTERVALS = 2
 SERVE_LOCK_NAME = "serve.lock"
 # `hwledger fleet serve` exits with this when its store cannot be used any more (deleted, replaced,
 # read-only, disk full, damaged): nothing it does could be recorded.
@@ -169,13 +172,14 @@ class Server:
         self._pacing = QueryPacing()
         self.max_parallel_jobs = max_parallel_jobs
         self._pool = ThreadPoolExecutor(max_workers=max_parallel_jobs, thread_name_prefix="hwledger-job")
-        self._busy: dict[str, Future] = {}  # agent name -> its job or clean-up in flight
+        # Work in flight: a job's worker by the job's id, an agent's remote clean-up by _cleanup_key(agent).
+        self._busy: dict[str, Future] = {}
         self._orphans: dict[str, _Orphan] = {}
         self._agents: dict[str, Agent] = {}
         self._config_error: str | None = None
         self._config_error_logged_at: float | None = None
         self._config_signature: tuple | None = None
-        self._job_workers: dict[str, str] = {}  # agent name -> id of the job its worker runs
+        self._job_workers: dict[str, str] = {}  # job id -> the agent its worker runs it on
         self._unsettled: set[str] = set()  # jobs whose worker failed, to settle (retried each tick)
         self._lock_fd: int | None = None
         self._event_windows: dict[str, tuple[float | None, int]] = {}
@@ -440,15 +444,16 @@ class Server:
         """Forget finished workers. A job worker that died of an exception may have left its job active,
         with no run behind it: such a job is settled here (its result file, if one was fetched, else
         `lost` with its remote clean-up pending), so no job stays `running` forever."""
-        for name, future in list(self._busy.items()):
+        for key, future in list(self._busy.items()):
             if future.done():
-                del self._busy[name]
-                job_id = self._job_workers.pop(name, None)
+                del self._busy[key]
+                agent = self._job_workers.pop(key, None)
                 exc = future.exception()
                 if exc is not None:
-                    log.error("worker for %s failed: %s", name, printable(f"{type(exc).__name__}: {exc}", limit=600))
-                    if job_id is not None:
-                        self._unsettled.add(job_id)
+                    log.error("worker for %s failed: %s", agent or key,
+                              printable(f"{type(exc).__name__}: {exc}", limit=600))
+                    if agent is not None:
+                        self._unsettled.add(key)
         for job_id in list(self._unsettled):
             self._settle_failed_worker_job(job_id)
 
@@ -466,30 +471,37 @@ class Server:
         self._unsettled.discard(job_id)
 
     def _dispatch(self, answered: Sequence[str]) -> list[str]:
-        """Hand the next job (or a pending clean-up) of each agent that answered to a worker."""
+        """Hand the jobs that may start now to workers (`hwledger.job_dispatch`: its own agent for a job
+        without resources, the GPUs placement picks for one with), then a pending clean-up of each agent
+        that answered."""
+        if self.stop_event.is_set():
+            return []
         started = []
+        dispatches = DispatchRound(
+            self.store, configured=self._agents, answered=answered, in_workers=self._job_workers,
+            capacity=self.max_parallel_jobs - len(self._busy), workers_max=self.max_parallel_jobs,
+            max_age_s=PLACEMENT_MAX_AGE_INTERVALS * self.interval_s, stop=self.stop_event.is_set,
+        ).run()
+        for dispatch in dispatches:
+            log.info("job %s dispatched to %s", dispatch.job_id, dispatch.agent)
+            self._busy[dispatch.job_id] = self._pool.submit(self.workers.run_job, dispatch.job_id,
+                                                            self._agents[dispatch.agent])
+            self._job_workers[dispatch.job_id] = dispatch.agent
+            started.append(dispatch.job_id)
         for name in answered:
+            key = _cleanup_key(name)
             if self.stop_event.is_set() or len(self._busy) >= self.max_parallel_jobs:
                 break
-            if name in self._busy or name not in self._agents:
-                continue
-            agent = self._agents[name]
-            active = self.store.list_jobs(agent=name, states=["dispatched", "running"])
-            if any(job.state == "running" or job.id in self._orphans for job in active):
-                continue  # a previous server's run, still being settled
-            job = active[0] if active else self.store.next_queued_job(name)
-            if job is not None:
-                if job.state == "queued":
-                    if not self.store.transition_job(job.id, ["queued"], "dispatched", dispatched_at=utc_now()):
-                        continue  # cancelled meanwhile
-                    crash_point("dispatched")
-                log.info("job %s dispatched to %s", job.id, name)
-                self._busy[name] = self._pool.submit(self.workers.run_job, job.id, agent)
-                self._job_workers[name] = job.id
-                started.append(job.id)
+            if key in self._busy or name not in self._agents:
                 continue
             pending = self.store.list_jobs(agent=name, states=["cancelled", "lost", "failed"])
-            pending = [j for j in pending if j.cleanup_pending]
+            # A job whose worker still runs does its own clean-up.
+            pending = [j for j in pending if j.cleanup_pending and j.id not in self._job_workers]
             if pending:
-                self._busy[name] = self._pool.submit(self.workers.clean_up, pending[0].id, agent)
+                self._busy[key] = self._pool.submit(self.workers.clean_up, pending[0].id, self._agents[name])
         return started
+
+
+def _cleanup_key(agent: str) -> str:
+    """The key of an agent's clean-up in flight among the server's work (job ids are UUIDs: no clash)."""
+    return f"cleanup:{agent}"

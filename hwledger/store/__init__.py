@@ -21,6 +21,7 @@ from __future__ import annotations
 from hwledger.store.agents import AgentTables
 from hwledger.store.base import DEFAULT_BUSY_TIMEOUT_S, DEFAULT_SNAPSHOTS_KEPT, StoreBase, StoreError
 from hwledger.store.jobs import JobTables
+from hwledger.store.placement import PlacementTables
 from hwledger.store.records import (
     AgentRecord,
     AgentRow,
@@ -38,7 +39,7 @@ from hwledger.store.schema import AGENT_STATES, JOB_ACTIVE_STATES, JOB_STATES, J
 from hwledger.store.watch import MemoryPoint, WatchQueries
 
 
-class Store(AgentTables, JobTables, WatchQueries, Retention, StoreBase):
+class Store(AgentTables, JobTables, PlacementTables, WatchQueries, Retention, StoreBase):
     """One connection to the store. Use one per thread (sqlite3 connections are not shared)."""
 
 

@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.agent_values import RESERVED_AGENT_NAME
+
 from hwledger.errors import UserError
 from hwledger.store.records import JOB_COLUMNS, JOB_UPDATABLE, JobRow, job_row, job_value, utc_now
 from hwledger.store.records import where as where_clause
@@ -23,7 +25,7 @@ class JobTables:
         now = utc_now()
         with self._write() as conn:
             known = conn.execute("SELECT state FROM agents WHERE name = ?", (agent,)).fetchone()
-            if known is None or known[0] == "removed":
+            if agent != RESERVED_AGENT_NAME and (known is None or known[0] == "removed"):  # auto: placed at dispatch
                 raise UserError(f"no registered agent named {agent!r}; see `hwledger fleet list`")
             try:
                 conn.execute(

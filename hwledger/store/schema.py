@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # `degraded`: the host answers, but a GPU it had is missing (fell off the bus).
 AGENT_STATES = ("pending", "online", "degraded", "stale", "offline", "error", "host_key_changed", "removed")
@@ -204,6 +204,20 @@ MIGRATIONS: tuple[str, ...] = (
             DELETE FROM gpu_memory_history WHERE agent = new.agent
                 AND minute < strftime('%Y-%m-%dT%H:%M', new.recorded_at, '-{HISTORY_MINUTES} minutes');
         END;
+    """,
+    # v4: placement (`hwledger job submit --agent auto --min-free-vram ...`, hwledger.placement).
+    #
+    # `placement`: where a job with `resources` was placed and why (JSON: agent, backend, gpus [{index, uuid,
+    # name, free_bytes}], env, why, snapshot_at, request), written in the same transaction as its queued ->
+    # dispatched step. While the job is dispatched or running it is the job's claim on those GPUs: a
+    # restarted server reads the claims back from here, and a claim ends when the job leaves those states
+    # (no row to delete, so no path that ends a job can forget it). NULL for a job without resources (it
+    # holds its whole agent).
+    # `placement_note`: why a queued job is not placed yet (JSON: text, agent of the best candidate),
+    # written only when it changes.
+    """
+    ALTER TABLE jobs ADD COLUMN placement TEXT CHECK (placement IS NULL OR json_valid(placement));
+    ALTER TABLE jobs ADD COLUMN placement_note TEXT CHECK (placement_note IS NULL OR json_valid(placement_note));
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
