@@ -3,8 +3,8 @@
 A transport runs one heartbeat over a set of agents and answers with each host's ``probe.ProbeOutcome``
 (the one outcome type, whichever way the host was asked). Two transports exist: ``SshFanoutHeartbeat``
 (``hwledger.fanout``, the default: the probe over reused OpenSSH masters, all hosts at once) and
-``AnsibleHeartbeat`` here (the ``hwledger.fleet.heartbeat`` playbook through ansible-runner). Either way the
-same probe runs and the same parser reads it, so a host ends in the same state whichever transport asked.
+``AnsibleHeartbeat`` here (the ``hwledger.fleet.heartbeat_facts`` playbook through ansible-runner). Either
+way the same probe runs and the same parser reads it, so a host ends in the same state whichever transport asked.
 
 Agent states: `pending` (registered, never answered), `online`, `stale` (1 or 2 missed heartbeats),
 `offline` (3 or more), `error` (the host answers but its GPU tool fails, or no host key is pinned for
@@ -35,7 +35,9 @@ log = logging.getLogger("hwledger.heartbeat")
 
 DEFAULT_QUERY_TIMEOUT_S = 10
 OFFLINE_AFTER_MISSES = 3
-HEARTBEAT_PLAYBOOK = "hwledger.fleet.heartbeat"
+HEARTBEAT_PLAYBOOK = "hwledger.fleet.heartbeat_facts"
+# The playbook's run-wide CI check (fail when asked); serve reads every host's outcome instead.
+HEARTBEAT_SKIP_TAGS = "hwledger_ci"
 
 BLOCKING_REASONS = frozenset({"host_key_changed"})
 # A problem on this side (a private key ssh cannot use): the agent is in error, the host is not blamed.
@@ -77,7 +79,11 @@ class HeartbeatTransport(Protocol):
 
 
 class AnsibleHeartbeat:
-    """The heartbeat as `ansible-playbook hwledger.fleet.heartbeat`, through the app's runner wrapper."""
+    """The heartbeat as `ansible-playbook hwledger.fleet.heartbeat_facts`, through the app's runner wrapper.
+
+    That playbook is the lean machine entry (one task, literal keywords, no summary): a tick costs about a
+    one-task raw play. The knobs go as extra vars, which the gpu_query action reads itself.
+    """
 
     def __init__(self, runs: AnsibleRuns, policy: ssh.SshPolicy, *,
                  query_timeout_s: int = DEFAULT_QUERY_TIMEOUT_S, host_metrics: bool = True):
@@ -100,6 +106,7 @@ class AnsibleHeartbeat:
                        "hwledger_host_metrics": self.host_metrics},
             cancel=cancel,
             label="heartbeat",
+            skip_tags=HEARTBEAT_SKIP_TAGS,
         )
         outcomes = self.outcomes(run)
         if not outcomes and run.status not in ("canceled",):

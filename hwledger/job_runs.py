@@ -323,8 +323,8 @@ class CancelCheck:
 
 
 def _remote_dir_of(event: HostEvent) -> str | None:
-    """The job's remote private dir, when this event is the role's tempfile task that created it."""
-    if event.event != "runner_on_ok" or not event.action.endswith("tempfile"):
+    """The job's remote private dir, when this event is the role's job_start task that created it."""
+    if event.event != "runner_on_ok" or not event.action.endswith("job_start"):
         return None
     path = event.res.get("path")
     if isinstance(path, str) and is_job_dir(path):

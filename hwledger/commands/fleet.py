@@ -91,7 +91,7 @@ def register(subparsers) -> None:
 
     serve_about = (
         "Every --interval seconds, one heartbeat over all agents (by default every host probed at once over its "
-        "reused SSH connection; with --transport ansible, the hwledger.fleet.heartbeat playbook through "
+        "reused SSH connection; with --transport ansible, the hwledger.fleet.heartbeat_facts playbook through "
         "ansible-runner); queued jobs go to agents that answered, through the hwledger.fleet.job playbook. "
         "SIGTERM or SIGINT stops it within 2 seconds. It logs to stderr. examples/hwledger-serve.service runs it "
         "as a systemd service.")
@@ -111,8 +111,9 @@ def register(subparsers) -> None:
                        help="jobs running at once across agents; one per agent (default %(default)s)")
     serve.add_argument("--transport", choices=("fanout", "ansible"), default="fanout",
                        help="fanout (default): one exec per host over its reused ssh connection, all hosts at "
-                            "once; ansible: the hwledger.fleet.heartbeat playbook through ansible-runner each "
-                            "tick (same probe, parser and ssh options, about 1.5 s + 36 ms of CPU per host more)")
+                            "once; ansible: the hwledger.fleet.heartbeat_facts playbook through ansible-runner "
+                            "each tick (same probe, parser and ssh options; about the cost of a one-task "
+                            "ansible-playbook, several times the fanout's)")
     serve.add_argument("--max-parallel", type=int, default=DEFAULT_MAX_PARALLEL, metavar="N",
                        help="ssh processes at once in a fanout tick (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
