@@ -96,12 +96,13 @@ class AnsibleHeartbeat:
              on_progress: Callable[[], None] | None = None, budget_s: float | None = None,
              liveness: Collection[str] = ()) -> dict[str, ProbeOutcome]:
         del on_progress, budget_s  # the outcomes are read when the run ends; a run cannot leave hosts behind
-        del liveness  # TODO(issue 13): the heartbeat playbook's liveness check
         if not agents:
             return {}
+        # Each agent's own query_timeout_s reaches gpu_query through its hwledger_agent host var; the
+        # liveness checks through hwledger_liveness_check. The run-wide knobs are extra vars.
         run = self.runs.run_playbook(
             HEARTBEAT_PLAYBOOK,
-            inventory=hostvars.inventory(agents, self.policy),
+            inventory=hostvars.inventory(agents, self.policy, liveness=liveness),
             extravars={"hwledger_gpu_query_timeout": self.query_timeout_s,
                        "hwledger_host_metrics": self.host_metrics},
             cancel=cancel,
