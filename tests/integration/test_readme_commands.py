@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 AGENT = "vast-rental-1"
 # The README's capture lines run the controller's nvidia-smi; this one prints a real capture (copied into
 # tests/fixtures with its provenance) with the header, or without it for `noheader`, as nvidia-smi does.
-CAPTURE = REPO / "tests/fixtures/gpu/nvidia/csv-header-index-name-memtotal-memfree-2xRTX4070Laptop-RTX5070Ti-windows.txt"
+CAPTURE = (REPO / "tests/fixtures/gpu/nvidia"
+           / "csv-header-index-name-memtotal-memfree-2xRTX4070Laptop-RTX5070Ti-windows.txt")
 FAKE_NVIDIA_SMI = f"""#!/bin/sh
 case "$*" in
   *noheader*) tail -n +2 '{CAPTURE}' ;;
@@ -91,7 +92,8 @@ def test_sections_1_to_3_run_as_written(lab, newcomer):
         known_hosts.write_text(known_hosts_line(ssh.known_hosts_alias(agent), host) + "\n")
         (work / "fleet.hwledger.yml").write_text(fleet_yml())
 
-        commands = {section: readme_commands(readme_section(section), inline=False) for section in ("## 1.", "## 2.", "## 3.")}
+        commands = {section: readme_commands(readme_section(section), inline=False)
+                    for section in ("## 1.", "## 2.", "## 3.")}
         graph, raw = commands["## 1."]
         assert graph == "ansible-inventory -i fleet.hwledger.yml --graph"
         out = run(graph, work, env).stdout
@@ -100,7 +102,8 @@ def test_sections_1_to_3_run_as_written(lab, newcomer):
 
         heartbeat, capture, parse, capture_noheader, parse_noheader = commands["## 2."]
         out = run(heartbeat, work, env).stdout
-        assert f"{AGENT}: 2 GPU(s) (nvidia, " in out and "[1] NVIDIA GeForce RTX 5070 Ti: 15799 of 16303 MiB free" in out
+        assert f"{AGENT}: 2 GPU(s) (nvidia, " in out
+        assert "[1] NVIDIA GeForce RTX 5070 Ti: 15799 of 16303 MiB free" in out
         for tool_line, parse_line in ((capture, parse), (capture_noheader, parse_noheader)):
             run(tool_line, work, env)
             parsed = run(parse_line, work, env).stdout
