@@ -66,9 +66,10 @@ class JobTables:
             where += (" AND " if where else " WHERE ") + f"state IN ({', '.join('?' * len(states))})"
             params += states
         if newest is None:
-            sql = f"SELECT {JOB_COLUMNS} FROM jobs{where} ORDER BY created_at, id"
+            # rowid breaks ties of the millisecond in submission order (first come, first served).
+            sql = f"SELECT {JOB_COLUMNS} FROM jobs{where} ORDER BY created_at, rowid"
             return [job_row(r) for r in self._conn.execute(sql, params)]
-        sql = f"SELECT {JOB_COLUMNS} FROM jobs{where} ORDER BY created_at DESC, id DESC LIMIT ?"
+        sql = f"SELECT {JOB_COLUMNS} FROM jobs{where} ORDER BY created_at DESC, rowid DESC LIMIT ?"
         return [job_row(r) for r in reversed(self._conn.execute(sql, [*params, int(newest)]).fetchall())]
 
     def transition_job(self, job_id: str, from_states: Iterable[str], to_state: str, **fields: Any) -> bool:
