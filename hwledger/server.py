@@ -9,6 +9,9 @@ recorded and the next tick starts at once):
 3. hand queued jobs of agents that answered to the job workers (`hwledger.job_runs`; threads, so
    heartbeats keep their cadence; one job per agent at a time), and pending remote clean-ups likewise.
 
+Running jobs' logs are read at every tick, in the heartbeat's exec where the transport can
+(`hwledger.job_logs`).
+
 At start-up it settles what a previous server left behind (`recover`). One server per store: `run` holds
 an flock on `<data dir>/serve.lock` for the process's life.
 """
@@ -43,6 +46,7 @@ from hwledger.heartbeat import (
     QueryPacing,
     TickRecorder,
 )
+from hwledger.job_logs import LogFollower
 from hwledger.job_runs import (
     AnsibleJobs,
     JobWorkers,
@@ -167,6 +171,7 @@ class Server:
         self.stop_event = threading.Event()
         self.workers = JobWorkers(fleet.open_store, self.jobs, self.results_dir, self.stop_event)
         self._pacing = QueryPacing()
+        self.logs = LogFollower(self.policy)
         self.max_parallel_jobs = max_parallel_jobs
         self._pool = ThreadPoolExecutor(max_workers=max_parallel_jobs, thread_name_prefix="hwledger-job")
         self._busy: dict[str, Future] = {}  # agent name -> its job or clean-up in flight
@@ -199,6 +204,7 @@ class Server:
         stop_in_flight = getattr(self.transport, "stop_in_flight", None)
         if stop_in_flight is not None:
             stop_in_flight()  # execs of new connections still in flight go too (masters stay, ControlPersist)
+        self.logs.close()
         try:
             for kind, (_last, count) in self._event_windows.items():
                 if count:  # occurrences not recorded yet
@@ -407,11 +413,13 @@ class Server:
         report.asked = len(targets)
         recorder = TickRecorder(self.store, {agent.name: agent for agent in targets})
         liveness = self._pacing.liveness_only(targets)
+        log_reads = self.logs.reads(self.store, [agent.name for agent in targets])
+        same_exec = bool(getattr(self.transport, "reads_job_logs", False))
         outcomes: dict = {}
         try:
             outcomes = self.transport.tick(targets, cancel=self.stop_event.is_set, on_outcome=recorder.on_outcome,
                                            on_progress=recorder.on_progress, budget_s=self.interval_s,
-                                           liveness=liveness)
+                                           liveness=liveness, **({"log_reads": log_reads} if same_exec else {}))
             self._pacing.note(outcomes, liveness)
         except HeartbeatRunError as exc:
             report.error = str(exc)
@@ -421,6 +429,8 @@ class Server:
             report.duration_s = time.monotonic() - report.started
             return report
         report.outcomes = recorder.finish(outcomes, self.policy)
+        self.logs.record(self.store, outcomes, log_reads, agents=self._agents, same_exec=same_exec,
+                         cancel=self.stop_event.is_set)
         report.changes = recorder.changes
         for change in report.changes:
             log.info("agent %s: %s -> %s%s", change.agent, change.old, change.new,
