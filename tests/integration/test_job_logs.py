@@ -5,7 +5,6 @@ in the store."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
