@@ -28,6 +28,7 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeO
 
 from hwledger import hostkeys
 from hwledger.ansible_runs import AnsibleRuns, PlaybookRun
+from hwledger.errors import UserError
 from hwledger.store import AgentRow, AgentUpdate, StateChange, Store, StoreError
 
 log = logging.getLogger("hwledger.heartbeat")
@@ -95,12 +96,13 @@ class AnsibleHeartbeat:
              on_progress: Callable[[], None] | None = None, budget_s: float | None = None,
              liveness: Collection[str] = ()) -> dict[str, ProbeOutcome]:
         del on_progress, budget_s  # the outcomes are read when the run ends; a run cannot leave hosts behind
-        del liveness  # TODO(issue 13): the heartbeat playbook's liveness check
         if not agents:
             return {}
+        # Each agent's own query_timeout_s reaches gpu_query through its hwledger_agent host var; the
+        # liveness checks through hwledger_liveness_check. The run-wide knobs are extra vars.
         run = self.runs.run_playbook(
             HEARTBEAT_PLAYBOOK,
-            inventory=hostvars.inventory(agents, self.policy),
+            inventory=hostvars.inventory(agents, self.policy, liveness=liveness),
             extravars={"hwledger_gpu_query_timeout": self.query_timeout_s,
                        "hwledger_host_metrics": self.host_metrics},
             cancel=cancel,
@@ -308,11 +310,18 @@ class TickRecorder:
 
 def explain(agent: Agent, outcome: ProbeOutcome) -> ProbeOutcome:
     """An unreachable host whose private key (or its bastion's) ssh cannot use: say which file and what
-    is wrong with it (ssh itself only says "Permission denied (publickey)"). A local stat, cheap."""
+    is wrong with it (ssh itself only says "Permission denied (publickey)"). A local stat, cheap; and when
+    the host did refuse the login, a check that ssh can load the key at all (a passphrase it cannot ask
+    for, not a private key): one ssh-keygen run, on that failure only."""
     if outcome.reason != "unreachable":
         return outcome
     for field_name, path, whose in agents.agent_key_files(agent):
         problem = agents.key_file_problem(path, field_name, whose)
+        if problem is None and "Permission denied" in f"{outcome.msg}\n{outcome.output_head}":
+            try:
+                hostkeys.check_private_key(path, option=field_name)
+            except UserError as exc:
+                problem = f"{exc} ({whose}'s key)"
         if problem is not None:
             return ProbeOutcome(False, reason=KEY_UNUSABLE, msg=f"{agent.name}: {problem}", rc=outcome.rc,
                                 output_head=outcome.output_head, answered=False)

@@ -16,7 +16,7 @@ from ansible.utils.display import Display
 from ansible.utils.unsafe_proxy import wrap_var
 
 from ansible_collections.hwledger.fleet.plugins.modules import gpu_query as gpu_query_doc
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import module_doc, probe, processes
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import hostvars, module_doc, probe, processes
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.nvidia_smi import DEFAULT_GPU_QUERY_CMD
 
 display = Display()
@@ -35,6 +35,10 @@ def summary(host: str, outcome: probe.ProbeOutcome) -> str:
         reason = "timeout" if outcome.reason == probe.NO_ANSWER else (outcome.reason or "error")
         return "%s: FAILED (%s): %s" % (host, reason, msg)
     snapshot = outcome.snapshot
+    if snapshot is None:  # a liveness check: the host answered; its GPU tool was not run this time
+        parts = ["%s: alive (GPU query skipped: its min_query_interval_s has not passed)" % host]
+        _add_load(parts, outcome.host)
+        return "; ".join(parts)
     parts = ["%s: %d GPU(s) (%s, %s ms)" % (host, len(snapshot["gpus"]), snapshot["backend"], snapshot["query_ms"])]
     for gpu in snapshot["gpus"]:
         free, total = gpu.get("memory_free_bytes"), gpu.get("memory_total_bytes")
@@ -44,7 +48,11 @@ def summary(host: str, outcome: probe.ProbeOutcome) -> str:
             memory = "memory unknown"
         health = "" if gpu.get("health") == "ok" else " (%s)" % gpu.get("health")
         parts.append("[%s] %s: %s%s" % (gpu.get("index"), gpu.get("name"), memory, health))
-    host_metrics = snapshot.get("host")
+    _add_load(parts, snapshot.get("host"))
+    return "; ".join(parts)
+
+
+def _add_load(parts: list, host_metrics) -> None:
     if isinstance(host_metrics, dict) and _is_number(host_metrics.get("load1")):
         load = "load %s" % host_metrics["load1"]
         if _is_number(host_metrics.get("cpu_count")):
@@ -53,7 +61,6 @@ def summary(host: str, outcome: probe.ProbeOutcome) -> str:
         if _is_number(available) and _is_number(total):
             load += ", %s of %s GiB memory available" % (round(available / 1073741824, 1), round(total / 1073741824, 1))
         parts.append(load)
-    return "; ".join(parts)
 
 
 def _is_number(value) -> bool:
@@ -78,13 +85,16 @@ class ActionModule(ActionBase):
         try:
             timeout = args["timeout"]
             if timeout is None:
+                timeout = self._agent_timeout(task_vars)
+            if timeout is None:
                 timeout = self._knob(task_vars, "hwledger_gpu_query_timeout", DEFAULT_TIMEOUT_S, int)
             host_metrics = args["host_metrics"]
             if host_metrics is None:
                 host_metrics = self._knob(task_vars, "hwledger_host_metrics", True, boolean)
+            query = not self._knob(task_vars, hostvars.LIVENESS_VAR, False, boolean)
             cmd = args["cmd"] if args["cmd"] is not None else self._host_command(task_vars)
             probe.check_timeout(timeout)
-            script = probe.remote_script(cmd, timeout_s=timeout, host_metrics=host_metrics)
+            script = probe.remote_script(cmd, timeout_s=timeout, host_metrics=host_metrics, query=query)
         except ValueError as exc:
             result.update(failed=True, msg="hwledger.fleet.gpu_query on %s: %s" % (agent, exc))
             return result
@@ -105,6 +115,7 @@ class ActionModule(ActionBase):
                 started=started,
                 ended=ended,
                 host_metrics=host_metrics,
+                query=query,
             )
         # Everything in the outcome came from the host. ansible-core already treats action results as
         # untrusted (2.19 data tagging; 2.18's executor marks them unsafe); marking them here as well keeps
@@ -128,6 +139,17 @@ class ActionModule(ActionBase):
         except (TypeError, ValueError):
             raise ValueError("%s must be %s, got %r" % (name, "a number" if convert is int else "a boolean",
                                                         value)) from None
+
+    @staticmethod
+    def _agent_timeout(task_vars: dict):
+        """The agent's own query_timeout_s (ssh-agents.toml, in its hwledger_agent host var), or None."""
+        agent = task_vars.get("hwledger_agent")
+        value = agent.get("query_timeout_s") if isinstance(agent, dict) else None
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("hwledger_agent.query_timeout_s must be a number, got %r" % (value,))
+        return value
 
     @staticmethod
     def _agent_name(task_vars: dict) -> str:

@@ -68,9 +68,10 @@ options:
       - The task itself ends at most O(timeout) + 3 seconds after the command was started, whatever the
         host or the network does.
       - Between 1 and 3600.
-      - When not given, the host variable C(hwledger_gpu_query_timeout), else V(10). The playbooks pass
-        nothing, so that no task argument is templated per host (the cost of a heartbeat stays that of one
-        exec).
+      - When not given, the agent's own C(query_timeout_s) from C(ssh-agents.toml) (in the host variable
+        C(hwledger_agent) that the inventory plugin sets), else the host variable C(hwledger_gpu_query_timeout),
+        else V(10). The playbooks pass nothing, so that no task argument is templated per host (the cost of a
+        heartbeat stays that of one exec).
     type: int
   backend:
     description:
@@ -141,6 +142,11 @@ notes:
     C(hwledger fleet register-ssh)) and C(unreachable) (any other SSH failure).
   - A GPU whose values read C([GPU requires reset]) (or another marker of a broken device) gets that
     text as its RV(ansible_facts.hwledger_snapshot.gpus[].health); the other GPUs of the host stay usable.
+  - "B(Liveness check.) With the host variable C(hwledger_liveness_check=true) the same exec runs without the GPU
+    tool: the task answers RV(alive) (with RV(host) metrics) and sets no fact, or fails as usual when the host
+    does not answer. C(hwledger fleet serve --transport ansible) sets it on the agents whose
+    C(min_query_interval_s) has not passed, so a slow or fragile GPU tool runs at its own pace while every
+    heartbeat still notices a host that went away."
   - Facts land in the fact cache (and in AWX's per-host facts with C(use_fact_cache)). A failed query
     sets no facts, so a cached snapshot keeps its old RV(ansible_facts.hwledger_snapshot.captured_at).
 seealso:
@@ -343,10 +349,16 @@ answered:
   returned: failure
   type: bool
   sample: true
+alive:
+  description: V(true) when the host answered a liveness check (C(hwledger_liveness_check)); the GPU tool was not
+    run and no fact is set.
+  returned: success of a liveness check
+  type: bool
+  sample: true
 host:
-  description: On a failure of the GPU tool, the host metrics that were still read (same keys as
-    RV(ansible_facts.hwledger_snapshot.host)).
-  returned: failure, when O(host_metrics=true) and the host answered
+  description: On a failure of the GPU tool, or on a liveness check, the host metrics that were read (same keys
+    as RV(ansible_facts.hwledger_snapshot.host); V(null) after a liveness check with O(host_metrics=false)).
+  returned: failure when O(host_metrics=true) and the host answered; success of a liveness check
   type: dict
   sample: {"cpu_count": 8, "load1": 0.1, "load5": 0.2, "load15": 0.2, "mem_total_bytes": 16710107136,
            "mem_available_bytes": 12011405312}

@@ -11,7 +11,7 @@ Plain data; the inventory plugin and the app's runner mark every string unsafe.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import ssh
@@ -24,6 +24,8 @@ GROUP_NVIDIA = "hwledger_nvidia"
 GROUP_ROCM = "hwledger_rocm"
 GROUP_VIA_BASTION = "hwledger_via_bastion"
 GROUPS = (GROUP_ALL, GROUP_NVIDIA, GROUP_ROCM, GROUP_VIA_BASTION)
+# Set by the app's server on the hosts of a run that only checks that they answer (see inventory()).
+LIVENESS_VAR = "hwledger_liveness_check"
 _TOOL_GROUPS = {"nvidia-smi": GROUP_NVIDIA, "rocm-smi": GROUP_ROCM, "amd-smi": GROUP_ROCM}
 
 
@@ -67,13 +69,19 @@ def host_vars(agent: Agent, policy: ssh.SshPolicy) -> dict:
     return variables
 
 
-def inventory(agents: Iterable[Agent], policy: ssh.SshPolicy) -> dict:
+def inventory(agents: Iterable[Agent], policy: ssh.SshPolicy, *, liveness: Collection[str] = ()) -> dict:
     """A whole inventory (the YAML/JSON inventory structure) of ``agents``: every host in
-    ``hwledger_agents`` with its variables, and in its GPU and bastion groups, as the plugin makes them."""
+    ``hwledger_agents`` with its variables, and in its GPU and bastion groups, as the plugin makes them.
+
+    The agents named in ``liveness`` get ``hwledger_liveness_check: true``: this run's ``gpu_query`` only
+    checks that they answer, without running their GPU tool (their ``min_query_interval_s`` has not passed).
+    """
     hosts: dict[str, dict] = {}
     members: dict[str, dict[str, dict]] = {group: {} for group in GROUPS}
     for agent in agents:
         hosts[agent.name] = host_vars(agent, policy)
+        if agent.name in liveness:
+            hosts[agent.name][LIVENESS_VAR] = True
         for group in agent_groups(agent)[1:]:
             members[group][agent.name] = {}
     children: dict[str, dict] = {GROUP_ALL: {"hosts": hosts}}

@@ -467,8 +467,11 @@ class ProbeOutcome:
         return cls(False, reason=reason, msg=msg[:MAX_MSG_CHARS], answered=False)
 
     def module_result(self) -> dict:
-        """The ``gpu_query`` module result: the snapshot as facts, or ``failed`` with ``msg``, ``reason``,
-        ``rc``, ``output_head`` and ``answered`` (plus ``host`` when host metrics came back)."""
+        """The ``gpu_query`` module result: the snapshot as facts, ``alive`` (with ``host``) for a liveness
+        check, or ``failed`` with ``msg``, ``reason``, ``rc``, ``output_head`` and ``answered`` (plus ``host``
+        when host metrics came back)."""
+        if self.ok and self.snapshot is None:  # a liveness check: no facts, so a cached snapshot stays
+            return {"changed": False, "alive": True, "host": self.host}
         if self.ok:
             return {"changed": False, "ansible_facts": {"hwledger_snapshot": self.snapshot}}
         result = {
@@ -490,6 +493,9 @@ class ProbeOutcome:
         snapshot = facts.get("hwledger_snapshot") if isinstance(facts, dict) else None
         if not result.get("failed") and isinstance(snapshot, dict):
             return cls.success(snapshot)
+        if not result.get("failed") and result.get("alive") is True:
+            host = result.get("host") if isinstance(result.get("host"), dict) else None
+            return cls(True, snapshot=None, host=host)
         reason = str(result.get("reason") or "error")
         if isinstance(result.get("answered"), bool):
             answered = result["answered"]

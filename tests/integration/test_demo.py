@@ -24,6 +24,7 @@ from hwledger.fleet import Fleet
 from lab import Lab, lab_unavailable_reason
 from lab.system import scan_processes
 from tests.toolchains import REPO
+from tests.unit.test_readme_commands import readme_commands, readme_section
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -105,6 +106,9 @@ def test_demo_keeps_a_fleet_up_its_lines_work_and_demo_down_removes_it(demo_dir:
     assert env_line == f". {demo_dir / 'env'}"
     assert down_line == f"make demo-down DEMO_DIR={demo_dir}"
     assert any(line.startswith("ansible-playbook -i ") for line in commands)
+    # The README's "After make demo" block is what the demo prints (with the default .demo directory).
+    readme = readme_commands(readme_section("### After `make demo`"), inline=False)
+    assert readme == [". .demo/env", *[line.replace(str(demo_dir), ".demo") for line in commands], "make demo-down"]
     out = {}
     for line in commands:
         result = paste(env_line, line)

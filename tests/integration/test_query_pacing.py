@@ -11,9 +11,24 @@ from pathlib import Path
 
 import pytest
 
+from hwledger.ansible_runs import AnsibleRuns
 from hwledger.fanout import SshFanoutHeartbeat
+from hwledger.heartbeat import AnsibleHeartbeat
 from hwledger.server import Server
 from lab.pinning import pinned_fleet
+
+
+def make_transport(kind: str, fleet, query_timeout_s: int):
+    """The same pacing through either heartbeat transport: the fan-out asks the probe itself; the Ansible
+    one passes the agent's timeout and the liveness check to gpu_query as host variables."""
+    if kind == "fanout":
+        return SshFanoutHeartbeat(fleet.policy(), query_timeout_s=query_timeout_s)
+    return AnsibleHeartbeat(AnsibleRuns(runs_dir=fleet.runs_dir), fleet.policy(), query_timeout_s=query_timeout_s)
+
+
+@pytest.fixture(params=["fanout", "ansible"])
+def transport_kind(request):
+    return request.param
 
 
 @pytest.fixture
@@ -23,13 +38,14 @@ def short_data_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_the_gpu_tool_runs_at_its_own_pace_and_liveness_fills_the_ticks(lab, tmp_path, short_data_dir):
+def test_the_gpu_tool_runs_at_its_own_pace_and_liveness_fills_the_ticks(lab, tmp_path, short_data_dir,
+                                                                       transport_kind):
     paced = lab.add_loopback_host(lab.unique_name("paced"))
     every_tick = lab.add_loopback_host(lab.unique_name("every"))
     try:
         fleet = pinned_fleet(tmp_path, short_data_dir, [paced, every_tick],
                              overrides={paced.name: {"min_query_interval_s": 3600}})
-        server = Server(fleet, transport=SshFanoutHeartbeat(fleet.policy(), query_timeout_s=20), query_timeout_s=20)
+        server = Server(fleet, transport=make_transport(transport_kind, fleet, 20), query_timeout_s=20)
         try:
             for _index in range(4):
                 report = server.tick()
@@ -51,12 +67,12 @@ def test_the_gpu_tool_runs_at_its_own_pace_and_liveness_fills_the_ticks(lab, tmp
         every_tick.stop()
 
 
-def test_an_agents_own_query_timeout_bounds_its_tool(lab, tmp_path, short_data_dir):
+def test_an_agents_own_query_timeout_bounds_its_tool(lab, tmp_path, short_data_dir, transport_kind):
     slow = lab.add_loopback_host(lab.unique_name("slow"), delay=30)
     try:
         fleet = pinned_fleet(tmp_path, short_data_dir, [slow], overrides={slow.name: {"query_timeout_s": 1}})
         # The server's default would wait 60 s for the tool; the agent's own 1 s applies.
-        server = Server(fleet, transport=SshFanoutHeartbeat(fleet.policy(), query_timeout_s=60), query_timeout_s=60)
+        server = Server(fleet, transport=make_transport(transport_kind, fleet, 60), query_timeout_s=60)
         try:
             outcome = server.tick().outcomes[slow.name]
         finally:

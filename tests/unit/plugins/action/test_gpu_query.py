@@ -285,3 +285,49 @@ def test_summary_line_of_a_failure_names_the_reason_once(shell):
     result = make_action({}, shell).run(task_vars=dict(TASK_VARS))  # no nvidia-smi on PATH
     assert result["summary"].startswith("gpu-box-1: FAILED (tool_not_found): 'nvidia-smi' was not found")
     assert result["summary"].count("gpu-box-1") == 1
+
+
+# --- per-agent pacing: the agent's own timeout, and the liveness check ----------------------------------
+
+
+def test_the_agents_own_query_timeout_comes_before_the_run_wide_knob(bin_dir, shell):
+    """serve passes --query-timeout as the run-wide knob; an agent's query_timeout_s (ssh-agents.toml, in its
+    hwledger_agent host var) bounds that agent's tool, as on the fan-out path; the task's option wins."""
+    fake_tool(bin_dir, "nvidia-smi", "printf '0, GPU, 1024 MiB, 1024 MiB\\n'")
+    task_vars = dict(TASK_VARS, hwledger_gpu_query_timeout="60",
+                     hwledger_agent={"name": "slow-box", "query_timeout_s": 2.5})
+    make_action({}, shell).run(task_vars=task_vars)
+    assert re.search(r"^T=2\.5$", shell.calls[0][0], re.M), shell.calls[0][0][:400]
+    make_action({}, shell).run(task_vars=dict(task_vars, hwledger_agent={"name": "box", "query_timeout_s": None}))
+    assert re.search(r"^T=60$", shell.calls[1][0], re.M)
+    make_action({"timeout": 3}, shell).run(task_vars=task_vars)
+    assert re.search(r"^T=3$", shell.calls[2][0], re.M)
+    result = make_action({}, shell).run(task_vars=dict(task_vars, hwledger_agent={"name": "b", "query_timeout_s": "x"}))
+    assert result["failed"] is True and "query_timeout_s must be a number" in result["msg"]
+
+
+def test_a_liveness_check_runs_no_tool_answers_alive_and_sets_no_fact(bin_dir, shell, tmp_path):
+    ran = tmp_path / "ran"
+    fake_tool(bin_dir, "nvidia-smi", "touch %s; printf '0, GPU, 1024 MiB, 1024 MiB\\n'" % ran)
+    result = make_action({}, shell).run(task_vars=dict(TASK_VARS, hwledger_liveness_check="true"))
+    assert result.get("failed") is not True, result
+    assert result["alive"] is True and "ansible_facts" not in result
+    assert result["host"]["cpu_count"] == len(os.sched_getaffinity(0))
+    assert not ran.exists()
+    assert result["summary"].startswith("gpu-box-1: alive (GPU query skipped: its min_query_interval_s has not passed)")
+    outcome = probe.ProbeOutcome.from_module_result(result)
+    assert (outcome.ok, outcome.snapshot, outcome.host) == (True, None, result["host"])
+    # Without the knob the tool runs.
+    result = make_action({}, shell).run(task_vars=dict(TASK_VARS, hwledger_liveness_check=False))
+    assert result["ansible_facts"]["hwledger_snapshot"]["gpus"] and ran.exists()
+
+
+def test_a_liveness_check_of_a_host_that_does_not_run_the_probe_is_a_failure():
+    """A liveness check proves only that the host answers the probe; a login shell that prints its banner and
+    exits without running it is still reported."""
+    def broken_shell(cmd, **kwargs):
+        del cmd, kwargs
+        return {"rc": 1, "stdout": "Welcome to rented-box\n", "stdout_lines": [], "stderr": "", "stderr_lines": []}
+    result = make_action({}, broken_shell).run(task_vars=dict(TASK_VARS, hwledger_liveness_check=True))
+    assert result["failed"] is True and result["reason"] == "unparseable", result
+    assert "alive" not in result

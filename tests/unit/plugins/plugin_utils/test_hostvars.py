@@ -91,3 +91,10 @@ def test_the_servers_inventory_has_the_plugins_groups(home):
     assert set(children["hwledger_nvidia"]["hosts"]) == {"vast-rental-1", "vpn-private-gpu"}
     assert set(children["hwledger_rocm"]["hosts"]) == {"lambda-labs-2"}
     assert set(children["hwledger_via_bastion"]["hosts"]) == {"vpn-private-gpu"}
+
+
+def test_liveness_agents_get_the_liveness_var_and_the_others_do_not(home):
+    agents = A.parse_agents_toml(SPEC_EXAMPLE.read_text(), str(SPEC_EXAMPLE))[0]
+    hosts = H.inventory(agents, policy(), liveness={"lambda-labs-2"})["all"]["children"]["hwledger_agents"]["hosts"]
+    assert hosts["lambda-labs-2"][H.LIVENESS_VAR] is True
+    assert [name for name, variables in hosts.items() if H.LIVENESS_VAR in variables] == ["lambda-labs-2"]
