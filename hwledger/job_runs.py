@@ -33,8 +33,9 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import Agent
 
 from hwledger.ansible_runs import AnsibleRuns, HostEvent, PlaybookRun
 from hwledger.display import printable
+from hwledger.job_logs import finish_log
 from hwledger.placement import launch_spec
-from hwledger.store import JOB_ACTIVE_STATES, JobRow, Store, utc_now
+from hwledger.store import JOB_ACTIVE_STATES, JobRow, Store, StoreError, utc_now
 
 log = logging.getLogger("hwledger.jobs")
 
@@ -193,6 +194,11 @@ def settle_job(store: Store, job: JobRow, results_dir: Path, outcome: JobRunOutc
             error = f"{result['error']['reason']}: {result['error']['message']}"
         elif state == "timed_out":
             error = "the job ran past its timeout and was killed on the host"
+        try:
+            # Before the state: a follower (`hwledger job logs -f`) that sees the job ended has all of its output.
+            finish_log(store, job.id, result)
+        except (StoreError, ValueError) as exc:
+            log.warning("job %s: the end of its output was not added to its log: %s", job.id, exc)
         ok = store.transition_job(job.id, JOB_ACTIVE_STATES, state, result=result,
                                   exit_code=result.get("exit_code"), error=error)
         if ok:

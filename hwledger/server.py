@@ -10,6 +10,9 @@ recorded and the next tick starts at once):
    `hwledger.job_dispatch` decides which go and where (a job without `resources` holds its whole agent, one
    with `resources` only the GPUs `hwledger.placement` chose for it), and pending remote clean-ups likewise.
 
+Running jobs' logs are read at every tick, in the heartbeat's exec where the transport can
+(`hwledger.job_logs`).
+
 At start-up it settles what a previous server left behind (`recover`). One server per store: `run` holds
 an flock on `<data dir>/serve.lock` for the process's life.
 """
@@ -45,6 +48,7 @@ from hwledger.heartbeat import (
     TickRecorder,
 )
 from hwledger.job_dispatch import DispatchRound
+from hwledger.job_logs import LogFollower
 from hwledger.job_runs import (
     AnsibleJobs,
     JobWorkers,
@@ -170,6 +174,7 @@ class Server:
         self.stop_event = threading.Event()
         self.workers = JobWorkers(fleet.open_store, self.jobs, self.results_dir, self.stop_event)
         self._pacing = QueryPacing()
+        self.logs = LogFollower(self.policy)
         self.max_parallel_jobs = max_parallel_jobs
         self._pool = ThreadPoolExecutor(max_workers=max_parallel_jobs, thread_name_prefix="hwledger-job")
         # Work in flight: a job's worker by the job's id, an agent's remote clean-up by _cleanup_key(agent).
@@ -203,6 +208,7 @@ class Server:
         stop_in_flight = getattr(self.transport, "stop_in_flight", None)
         if stop_in_flight is not None:
             stop_in_flight()  # execs of new connections still in flight go too (masters stay, ControlPersist)
+        self.logs.close()
         try:
             for kind, (_last, count) in self._event_windows.items():
                 if count:  # occurrences not recorded yet
@@ -411,11 +417,13 @@ class Server:
         report.asked = len(targets)
         recorder = TickRecorder(self.store, {agent.name: agent for agent in targets})
         liveness = self._pacing.liveness_only(targets)
+        log_reads = self.logs.reads(self.store, [agent.name for agent in targets])
+        same_exec = bool(getattr(self.transport, "reads_job_logs", False))
         outcomes: dict = {}
         try:
             outcomes = self.transport.tick(targets, cancel=self.stop_event.is_set, on_outcome=recorder.on_outcome,
                                            on_progress=recorder.on_progress, budget_s=self.interval_s,
-                                           liveness=liveness)
+                                           liveness=liveness, **({"log_reads": log_reads} if same_exec else {}))
             self._pacing.note(outcomes, liveness)
         except HeartbeatRunError as exc:
             report.error = str(exc)
@@ -425,6 +433,8 @@ class Server:
             report.duration_s = time.monotonic() - report.started
             return report
         report.outcomes = recorder.finish(outcomes, self.policy)
+        self.logs.record(self.store, outcomes, log_reads, agents=self._agents, same_exec=same_exec,
+                         cancel=self.stop_event.is_set)
         report.changes = recorder.changes
         for change in report.changes:
             log.info("agent %s: %s -> %s%s", change.agent, change.old, change.new,

@@ -1,4 +1,4 @@
-"""`hwledger job`: submit, list, show, cancel. The server (`hwledger fleet serve`) runs the jobs."""
+"""`hwledger job`: submit, list, show, logs, cancel. The server (`hwledger fleet serve`) runs the jobs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema
 from hwledger.display import dumps, human_age, printable, table
 from hwledger.errors import UserError
 from hwledger.fleet import Fleet
+from hwledger.job_follow import print_log
 from hwledger.placement import AUTO, AgentView, Request, never_fits, note_text, size_text
 from hwledger.reports import DEFAULT_JOB_LIMIT, job_list, job_to_dict
 from hwledger.store import JOB_STATES, JobRow, Store, age_seconds
@@ -74,6 +75,30 @@ def register(subparsers) -> None:
     show.add_argument("job_id", metavar="ID", help="job id (or a unique prefix of it)")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_show)
+
+    logs = sub.add_parser(
+        "logs", parents=[files], help="print a job's output; -f follows it until it ends",
+        description="Print what the store holds of a job's output: the server reads it from the agent at every "
+                    "heartbeat while the job runs (lines appear within two ticks), and the end of it from the "
+                    "job's result. The job's stdout goes to stdout and its stderr to stderr; control characters "
+                    "(escape sequences, carriage returns) are shown escaped, never sent to the terminal. The "
+                    "store keeps the newest 4 MiB of each job's output; what was dropped or lost is said.",
+        epilog="examples:\n"
+               "  hwledger job logs 3f2a                  # what is there now (a finished job: what was kept)\n"
+               "  hwledger job logs -f 3f2a               # follow it; exit with the job's exit code\n"
+               "  hwledger job logs -f --stderr 3f2a      # only its stderr\n"
+               "  hwledger job logs 3f2a > out.txt        # its stdout to a file (escaped), stderr on the terminal",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    logs.add_argument("job_id", metavar="ID", help="job id (or a unique prefix of it)")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="keep printing until the job ends (waiting for a queued one to start), then print its "
+                           "final state and exit with its exit code (128+N when signal N killed it; 1 when it "
+                           "timed out, was lost or cancelled)")
+    which = logs.add_mutually_exclusive_group()
+    which.add_argument("--stdout", dest="streams", action="store_const", const=("stdout",), help="only its stdout")
+    which.add_argument("--stderr", dest="streams", action="store_const", const=("stderr",), help="only its stderr")
+    logs.set_defaults(func=cmd_logs, streams=("stdout", "stderr"))
 
     cancel = sub.add_parser("cancel", parents=[files], help="cancel a job",
                             description="Cancel a queued or dispatched job at once (nothing of it has "
@@ -321,6 +346,15 @@ def _print_placement(placement: dict | None) -> None:
         print(f"env      {printable(key)}={printable(value)}")
     if placement.get("why"):
         print(f"placed   {printable(placement['why'])}")
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    store = _existing_store(args)
+    if store is None:
+        raise UserError(f"no job {args.job_id!r}: there is no store")
+    with store:
+        job = _find(store, args.job_id)
+        return print_log(store, job, follow=args.follow, streams=args.streams, out=sys.stdout, err=sys.stderr)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

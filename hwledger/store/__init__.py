@@ -14,12 +14,15 @@ Design notes (why, not what):
 - The `events` table is append-only (triggers refuse UPDATE, and DELETE of anything younger than the cut of
   `hwledger fleet prune`; see retention.py).
 - Nothing secret is stored: key *fingerprints* only, never key material.
+- A job's log (what `hwledger job logs` prints) is bounded per job where it is appended: the oldest rows go
+  first, in the same transaction (job_logs.py).
 """
 
 from __future__ import annotations
 
 from hwledger.store.agents import AgentTables
 from hwledger.store.base import DEFAULT_BUSY_TIMEOUT_S, DEFAULT_SNAPSHOTS_KEPT, StoreBase, StoreError
+from hwledger.store.job_logs import LOG_KEPT_BYTES, JobLogTables, JobLogView, LogCursor, LogEntry, RunningLog
 from hwledger.store.jobs import JobTables
 from hwledger.store.placement import PlacementTables
 from hwledger.store.records import (
@@ -39,12 +42,13 @@ from hwledger.store.schema import AGENT_STATES, JOB_ACTIVE_STATES, JOB_STATES, J
 from hwledger.store.watch import MemoryPoint, WatchQueries
 
 
-class Store(AgentTables, JobTables, PlacementTables, WatchQueries, Retention, StoreBase):
+class Store(AgentTables, JobTables, JobLogTables, PlacementTables, WatchQueries, Retention, StoreBase):
     """One connection to the store. Use one per thread (sqlite3 connections are not shared)."""
 
 
 __all__ = [
     "AGENT_STATES", "DEFAULT_BUSY_TIMEOUT_S", "DEFAULT_SNAPSHOTS_KEPT", "JOB_ACTIVE_STATES", "JOB_STATES",
-    "JOB_TERMINAL_STATES", "SCHEMA_VERSION", "AgentRecord", "AgentRow", "AgentUpdate", "EventRow", "JobRow",
-    "MemoryPoint", "PruneReport", "SnapshotRow", "StateChange", "Store", "StoreError", "age_seconds", "parse_time", "utc_now",
+    "JOB_TERMINAL_STATES", "LOG_KEPT_BYTES", "SCHEMA_VERSION", "AgentRecord", "AgentRow", "AgentUpdate", "EventRow",
+    "JobLogView", "JobRow", "LogCursor", "LogEntry", "MemoryPoint", "PruneReport", "RunningLog", "SnapshotRow",
+    "StateChange", "Store", "StoreError", "age_seconds", "parse_time", "utc_now",
 ]
