@@ -346,6 +346,12 @@ class _FanoutLoop:
                 self._spawn(warm.pop(), cold=False)
             waiting = any(ex.waited_for and (not ex.cold or in_budget) for ex in self.running.values())
             if not (warm or (cold and in_budget) or waiting):
+                if self.running:
+                    # Execs carried over from earlier ticks: take what they said by now and end those past
+                    # their deadline, without waiting; else an agent whose first dial outlived a tick's
+                    # budget would stay "in flight", never reported, as long as nothing else is asked.
+                    self._wait_events(time.monotonic())
+                    self._enforce_deadlines()
                 return True  # cold agents not started within the budget are asked by a later tick
             if self.running:
                 self._wait_events(cold_until)

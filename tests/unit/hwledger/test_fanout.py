@@ -427,3 +427,24 @@ def test_outcomes_are_classified_like_the_ansible_path_s() -> None:
     assert ProbeOutcome.from_module_result(watchdog.module_result()).reason == "timeout"
     assert not ProbeOutcome.from_module_result(watchdog.module_result()).missed
     assert json.loads(json.dumps(probe.ssh_command("echo 'x'"))).startswith("exec /bin/sh -c ")
+
+
+def test_a_new_connection_that_outlives_the_tick_budget_is_reported_by_a_later_tick(fake: FakeFleet,
+                                                                                      tmp_path: Path) -> None:
+    """The one agent's first dial takes longer than the tick's budget: it goes on between ticks, and a later
+    tick reports it (it used to stay in flight for good when no other agent was asked)."""
+    control_dir = tempfile.mkdtemp(prefix="hwlf-", dir="/tmp")
+    try:
+        policy = ssh.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir=control_dir)
+        fake.host("slow.test", sleep=0.6)
+        hb = transport(fake, policy)
+        assert hb.tick([agent("slow")], cancel=never, budget_s=0.1) == {}  # still dialling
+        deadline = time.monotonic() + 10
+        answered: dict = {}
+        while not answered and time.monotonic() < deadline:
+            time.sleep(0.2)
+            answered = hb.tick([agent("slow")], cancel=never, budget_s=0.1)
+        assert answered and answered["slow"].ok
+    finally:
+        hb.close()
+        shutil.rmtree(control_dir)
