@@ -10,10 +10,10 @@ short_description: Validate an hwledger job result read from the remote and publ
 version_added: 0.1.0
 description:
   - Takes the registered result of the task that read C(result.json) on the remote with
-    C(head -c <limit + 1>) (O(read)), as the P(hwledger.fleet.job#role) role does, and checks the bytes
-    before anything trusts them. They must be at most 1 MiB (the reader stops one byte past the limit,
-    so a file that grew, or was swapped for a symlink to C(/dev/zero) after it was checked, costs the
-    controller at most 1 MiB + 1 byte), ASCII (the runner writes nothing else), strict JSON, a valid hwledger
+    C(head -c <limit + 1>) (O(read)), as the P(hwledger.fleet.job#role) role does (piped through
+    C(od -An -v -tx1) there, O(encoding=hex)), and checks the bytes before anything trusts them. They must be
+    at most 1 MiB (the reader stops one byte past the limit, so a file that grew, or was swapped for a symlink
+    to C(/dev/zero) after it was checked, costs the controller at most 1 MiB + 1 byte), ASCII (the runner writes nothing else), strict JSON, a valid hwledger
     result whose C(job_id) is O(job_id) and, when the runner printed one, have the sha256 in O(sha256).
   - A valid result is written to C(<results_dir>/<job_id>.json), mode V(0600), atomically (a temp file created
     with C(O_CREAT|O_EXCL|O_NOFOLLOW) and C(fchmod), then renamed over the target). A target that is a symlink
@@ -42,6 +42,16 @@ options:
         2.18 would parse as a dict.
     type: dict
     required: true
+  encoding:
+    description:
+      - How C(stdout) of O(read) holds the bytes.
+      - V(text) is the file itself, as C(head) printed it. A file that is not valid UTF-8 cannot come back this
+        way from ansible-core 2.19, which refuses such a module answer (the read task then fails).
+      - V(hex) is the output of C(od -An -v -tx1) (two hex digits per byte, whitespace ignored), so any bytes
+        come back exactly, and a file that is not the runner's ASCII JSON is refused with V(result_not_json).
+    type: str
+    choices: [text, hex]
+    default: text
   sha256:
     description:
       - What the runner printed on stdout (C(<hex>  <path>)) or a bare hex digest. When it holds a
@@ -64,10 +74,15 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: Read the result on the remote, bounded (no_log - the bytes are validated next)
+- name: Read the result on the remote, bounded, as hex (no_log - the bytes are validated next)
   ansible.builtin.command:
-    argv: [head, -c, "{{ (job.result_max_bytes + 1) | string }}", --, "{{ job_dir }}/result.json"]
-    strip_empty_ends: false
+    argv:
+      - sh
+      - -c
+      - 'head -c "$1" -- "$2" | od -An -v -tx1'
+      - sh
+      - "{{ (job.result_max_bytes + 1) | string }}"
+      - "{{ job_dir }}/result.json"
   register: result_read
   no_log: true
   changed_when: false

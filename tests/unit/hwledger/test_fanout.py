@@ -429,8 +429,7 @@ def test_outcomes_are_classified_like_the_ansible_path_s() -> None:
     assert json.loads(json.dumps(probe.ssh_command("echo 'x'"))).startswith("exec /bin/sh -c ")
 
 
-def test_a_new_connection_that_outlives_the_tick_budget_is_reported_by_a_later_tick(fake: FakeFleet,
-                                                                                      tmp_path: Path) -> None:
+def test_a_first_dial_that_outlives_the_tick_budget_is_reported_later(fake: FakeFleet, tmp_path: Path) -> None:
     """The one agent's first dial takes longer than the tick's budget: it goes on between ticks, and a later
     tick reports it (it used to stay in flight for good when no other agent was asked)."""
     control_dir = tempfile.mkdtemp(prefix="hwlf-", dir="/tmp")
