@@ -39,6 +39,8 @@ _BLACKHOLE_NEXT_HOP = "192.0.2.254"
 _BLACKHOLE_SOURCE = "192.0.2.1/24"
 _BLACKHOLE_MAC = "02:00:00:00:00:01"
 HOSTS_PER_OCTET = 250
+# Agent addresses set up as separate machines (see _per_address_environment); the largest default sweep.
+DEFAULT_CAPACITY = 1000
 
 DEFAULT_CAPTURE = "nvidia/csv-header-index-name-memtotal-memfree-driver-computecap-8xA800-SXM4-80GB.txt"
 DEFAULT_QUERY_CMD = ("nvidia-smi --query-gpu=index,name,memory.total,memory.free,driver_version,compute_cap "
@@ -78,13 +80,15 @@ class Agent:
 class BenchFleet:
     """The namespace, the bulk sshd, the odd hosts and the client key; `stop()` removes all of it."""
 
-    def __init__(self, root: Path, *, capture: str = DEFAULT_CAPTURE, query_cmd: str = DEFAULT_QUERY_CMD):
+    def __init__(self, root: Path, *, capture: str = DEFAULT_CAPTURE, query_cmd: str = DEFAULT_QUERY_CMD,
+                 capacity: int = DEFAULT_CAPACITY):
         reason = _unavailable_reason()
         if reason:
             raise BenchUnavailable(reason)
         self.root = root
         self.capture = capture
         self.query_cmd = query_cmd
+        self.capacity = capacity  # addresses that each get a remote machine's own runtime dir
         self.lab = Lab(root / "lab")
         self.netns = f"{lab_system.NAME_PREFIX}{self.lab.id}-bench"
         self.account = f"{lab_system.NAME_PREFIX}{self.lab.id}-bulk"
@@ -167,10 +171,24 @@ class BenchFleet:
             "PrintMotd no",
             "PrintLastLog no",
             "LogLevel ERROR",  # no per-connection log lines: the bench measures the controller's disk
-            f"SetEnv PATH={bin_dir} {lab_system.MARKER_VAR}={self.lab.id}:bulk",
             *sshd_version_options(self.lab.sshd_version),
+            *self._per_address_environment(bin_dir),
         ]
         (self.bulk_dir / "sshd_config").write_text("\n".join(config) + "\n")
+
+    def _per_address_environment(self, bin_dir: Path) -> list[str]:
+        """Match blocks that give each agent address its own XDG_RUNTIME_DIR: every address stands for a
+        machine of its own, and per-machine state on the remote (the probe's single-flight lock) must not
+        be shared among them. sshd keeps the first SetEnv it obtains, so the catch-all comes last."""
+        runtime = self.bulk_dir / "run"
+        runtime.mkdir(mode=0o700)
+        env = f"PATH={bin_dir} {lab_system.MARKER_VAR}={self.lab.id}:bulk"
+        lines = []
+        for index in range(self.capacity):
+            directory = runtime / str(index)
+            directory.mkdir(mode=0o700)
+            lines += [f"Match LocalAddress {bulk_address(index)}", f"    SetEnv {env} XDG_RUNTIME_DIR={directory}"]
+        return [*lines, "Match all", f"    SetEnv {env} XDG_RUNTIME_DIR={runtime}"]
 
     def _start_bulk_sshd(self) -> None:
         log = open(self.bulk_dir / "sshd.log", "ab")

@@ -1,8 +1,9 @@
-"""`make demo`: a local GPU fleet over real SSH, from registration to a finished job.
+"""`make demo`: a local GPU fleet over real SSH, from registration to a finished job, left up to play with.
 
-It starts real sshd hosts (the test lab in tests/lab: loopback hosts, and a GPU host reachable only
-through a bastion when network namespaces are available) whose fake nvidia-smi / rocm-smi replay real
-captures, then drives them with nothing but the public commands a user would type:
+It starts real sshd hosts (the lab package lab/: loopback hosts, and a GPU host reachable only through a
+bastion when network namespaces are available) whose fake nvidia-smi / rocm-smi replay real captures, owned
+by a supervisor process of their own (demo/fleet.py), then drives them with nothing but the public
+commands a user would type:
 
   1. `hwledger fleet register-ssh` for each host (host keys confirmed by fingerprint);
   2. `ansible-inventory --graph` and `ansible all -m raw` through the hwledger.fleet.ssh_agents plugin;
@@ -10,11 +11,14 @@ captures, then drives them with nothing but the public commands a user would typ
   4. `ansible-playbook hwledger.fleet.job` (one agentless job, result fetched to the controller);
   5. `hwledger job submit` + `hwledger fleet serve` for a few ticks + `hwledger fleet status`.
 
-Everything lives under .demo/ and every process it starts is stopped at the end.
+Everything lives under .demo/ (or --dir). With --keep (`make demo`) the fleet stays up afterwards and the
+demo prints the lines to paste to go on with it; `python -m demo --down` (`make demo-down`) stops it.
+Without --keep the fleet is stopped when the tour ends.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -26,23 +30,37 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lab import Lab, LabUnavailable, lab_unavailable_reason  # noqa: E402
+from demo import fleet  # noqa: E402
+from lab import lab_unavailable_reason  # noqa: E402
 
-DEMO_DIR = REPO / ".demo"
+DEFAULT_DIR = REPO / ".demo"
 BIN = Path(sys.executable).parent
+ENV_FILE = "env"
+INVENTORY = "demo.hwledger.yml"
 
-# Real captures the demo hosts replay, with the command each was captured with (tests/fixtures/gpu/SOURCES.md).
-A800_CAPTURE = "nvidia/csv-header-index-name-memtotal-memfree-driver-computecap-8xA800-SXM4-80GB.txt"
-A800_CMD = "nvidia-smi --query-gpu=index,name,memory.total,memory.free,driver_version,compute_cap --format=csv"
-MI100_CAPTURE = "rocm/json-pretty-telegraf-allinfo-4xMI100-rocm6.0.2.json"
-MI100_CMD = "rocm-smi -a --json"
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m demo",
+        description="A local GPU fleet over real SSH (root: sshd hosts, network namespaces, login accounts): "
+                    "register, inventory, heartbeats, jobs, fleet status. `make demo` runs it with --keep.",
+        epilog="make demo = python -m demo --keep; make demo-down = python -m demo --down",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--keep", action="store_true",
+                      help="leave the demo fleet running after the tour and print the lines to go on with it")
+    mode.add_argument("--down", action="store_true",
+                      help="stop a demo fleet left running by --keep (its hosts, namespaces and accounts)")
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, metavar="DIR",
+                        help="where the demo keeps its files (default: .demo in the checkout); started afresh")
+    return parser.parse_args(argv)
 
 
 def step(title: str) -> None:
     print(f"\n\033[1m== {title}\033[0m", flush=True)
 
 
-def run(argv: list[str], *, env: dict[str, str], check: bool = True) -> int:
+def run(argv: list, *, env: dict[str, str], check: bool = True) -> int:
     print("$ " + shlex.join(str(a) for a in argv), flush=True)
     rc = subprocess.run([str(a) for a in argv], env=env, cwd=REPO, check=False).returncode
     if check and rc != 0:
@@ -50,103 +68,177 @@ def run(argv: list[str], *, env: dict[str, str], check: bool = True) -> int:
     return rc
 
 
-def demo_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        HWLEDGER_CONFIG=str(DEMO_DIR / "ssh-agents.toml"),
-        HWLEDGER_KNOWN_HOSTS=str(DEMO_DIR / "known_hosts"),
-        HWLEDGER_DB=str(DEMO_DIR / "fleet.db"),
-        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-        ANSIBLE_NOCOLOR="1",
-    )
-    return env
+def demo_files(directory: Path) -> dict[str, str]:
+    """The environment that points hwledger and Ansible at the demo's files (the env file says the same)."""
+    return {
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HWLEDGER_CONFIG": str(directory / "ssh-agents.toml"),
+        "HWLEDGER_KNOWN_HOSTS": str(directory / "known_hosts"),
+        "HWLEDGER_DB": str(directory / "fleet.db"),
+        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+    }
 
 
-def start_hosts(lab: Lab) -> list:
-    hosts = [
-        lab.add_loopback_host("a800-box", capture=A800_CAPTURE),
-        lab.add_loopback_host("mi100-box", tool="rocm-smi", capture=MI100_CAPTURE, python=True),
-    ]
-    hosts[0].gpu_query_cmd = A800_CMD
-    hosts[1].gpu_query_cmd = MI100_CMD
+def write_env_file(directory: Path) -> Path:
+    files = demo_files(directory)
+    path = directory / ENV_FILE
+    path.write_text(
+        "# The hwledger demo fleet: source this file (`. PATH/TO/env`) to use it from a shell.\n"
+        "# PATH: hwledger and ansible-* from the checkout's virtualenv. HWLEDGER_*: the demo's own files\n"
+        "# (without them hwledger uses ~/.config/hwledger and ~/.local/share/hwledger). ANSIBLE_CONFIG: the\n"
+        "# checkout's ansible.cfg, whichever directory you are in.\n"
+        f"export PATH={shlex.quote(str(BIN))}:\"$PATH\"\n"
+        + "".join(f"export {name}={shlex.quote(files[name])}\n"
+                  for name in ("HWLEDGER_CONFIG", "HWLEDGER_KNOWN_HOSTS", "HWLEDGER_DB", "ANSIBLE_CONFIG")))
+    return path
+
+
+def shown(path: Path) -> str:
+    """A path as the user should type it: relative when it is under this directory, else absolute."""
     try:
-        bastion, internal = lab.add_bastion_pair("private-gpu")
-        hosts.append(internal)
-        print(f"bastion {bastion.address}:{bastion.port} -> private-gpu {internal.address} "
-              "(reachable only through the bastion)")
-    except LabUnavailable as exc:
-        print(f"(no bastion host in this demo: {exc})")
-    return hosts
+        return shlex.quote(str(path.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(path))
 
 
-def register(host, env: dict[str, str]) -> None:
-    argv = [BIN / "hwledger", "fleet", "register-ssh", "--host", f"{host.user}@{host.address}:{host.port}",
-            "--key", host.lab.client_key, "--name", host.name, "--gpu-query-cmd", host.gpu_query_cmd,
-            "--host-key-fingerprint", host.host_key_fingerprint]
+def next_steps(directory: Path) -> list[str]:
+    """The lines to paste after `make demo` (each one true while the demo fleet is up)."""
+    inventory = shown(directory / INVENTORY)
+    down = "make demo-down" if directory == DEFAULT_DIR else f"make demo-down DEMO_DIR={shlex.quote(str(directory))}"
+    return [
+        f". {shown(directory / ENV_FILE)}",
+        "hwledger fleet status",
+        "hwledger job submit --agent mi100-box -- sh -c 'echo hello from $(uname -n), uid $(id -u)'",
+        "hwledger fleet serve --once",
+        "hwledger job list",
+        f"ansible-inventory -i {inventory} --graph",
+        f"ansible-playbook -i {inventory} hwledger.fleet.heartbeat",
+        down,
+    ]
+
+
+def register(host: fleet.DemoHost, state: fleet.FleetState, env: dict[str, str]) -> None:
+    login = host.login
+    argv = [BIN / "hwledger", "fleet", "register-ssh", "--host", f"{login.user}@{login.address}:{login.port}",
+            "--key", state.client_key, "--name", host.name, "--gpu-query-cmd", host.gpu_query_cmd,
+            "--host-key-fingerprint", login.host_key_fingerprint]
     if host.bastion is not None:
         b = host.bastion
-        argv += ["--bastion", f"{b.user}@{b.address}:{b.port}", "--bastion-key", host.lab.client_key,
+        argv += ["--bastion", f"{b.user}@{b.address}:{b.port}", "--bastion-key", state.client_key,
                  "--bastion-host-key-fingerprint", b.host_key_fingerprint]
     run(argv, env=env)
 
 
-def main() -> int:
+def tour(state: fleet.FleetState, directory: Path, env: dict[str, str]) -> None:
+    inventory = directory / INVENTORY
+    for host in state.hosts:
+        via = f" via the bastion {host.bastion.address}:{host.bastion.port}" if host.bastion else ""
+        print(f"  {host.name}: {host.login.user}@{host.login.address}:{host.login.port}{via}  "
+              f"query: {host.gpu_query_cmd}")
+
+    step("2. Register each host (host key pinned only when its fingerprint matches)")
+    for host in state.hosts:
+        register(host, state, env)
+
+    step("3. The fleet as Ansible sees it (hwledger.fleet.ssh_agents)")
+    run([BIN / "ansible-inventory", "-i", inventory, "--graph"], env=env)
+    run([BIN / "ansible", "all", "-i", inventory, "-m", "ansible.builtin.raw", "-a", "echo ok from $(hostname)"],
+        env=env)
+
+    step("4. Heartbeat: GPU telemetry as facts (hwledger.fleet.heartbeat)")
+    run([BIN / "ansible-playbook", "-i", inventory, "hwledger.fleet.heartbeat"], env=env)
+
+    step("5. One agentless job through the job playbook (hwledger.fleet.job)")
+    job_file = directory / "job.json"
+    argv = [BIN / "hwledger", "job", "new", "--timeout", "60", "--",
+            "sh", "-c", "echo job ran on $(uname -n) as uid $(id -u); rocm-smi --showproductname | head -c 120"]
+    print("$ " + shlex.join(str(a) for a in argv) + f" > {shown(job_file)}", flush=True)
+    job_file.write_bytes(subprocess.run([str(a) for a in argv], check=True, capture_output=True).stdout)
+    job_id = json.loads(job_file.read_text())["job_id"]
+    results = directory / "results"
+    mi100 = state.host("mi100-box")
+    # In the lab, python3 is only on the host's own PATH (its bin dir), so name it for Ansible.
+    run([BIN / "ansible-playbook", "-i", inventory, "hwledger.fleet.job", "--limit", mi100.name,
+         "-e", f"hwledger_job_file={job_file}", "-e", f"hwledger_results_dir={results}",
+         "-e", f"ansible_python_interpreter={mi100.python3}"], env=env)
+    print(f"--- {shown(results / (job_id + '.json'))}")
+    print((results / f"{job_id}.json").read_text())
+
+    step("6. The fleet server: queue a job, serve a few heartbeats, show the fleet")
+    run([BIN / "hwledger", "job", "submit", "--agent", "mi100-box", "--", "sh", "-c", "echo queued job ran"],
+        env=env)
+    run([BIN / "hwledger", "fleet", "serve", "--interval", "2", "--max-ticks", "3"], env=env)
+    run([BIN / "hwledger", "job", "list"], env=env)
+    run([BIN / "hwledger", "fleet", "status"], env=env)
+
+
+def check_directory(directory: Path) -> None:
+    """Only a demo directory is emptied, as --dir could name any directory: the checkout's .demo, one the
+    demo made (it has an env file), a new or an empty one."""
+    if directory == DEFAULT_DIR or not os.path.lexists(directory):
+        return
+    if not directory.is_dir():
+        raise fleet.DemoError(f"--dir {directory} is not a directory; give a new or empty directory")
+    if any(directory.iterdir()) and not (directory / ENV_FILE).is_file():
+        raise fleet.DemoError(f"{directory} is not empty and not a demo directory (it has no {ENV_FILE} file); "
+                              "give --dir a new or empty directory")
+
+
+def prepare(directory: Path) -> None:
+    """A fresh demo directory (0700): stop a fleet an earlier run left up, remove its files."""
+    if fleet.running(directory) is not None:
+        print(f"demo: stopping the demo fleet left up in {directory} by an earlier run", flush=True)
+        fleet.stop(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700, parents=True)
+    (directory / INVENTORY).write_text("plugin: hwledger.fleet.ssh_agents\nagents_file: ssh-agents.toml\n"
+                                       f"known_hosts_file: {directory / 'known_hosts'}\n")
+    write_env_file(directory)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return demo(args, args.dir.resolve())
+    except fleet.DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("demo: interrupted; its fleet was stopped", file=sys.stderr)
+        return 130
+
+
+def demo(args: argparse.Namespace, directory: Path) -> int:
+    if args.down:
+        print(f"demo: {fleet.stop(directory)}")
+        return 0
+    check_directory(directory)
     reason = lab_unavailable_reason()
     if reason:
         print(f"demo: cannot start real sshd hosts here: {reason}", file=sys.stderr)
         return 1
-    shutil.rmtree(DEMO_DIR, ignore_errors=True)
-    DEMO_DIR.mkdir(mode=0o700)
-    env = demo_env()
-    inventory = DEMO_DIR / "demo.hwledger.yml"
-    inventory.write_text("plugin: hwledger.fleet.ssh_agents\nagents_file: ssh-agents.toml\n"
-                         f"known_hosts_file: {DEMO_DIR / 'known_hosts'}\n")
-    lab = Lab(DEMO_DIR / "lab")
+    prepare(directory)
+    env = dict(os.environ, **demo_files(directory), ANSIBLE_NOCOLOR="1")
+    step("1. Start demo GPU hosts (real sshd, fake tools replaying real captures, ordinary login accounts)")
+    state = fleet.start(directory)  # on failure or Ctrl-C it leaves nothing up
+    kept = False
     try:
-        step("1. Start demo GPU hosts (real sshd, fake tools replaying real captures)")
-        hosts = start_hosts(lab)
-        for host in hosts:
-            print(f"  {host.name}: {host.user}@{host.address}:{host.port}  query: {host.gpu_query_cmd}")
-
-        step("2. Register each host (host key pinned only when its fingerprint matches)")
-        for host in hosts:
-            register(host, env)
-
-        step("3. The fleet as Ansible sees it (hwledger.fleet.ssh_agents)")
-        run([BIN / "ansible-inventory", "-i", inventory, "--graph"], env=env)
-        run([BIN / "ansible", "all", "-i", inventory, "-m", "ansible.builtin.raw", "-a", "echo ok from $(hostname)"],
-            env=env)
-
-        step("4. Heartbeat: GPU telemetry as facts (hwledger.fleet.heartbeat)")
-        run([BIN / "ansible-playbook", "-i", inventory, "hwledger.fleet.heartbeat"], env=env)
-
-        step("5. One agentless job through the job playbook (hwledger.fleet.job)")
-        job_file = DEMO_DIR / "job.json"
-        argv = [BIN / "hwledger", "job", "new", "--timeout", "60", "--",
-                "sh", "-c", "echo job ran on $(uname -n) as uid $(id -u); rocm-smi --showproductname | head -c 120"]
-        print("$ " + shlex.join(str(a) for a in argv) + " > .demo/job.json", flush=True)
-        job_file.write_bytes(subprocess.run([str(a) for a in argv], check=True, capture_output=True).stdout)
-        job_id = json.loads(job_file.read_text())["job_id"]
-        results = DEMO_DIR / "results"
-        mi100 = hosts[1]
-        # In the lab, python3 is only on the host's own PATH (its bin dir), so name it for Ansible.
-        run([BIN / "ansible-playbook", "-i", inventory, "hwledger.fleet.job", "--limit", mi100.name,
-             "-e", f"hwledger_job_file={job_file}", "-e", f"hwledger_results_dir={results}",
-             "-e", f"ansible_python_interpreter={mi100.bin_dir / 'python3'}"], env=env)
-        print(f"--- .demo/results/{job_id}.json")
-        print((results / f"{job_id}.json").read_text())
-
-        step("6. The fleet server: queue a job, serve a few heartbeats, show the fleet")
-        run([BIN / "hwledger", "job", "submit", "--agent", "mi100-box", "--", "sh", "-c", "echo queued job ran"],
-            env=env)
-        run([BIN / "hwledger", "fleet", "serve", "--interval", "2", "--max-ticks", "3"], env=env)
-        run([BIN / "hwledger", "job", "list"], env=env)
-        run([BIN / "hwledger", "fleet", "status"], env=env)
-        print("\ndemo: done. Files are in .demo/ (config, known_hosts, fleet.db, results).")
-        return 0
+        tour(state, directory, env)
+        kept = args.keep
     finally:
-        lab.stop()
+        if not kept:  # the tour failed or was interrupted, or no --keep: nothing stays up
+            print(f"\ndemo: {fleet.stop(directory)}", flush=True)
+    if not kept:
+        print("demo: done. To keep a demo fleet running to play with, run `make demo` (python -m demo --keep).")
+        return 0
+    step("The demo fleet stays up. Paste these lines, in this directory, to go on with it:")
+    print("\n" + "".join(f"    {line}\n" for line in next_steps(directory)))
+    print(f"`. {shown(directory / ENV_FILE)}` puts {shown(BIN)} first on PATH (hwledger, ansible-*; "
+          f"`. {shown(BIN / 'activate')}` does that alone) and points HWLEDGER_CONFIG, HWLEDGER_KNOWN_HOSTS and "
+          f"HWLEDGER_DB at {shown(directory)}/ (without them hwledger uses ~/.config/hwledger and "
+          "~/.local/share/hwledger). `hwledger fleet serve` without --once keeps serving until Ctrl-C. "
+          "make demo-down stops the hosts, their network namespaces and login accounts.")
+    return 0
 
 
 if __name__ == "__main__":

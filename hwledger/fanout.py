@@ -33,7 +33,7 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, ssh
@@ -82,8 +82,9 @@ class _Exec:
     deadline: float           # time.monotonic()
     pidfd: int | None
     cold: bool = False          # no master expected: this exec opens the connection
-    waited_for: bool = True     # the tick that started it waits for it (a warm exec); a cold one, only
-                                # within the tick's budget: after that it goes on between ticks
+    # The tick that started it waits for it (a warm exec); a cold one, only within the tick's budget:
+    # after that it goes on between ticks.
+    waited_for: bool = True
     stdout: list[bytes] = field(default_factory=list)
     stderr: list[bytes] = field(default_factory=list)
     stdout_size: int = 0
@@ -92,6 +93,7 @@ class _Exec:
     timed_out: bool = False     # killed at the deadline
     too_large: bool = False     # killed for printing too much
     ended: float = 0.0
+    query: bool = True          # False: a liveness check (the GPU tool was not run)
 
 
 class SshFanoutHeartbeat:
@@ -123,8 +125,9 @@ class SshFanoutHeartbeat:
         self.backend = backend
         self.max_parallel = max_parallel_for_fd_limit(max_parallel)
         self.max_new_connections = min(max_new_connections, self.max_parallel)
-        self.deadline_s = probe.controller_deadline(self.query_timeout_s) if deadline_s is None else float(deadline_s)
-        if self.deadline_s <= 0:
+        # A fixed controller deadline for every exec (tests); None: each agent's query timeout plus the grace.
+        self.deadline_override = None if deadline_s is None else float(deadline_s)
+        if self.deadline_override is not None and self.deadline_override <= 0:
             raise ValueError(f"deadline_s must be positive, got {deadline_s!r}")
         self.ssh_binary = ssh_binary
         # An observer of every outcome as it arrives (tests, the benchmark), besides the tick's own hooks.
@@ -134,15 +137,18 @@ class SshFanoutHeartbeat:
         self._durations: dict[str, float] = {}  # name -> seconds its last exec took
         # The execs still in flight between ticks (new connections that outlived a tick's budget).
         self._loop: _FanoutLoop | None = None
+        self._liveness: set[str] = set()  # this tick's agents that get the liveness check
         ssh.prepare_control_dir(policy)
 
     # -- the protocol ------------------------------------------------------------------------
 
     def tick(self, agents: Sequence[Agent], *, cancel: Callable[[], bool], on_outcome: OnOutcome | None = None,
-             on_progress: Callable[[], None] | None = None, budget_s: float | None = None) -> dict[str, ProbeOutcome]:
+             on_progress: Callable[[], None] | None = None, budget_s: float | None = None,
+             liveness: Collection[str] = ()) -> dict[str, ProbeOutcome]:
         """One heartbeat over `agents`. Hosts missing from the answer were not asked (cancelled, or
         the controller could not start their ssh) and keep their state. `on_outcome` sees each outcome as
-        it arrives; `on_progress` is called about every POLL_S while hosts are still out.
+        it arrives; `on_progress` is called about every POLL_S while hosts are still out. The agents named
+        in `liveness` get the liveness check instead of the GPU query (their minimum interval has not passed).
 
         `budget_s`: how long the tick waits for new connections. A host without a master (it has not
         answered lately: a dead host, a silent listener, a black-holed address) costs up to ConnectTimeout
@@ -155,6 +161,7 @@ class SshFanoutHeartbeat:
         self._durations = {name: took for name, took in self._durations.items() if name in self._seen}
         if not agents and self._loop is None:
             return {}
+        self._liveness = set(liveness)
         return self.run_probes(agents, cancel=cancel, on_outcome=on_outcome, on_progress=on_progress,
                                budget_s=budget_s)
 
@@ -215,14 +222,27 @@ class SshFanoutHeartbeat:
     def argv(self, agent: Agent, script: str) -> list[str]:
         return ssh.ssh_argv(agent, self.policy, probe.ssh_command(script), ssh_binary=self.ssh_binary)
 
+    def timeout_for(self, agent: Agent) -> float:
+        """The agent's GPU-tool timeout: its own query_timeout_s, else the server's."""
+        return agent.query_timeout_s if agent.query_timeout_s is not None else self.query_timeout_s
+
+    def deadline_for(self, agent: Agent) -> float:
+        """How long the controller waits for the agent's exec."""
+        if self.deadline_override is not None:
+            return self.deadline_override
+        return probe.controller_deadline(self.timeout_for(agent))
+
+    def wants_query(self, agent: Agent) -> bool:
+        return agent.name not in self._liveness
+
     def script(self, agent: Agent) -> str:
-        return probe.remote_script(agent.gpu_query_cmd, timeout_s=self.query_timeout_s,
-                                   host_metrics=self.host_metrics)
+        return probe.remote_script(agent.gpu_query_cmd, timeout_s=self.timeout_for(agent),
+                                   host_metrics=self.host_metrics, query=self.wants_query(agent))
 
     def evaluate(self, ex: _Exec, stdout: bytes) -> ProbeOutcome:
         """The outcome of one finished exec (the one parser: probe.evaluate)."""
         if ex.timed_out:
-            return probe.exec_timeout_failure(agent=ex.agent.name, timeout_s=self.query_timeout_s)
+            return probe.exec_timeout_failure(agent=ex.agent.name, timeout_s=self.timeout_for(ex.agent))
         if ex.too_large:
             return ProbeOutcome.failure(
                 "output_too_large",
@@ -240,6 +260,7 @@ class SshFanoutHeartbeat:
             started=ex.started,
             ended=ex.ended,
             host_metrics=self.host_metrics,
+            query=ex.query,
         )
 
     # -- shutdown ------------------------------------------------------------------------------
@@ -380,7 +401,8 @@ class _FanoutLoop:
             self.spawn_errors.append(f"{type(exc).__name__}: {exc}")
             log.error("agent %s: cannot start ssh: %s", agent.name, exc)
             return
-        ex = _Exec(agent, proc, time.time(), time.monotonic() + self.t.deadline_s, _pidfd(proc.pid), cold=cold)
+        ex = _Exec(agent, proc, time.time(), time.monotonic() + self.t.deadline_for(agent), _pidfd(proc.pid),
+                   cold=cold, query=self.t.wants_query(agent))
         self.running[proc.pid] = ex
         for pipe, kind in ((proc.stdout, "o"), (proc.stderr, "e")):
             os.set_blocking(pipe.fileno(), False)
@@ -484,7 +506,7 @@ class _FanoutLoop:
         now = time.monotonic()
         for ex in [ex for ex in self.running.values() if now >= ex.deadline]:
             log.debug("agent %s: no answer within %.1f s; killing its ssh (pid %d)",
-                      ex.agent.name, self.t.deadline_s, ex.proc.pid)
+                      ex.agent.name, self.t.deadline_for(ex.agent), ex.proc.pid)
             ex.timed_out = True
             self._kill(ex)
 

@@ -99,6 +99,18 @@ class Fleet:
     def open_store(self) -> Store:
         return Store.open(self.db)
 
+    def existing_store(self) -> Store | None:
+        """The store, or None when there is none yet. For the read-only commands (`fleet status`, `fleet
+        list`, `job list`, `job show`): looking must not create an empty store, nor its directory, at a path
+        that may be a typo or the wrong environment; they say that there is none instead."""
+        if not self.db.exists() and not self.db.is_symlink():
+            return None
+        return self.open_store()
+
+    def no_store_note(self) -> str:
+        return (f"there is no store at {self.db} (nothing was registered or submitted with it yet); "
+                "check HWLEDGER_DB / --db, or register a host with `hwledger fleet register-ssh`")
+
 
 def agent_record(agent: agents.Agent, *, ip: str | None = None, key_fingerprint: str | None = None,
                  bastion_host_key_fingerprint: str | None = None) -> AgentRecord:

@@ -19,7 +19,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents, hostvars, ssh
@@ -41,7 +41,7 @@ BLOCKING_REASONS = frozenset({"host_key_changed"})
 KEY_UNUSABLE = "key_unusable"
 BASTION_CHECK_TIMEOUT_S = 5
 # The host is there, but did not run this probe: not a miss, not a new state.
-NEUTRAL_REASONS = frozenset({"session_refused", "tool_still_running"})
+NEUTRAL_REASONS = frozenset({"probe_busy"})
 # Offline agents are dialled again after this long, doubling up to the maximum (reset when one answers).
 BACKOFF_FIRST_S = 30
 BACKOFF_MAX_S = 300
@@ -65,11 +65,13 @@ class HeartbeatTransport(Protocol):
     ``on_progress()`` every fraction of a second while hosts are still out, so the caller can record the
     answers while slow hosts still hold the tick open. `budget_s` is how long the tick may wait for new
     connections (hosts that have not answered lately); a transport that can leave them running in the
-    background reports them later (the fan-out does), one that cannot ignores it.
+    background reports them later (the fan-out does), one that cannot ignores it. The agents named in
+    `liveness` get a liveness check instead of the GPU query: an ``ok`` outcome without a snapshot.
     """
 
     def tick(self, agents: Sequence[Agent], *, cancel: Callable[[], bool], on_outcome: OnOutcome | None = None,
-             on_progress: Callable[[], None] | None = None, budget_s: float | None = None) -> dict[str, ProbeOutcome]:
+             on_progress: Callable[[], None] | None = None, budget_s: float | None = None,
+             liveness: Collection[str] = ()) -> dict[str, ProbeOutcome]:
         ...
 
 
@@ -84,8 +86,10 @@ class AnsibleHeartbeat:
         self.host_metrics = host_metrics
 
     def tick(self, agents: Sequence[Agent], *, cancel: Callable[[], bool], on_outcome: OnOutcome | None = None,
-             on_progress: Callable[[], None] | None = None, budget_s: float | None = None) -> dict[str, ProbeOutcome]:
+             on_progress: Callable[[], None] | None = None, budget_s: float | None = None,
+             liveness: Collection[str] = ()) -> dict[str, ProbeOutcome]:
         del on_progress, budget_s  # the outcomes are read when the run ends; a run cannot leave hosts behind
+        del liveness  # TODO(issue 13): the heartbeat playbook's liveness check
         if not agents:
             return {}
         run = self.runs.run_playbook(
@@ -137,8 +141,9 @@ def decide_agent_state(row: AgentRow, outcome: ProbeOutcome, now: datetime | Non
     if reason == KEY_UNUSABLE:
         return AgentUpdate("error", row.consecutive_misses, reason, msg)
     if reason in NEUTRAL_REASONS:
-        # The host is there (its sshd refused one more session on a busy connection, or the GPU tool of an
-        # earlier heartbeat still runs): neither a miss nor a new state, just the reason.
+        # The host is there, and another poller is running its GPU tool right now (single flight): neither
+        # a miss nor a new state, just the reason. (A tool left over from an earlier probe, stuck in the
+        # driver, is `tool_still_running`: an error like any failing tool.)
         return AgentUpdate(row.state, row.consecutive_misses, reason, msg, seen=True,
                            next_attempt_at=row.next_attempt_at)
     if outcome.missed:
@@ -152,6 +157,30 @@ def decide_agent_state(row: AgentRow, outcome: ProbeOutcome, now: datetime | Non
         return AgentUpdate(state, misses, reason, msg, next_attempt_at=next_attempt(misses, now))
     # The host answered; its GPU tool failed.
     return AgentUpdate("error", 0, reason, msg, seen=True)
+
+
+class QueryPacing:
+    """Which agents run their GPU tool this tick. An agent with `min_query_interval_s` gets a liveness
+    check (the same exec without the tool) until that long has passed since its tool last ran: a tool
+    that is slow or fragile when called often (some drivers hang under frequent NVML calls) runs at its
+    own pace, while the heartbeat still says every tick whether the host is there. Kept in memory: a
+    restarted server queries every agent at its first tick."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._last_run: dict[str, float] = {}
+
+    def liveness_only(self, agents: Sequence[Agent]) -> set[str]:
+        now = self.clock()
+        return {agent.name for agent in agents if agent.min_query_interval_s
+                and now - self._last_run.get(agent.name, float("-inf")) < agent.min_query_interval_s}
+
+    def note(self, outcomes: Mapping[str, ProbeOutcome], liveness: Collection[str]) -> None:
+        """Remember when each agent's tool ran: an answer to a GPU query (failed or not), not a miss."""
+        now = self.clock()
+        for name, outcome in outcomes.items():
+            if name not in liveness and not outcome.missed:
+                self._last_run[name] = now
 
 
 def next_attempt(misses: int, now: datetime) -> str | None:

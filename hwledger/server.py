@@ -42,6 +42,7 @@ from hwledger.heartbeat import (
     AnsibleHeartbeat,
     HeartbeatRunError,
     HeartbeatTransport,
+    QueryPacing,
     TickRecorder,
 )
 from hwledger.job_runs import AnsibleJobs, crash_point
@@ -141,6 +142,7 @@ class Server:
         self.store = fleet.open_store()
         self.stop_event = threading.Event()
         self.workers = JobWorkers(fleet.open_store, self.jobs, self.results_dir, self.stop_event)
+        self._pacing = QueryPacing()
         self.max_parallel_jobs = max_parallel_jobs
         self._pool = ThreadPoolExecutor(max_workers=max_parallel_jobs, thread_name_prefix="hwledger-job")
         self._busy: dict[str, Future] = {}  # agent name -> its job or clean-up in flight
@@ -349,10 +351,13 @@ class Server:
         targets.sort(key=lambda agent: _DIAL_ORDER.get(rows[agent.name].state, len(_DIAL_ORDER)))
         report.asked = len(targets)
         recorder = TickRecorder(self.store, {agent.name: agent for agent in targets})
+        liveness = self._pacing.liveness_only(targets)
         outcomes: dict = {}
         try:
             outcomes = self.transport.tick(targets, cancel=self.stop_event.is_set, on_outcome=recorder.on_outcome,
-                                           on_progress=recorder.on_progress, budget_s=self.interval_s)
+                                           on_progress=recorder.on_progress, budget_s=self.interval_s,
+                                           liveness=liveness)
+            self._pacing.note(outcomes, liveness)
         except HeartbeatRunError as exc:
             report.error = str(exc)
             self._throttled_event("heartbeat_failed", msg=str(exc)[:2000], hosts=len(targets))
@@ -368,7 +373,11 @@ class Server:
         if self._job_workers or self._reconcile:
             self._stop_jobs_of_offline_agents()
         if report.outcomes:
-            report.dispatched = self._dispatch([name for name, o in report.outcomes.items() if o.ok])
+            # Jobs go to agents that answered and are `online` now: not to one whose GPU fell off the bus
+            # (`degraded`) nor to one that only answered another poller's busy tool.
+            online = {row.name for row in self.store.list_agents() if row.state == "online"}
+            report.dispatched = self._dispatch([name for name, o in report.outcomes.items()
+                                                if o.ok and name in online])
         report.duration_s = time.monotonic() - report.started
         return report
 

@@ -8,6 +8,11 @@ Layout of a lab's private root (0700)::
                  bin/      the remote PATH: POSIX tools and the fake GPU tools
                  tools/    the fake tools' behaviour files (see tools.py)
                  home/     HOME of the host's login account, with .ssh/authorized_keys
+
+With ``Lab(root, unprivileged=True)`` each host logs in with an ordinary account instead of a uid-0
+alias (see system.create_alias_account for why the tests use the alias). Such an account cannot reach
+into the private root, so ``bin/``, ``tools/`` and ``home/`` move to ``/tmp/hwledger-lab-<id>-XXXXXX/<name>/``
+(0711, root's; HOME and tools/ are the account's), and sshd's own files stay in the root.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import secrets
 import shlex
 import shutil
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,6 +41,10 @@ from .sshd import sshd_base_config, sshd_version_options
 from .system import LabError, LabUnavailable
 
 SSHD = "/usr/sbin/sshd"
+# Where an unprivileged lab keeps what its logins see (see the module's notes).
+REMOTE_ROOT_BASE = "/tmp"
+REMOTE_ROOT_PREFIX = "hwledger-lab-"
+_REMOTE_ROOT_NAME = re.compile(re.escape(REMOTE_ROOT_PREFIX) + r"([0-9a-f]{6})-[A-Za-z0-9_]{1,32}")
 _HOST_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
 _START_TIMEOUT = 10.0
 
@@ -84,10 +95,10 @@ def _sshd_version() -> tuple[int, int]:
 class SshHost:
     """One real sshd: its own config, host key, login account, log, remote PATH and fake tools.
 
-    ``user`` is a uid-0 alias account created for this host (name ``hwl-<lab id>-<n>``, login shell
-    /bin/sh, HOME ``<host dir>/home``): it is root as far as files and processes go, but sshd starts
-    /bin/sh for it, which reads no rc file, so the remote PATH is exactly ``bin_dir`` (see
-    system.create_alias_account for why root itself would not do).
+    ``user`` is an account created for this host (name ``hwl-<lab id>-<n>``, login shell /bin/sh, HOME
+    ``home``): a uid-0 alias, root as far as files and processes go, or in an unprivileged lab an
+    ordinary account. sshd starts /bin/sh for it, which reads no rc file, so the remote PATH is exactly
+    ``bin_dir`` (see system.create_alias_account for why root itself would not do).
     """
 
     def __init__(
@@ -112,10 +123,17 @@ class SshHost:
         self.bastion = bastion
         self.forwarding = forwarding
         self.gpu_query_cmd = tools.DEFAULT_GPU_QUERY_CMD
+        # Sessions sshd allows on one connection (MaxSessions); a shared-cluster host may allow only one.
+        self.max_sessions = 200
         self.dir = lab.root / "hosts" / name
-        self.bin_dir = self.dir / "bin"
-        self.tools_dir = self.dir / "tools"
-        self.home = self.dir / "home"
+        # What the login account sees: inside the private root for a uid-0 alias, else the lab's remote root.
+        self.remote_dir = self.dir if lab.remote_root is None else lab.remote_root / name
+        self.bin_dir = self.remote_dir / "bin"
+        self.tools_dir = self.remote_dir / "tools"
+        self.home = self.remote_dir / "home"
+        # The login's XDG_RUNTIME_DIR (private, its own): per-machine runtime state such as the probe's
+        # single-flight lock is the host's own, as on separate machines.
+        self.runtime_dir = self.remote_dir / "run"
         self.config_path = self.dir / "sshd_config"
         self.host_key_path = self.dir / "ssh_host_ed25519_key"
         self.log_path = self.dir / "sshd.log"
@@ -143,16 +161,28 @@ class SshHost:
     def known_hosts_line(self, alias: str | None = None) -> str:
         return known_hosts_line(alias or self.known_hosts_pattern, self)
 
-    def _prepare(self, *, python: bool) -> None:
+    def _prepare(self, *, python: bool, owner: tuple[int, int] | None) -> None:
+        """Create the host's files; ``owner`` (uid, gid) of an ordinary login account gets HOME and tools/."""
         self.dir.mkdir(mode=0o700, parents=True)
+        if self.remote_dir != self.dir:
+            self.remote_dir.mkdir()
+            self.remote_dir.chmod(0o755)  # whatever the umask: the login passes through it
         # StrictModes: sshd checks the key file and every directory up to HOME (then stops), so
-        # HOME and .ssh must be owned by root and not group/world writable; /tmp above is fine.
+        # HOME and .ssh must be owned by root or the login and not group/world writable; /tmp above is fine.
         (self.home / ".ssh").mkdir(mode=0o700, parents=True)
         self.home.chmod(0o700)
         keys = self.home / ".ssh" / "authorized_keys"
         keys.write_text(Path(f"{self.lab.client_key}.pub").read_text())
         keys.chmod(0o600)
         tools.populate_bin_dir(self.bin_dir, python=python)
+        self.tools_dir.mkdir()
+        self.tools_dir.chmod(0o755)
+        self.runtime_dir.mkdir(mode=0o700)
+        if owner is not None:
+            # The login writes in HOME (Ansible's ~/.ansible), tools/ (the fake tools' call logs) and its
+            # runtime dir.
+            for path in (self.home, self.home / ".ssh", keys, self.tools_dir, self.runtime_dir):
+                os.chown(path, *owner)
         self._new_host_key()
 
     def _new_host_key(self) -> None:
@@ -169,7 +199,7 @@ class SshHost:
                 authorized_keys=f"{self.home}/.ssh/authorized_keys",
                 user=self.user,
                 max_startups="1000:30:1000",
-                max_sessions=200,
+                max_sessions=self.max_sessions,
                 tcp_forwarding=self.forwarding,
             ),
             "PermitUserEnvironment no",
@@ -180,7 +210,9 @@ class SshHost:
             "Subsystem sftp internal-sftp",
             # Applied after sshd's own defaults, so it is the remote PATH (the login shell is /bin/sh,
             # which reads no rc file that could change it).  The marker finds the sessions at stop().
-            f"SetEnv PATH={self.bin_dir} {system.MARKER_VAR}={self.marker}",
+            # XDG_RUNTIME_DIR: per-machine, per-user runtime state (the probe's single-flight lock) is
+            # the host's own, as on separate machines, though every lab host runs on this one.
+            f"SetEnv PATH={self.bin_dir} XDG_RUNTIME_DIR={self.runtime_dir} {system.MARKER_VAR}={self.marker}",
             *sshd_version_options(self.lab.sshd_version),
         ]
         self.config_path.write_text("\n".join(lines) + "\n")
@@ -408,7 +440,7 @@ class Lab:
     Lab(root) needs root and openssh-server (else LabUnavailable).  It removes what a crashed earlier
     lab left behind (namespaces, veths, accounts, processes) before it starts anything."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, unprivileged: bool = False) -> None:
         reason = lab_unavailable_reason()
         if reason:
             raise LabUnavailable(reason)
@@ -421,6 +453,11 @@ class Lab:
         reap_stale_labs()
         self.id = _new_lab_id()
         system.register_lab(self.id, self.root)
+        self.unprivileged = unprivileged
+        self.remote_root: Path | None = None
+        if unprivileged:  # after registering: whatever a lab creates belongs to a registered lab
+            self.remote_root = Path(tempfile.mkdtemp(prefix=f"{REMOTE_ROOT_PREFIX}{self.id}-", dir=REMOTE_ROOT_BASE))
+            self.remote_root.chmod(0o711)  # the logins pass through it to their own directories
         self.hosts: dict[str, SshHost] = {}
         self._accounts: list[str] = []
         self._networks: list[netns.PairNetwork] = []
@@ -460,10 +497,12 @@ class Lab:
         rc: int = 0,
         delay: float = 0.0,
         python: bool = False,
+        max_sessions: int = 200,
     ) -> SshHost:
         """A running host on its own 127.0.x.y (auto-picked unless given) and the lab's port."""
         # The address is settled at start (auto-picked ones may be taken by another test run).
         host = self._new_host(name, address=address or "", python=python)
+        host.max_sessions = max_sessions
         host.set_tool(tool, capture=capture, stdout=stdout, stderr=stderr, rc=rc, delay=delay)
         if address is not None:
             self._pin(host)
@@ -514,9 +553,13 @@ class Lab:
         user = f"{system.NAME_PREFIX}{self.id}-{len(self.hosts) + 1}"
         host = SshHost(self, name, user=user, address=address, port=self.port, **kwargs)
         self.hosts[name] = host
-        host._prepare(python=python)
-        system.create_alias_account(user, host.home, self.id)
+        owner = None
+        if self.unprivileged:
+            owner = system.create_login_account(user, host.home, self.id)
+        else:
+            system.create_alias_account(user, host.home, self.id)
         self._accounts.append(user)
+        host._prepare(python=python, owner=owner)
         return host
 
     def _start_on_free_address(self, host: SshHost) -> None:
@@ -578,6 +621,8 @@ class Lab:
                 system.delete_account(account)
             except LabError as exc:
                 errors.append(str(exc))
+        if self.remote_root is not None:
+            shutil.rmtree(self.remote_root, onerror=lambda _f, path, exc: errors.append(f"{path}: {exc[1]}"))
         system.unregister_lab(self.id)
         atexit.unregister(self.stop)
         if errors:
@@ -636,10 +681,12 @@ def reap_stale_labs() -> list[str]:
     namespaces = netns.list_namespaces()
     links = netns.list_links()
     accounts = system.lab_accounts()
+    remote_roots = _remote_roots()
     marked = {m.split(":", 1)[0] for p in system.scan_processes() for m in p.markers}
     registry = system.registered_labs()
     live = {lab_id for lab_id, record in registry.items() if record.alive}
     seen = {netns.lab_id_of(name) for name in (*namespaces, *links, *accounts)} | marked | set(registry)
+    seen |= set(remote_roots.values())
     stale = sorted(lab_id for lab_id in seen if lab_id is not None and lab_id not in live)
     for lab_id in stale:
         record = registry.get(lab_id)
@@ -654,5 +701,22 @@ def reap_stale_labs() -> list[str]:
         for name in accounts:
             if netns.lab_id_of(name) == lab_id:
                 system.delete_account(name)
+        for path, owner in remote_roots.items():
+            if owner == lab_id:
+                shutil.rmtree(path, ignore_errors=True)
         system.unregister_lab(lab_id)
     return stale
+
+
+def _remote_roots() -> dict[Path, str]:
+    """The remote roots of unprivileged labs (real directories of root's in /tmp), with their lab ids."""
+    found = {}
+    for path in Path(REMOTE_ROOT_BASE).glob(f"{REMOTE_ROOT_PREFIX}*-*"):
+        match = _REMOTE_ROOT_NAME.fullmatch(path.name)
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if match and stat.S_ISDIR(info.st_mode) and info.st_uid == 0:
+            found[path] = match.group(1)
+    return found

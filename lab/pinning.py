@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import ssh
@@ -22,11 +23,14 @@ def pinned_lines(agent: agents_schema.Agent, host: SshHost) -> list[str]:
     return lines
 
 
-def pinned_fleet(config_dir: Path, data_dir: Path, hosts: list[SshHost]) -> Fleet:
+def pinned_fleet(config_dir: Path, data_dir: Path, hosts: list[SshHost],
+                 overrides: dict[str, dict[str, Any]] | None = None) -> Fleet:
     """A fleet whose agents file lists `hosts`, all pinned in its known_hosts, with its store (and so its
-    ssh control dir) under `data_dir`, which must be short enough for unix socket paths."""
+    ssh control dir) under `data_dir`, which must be short enough for unix socket paths. `overrides`:
+    {host name: agent fields to set} (SshHost.agent_entry)."""
     fleet = Fleet(config_dir / "ssh-agents.toml", config_dir / "known_hosts", data_dir / "fleet.db")
-    write_agents_toml(fleet.config, [host.agent_entry() for host in hosts])
+    overrides = overrides or {}
+    write_agents_toml(fleet.config, [host.agent_entry(**overrides.get(host.name, {})) for host in hosts])
     agents, _warnings = agents_schema.load_agents_file(fleet.config)
     by_name = {host.name: host for host in hosts}
     fleet.known_hosts.write_text("".join(f"{line}\n" for agent in agents

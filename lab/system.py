@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import pwd
 import re
 import shlex
 import signal
@@ -179,13 +180,33 @@ def create_alias_account(name: str, home: Path, lab_id: str) -> None:
     non-interactive ``ssh host cmd``; root's rc files may prepend their own PATH (this very machine's
     .bashrc puts pyenv's python3 first), which would defeat the point of a remote PATH without python3.
     /bin/sh (dash) reads no rc file for ``sh -c``, so sshd's SetEnv PATH is exactly the remote PATH.
-    The account is uid 0 so it may read the lab's private (0700) directories, and it has no password
-    ('*', not '!': sshd with UsePAM no refuses locked accounts)."""
-    argv = [
+
+    Why uid 0 at all: the test lab's hosts live in pytest's private (0700, root-only) temp dirs, and the
+    tests rewrite the remote's files between and during steps (fake tool behaviour, hostile runner
+    scripts, files planted where the job role writes); a uid-0 login reaches them as the tests do. Nothing
+    of hwledger needs root on a GPU host: a lab made with ``Lab(root, unprivileged=True)`` (the demo's)
+    logs in with ordinary accounts instead (create_login_account). No password ('*', not '!': sshd with
+    UsePAM no refuses locked accounts)."""
+    _useradd([
         "useradd", "--system", "--non-unique", "--uid", "0", "--gid", "0",
         "--no-create-home", "--no-user-group", "--home-dir", str(home), "--shell", "/bin/sh",
         "--password", "*", "--comment", f"{ACCOUNT_COMMENT} {lab_id}", name,
-    ]  # fmt: skip
+    ])  # fmt: skip
+
+
+def create_login_account(name: str, home: Path, lab_id: str) -> tuple[int, int]:
+    """Create an ordinary (unprivileged) system account, login shell /bin/sh, HOME ``home``, group
+    nogroup; returns its (uid, gid). The caller makes HOME and what the login must write its own."""
+    _useradd([
+        "useradd", "--system", "--no-create-home", "--no-user-group", "--gid", "nogroup",
+        "--home-dir", str(home), "--shell", "/bin/sh", "--password", "*",
+        "--comment", f"{ACCOUNT_COMMENT} {lab_id}", name,
+    ])  # fmt: skip
+    entry = pwd.getpwnam(name)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _useradd(argv: list[str]) -> None:
     # Several test runs may edit /etc/passwd at once: useradd gives up at once on a held lock.
     for _attempt in range(100):
         proc = run(argv, check=False)
@@ -194,11 +215,11 @@ def create_alias_account(name: str, home: Path, lab_id: str) -> None:
         if "lock" not in proc.stderr:
             break
         time.sleep(0.05)
-    raise LabError(f"could not create lab account {name}: {proc.stderr.strip()}")
+    raise LabError(f"could not create lab account {argv[-1]}: {proc.stderr.strip()}")
 
 
 def delete_account(name: str) -> None:
-    # -f: the account shares uid 0 with running processes, which plain userdel refuses.
+    # -f: an alias account shares uid 0 with running processes, which plain userdel refuses.
     # Without -r the home directory (inside the lab dir) is left alone.
     for _attempt in range(100):
         proc = run(["userdel", "-f", name], check=False)

@@ -47,6 +47,7 @@ POSIX_TOOLS = REQUIRED_TOOLS + (
 def populate_bin_dir(bin_dir: Path, *, python: bool) -> None:
     """Symlink the system's POSIX tools (and python3 when asked) into the host's remote PATH."""
     bin_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    bin_dir.chmod(0o755)  # whatever the umask: an unprivileged login must list and run it
     for tool in POSIX_TOOLS:
         target = shutil.which(tool, path=SYSTEM_PATH)
         if target is None:
@@ -154,6 +155,11 @@ def write_behaviour(
     (version / "stderr").write_bytes(_as_bytes(stderr))
     (version / "rc").write_text(f"{rc}\n")
     (version / "delay").write_text("0\n" if delay == 0 else f"{delay:.3f}\n")
+    # Readable by an unprivileged login whatever the umask of the process writing them (a test process
+    # may run under 077, and so may whoever runs `make demo`).
+    version.chmod(0o755)
+    for name in ("stdout", "stderr", "rc", "delay"):
+        (version / name).chmod(0o644)
     link = tools_dir / tool
     tmp_link = tools_dir / f".{tool}.link"
     tmp_link.unlink(missing_ok=True)

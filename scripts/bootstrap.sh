@@ -13,17 +13,23 @@ command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v git >/dev/null 2>&1 || need_pkgs+=(git)   # scripts/sanity.sh lists the files through git
 # venv needs ensurepip, which Debian ships separately (python3-venv); ansible-test's venvs need it too.
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    echo "bootstrap: installing ${need_pkgs[*]} with apt-get"
+# Wanted, not needed: without shellcheck, `make sanity` skips its shell test with a warning.
+want_pkgs=()
+command -v shellcheck >/dev/null 2>&1 || want_pkgs+=(shellcheck)
+if [ "$(id -u)" = 0 ]; then
+  install_pkgs=("${need_pkgs[@]}" "${want_pkgs[@]}")
+  if [ ${#install_pkgs[@]} -gt 0 ]; then
+    echo "bootstrap: installing ${install_pkgs[*]} with apt-get"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-  else
-    echo "bootstrap: missing system packages: ${need_pkgs[*]}" >&2
-    echo "bootstrap: run 'sudo apt-get install ${need_pkgs[*]}' (or run make as root) and try again" >&2
-    exit 1
+    apt-get install -y -qq --no-install-recommends "${install_pkgs[@]}" >/dev/null
   fi
+elif [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "bootstrap: missing system packages: ${need_pkgs[*]}" >&2
+  echo "bootstrap: run 'sudo apt-get install ${need_pkgs[*]} ${want_pkgs[*]}' (or run make as root) and try again" >&2
+  exit 1
+elif [ ${#want_pkgs[@]} -gt 0 ]; then
+  echo "bootstrap: shellcheck is not installed: 'make sanity' will skip its shell test (sudo apt-get install shellcheck)" >&2
 fi
 # Debian's openssh-server starts nothing inside containers; our tests start their own sshd,
 # which needs the privilege-separation directory.

@@ -9,6 +9,7 @@ import math
 import shlex
 import socket
 import sys
+import textwrap
 from datetime import datetime, timezone
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
@@ -22,7 +23,7 @@ from hwledger.errors import UserError
 from hwledger.fanout import DEFAULT_MAX_PARALLEL, SshFanoutHeartbeat
 from hwledger.fleet import Fleet, agent_record
 from hwledger.heartbeat import DEFAULT_QUERY_TIMEOUT_S, HeartbeatRunError, record_outcomes
-from hwledger.store import JOB_ACTIVE_STATES, Store, age_seconds, parse_time
+from hwledger.store import JOB_ACTIVE_STATES, AgentRow, Store, age_seconds, parse_time
 
 DEFAULT_STALE_AFTER_S = 30.0
 # The serve loop's own defaults, repeated here so that `--help` does not import the server (which only
@@ -31,6 +32,17 @@ DEFAULT_INTERVAL_S = 5.0
 DEFAULT_MAX_PARALLEL_JOBS = 4
 MAX_INTERVAL_S = 86400  # a day; beyond it a wait's timeout can overflow, and nobody means it
 EXIT_HOST_KEY_UNCONFIRMED = 3
+# What `serve` exits with (cli.main maps UserError to 2 and OSError to 1); a service manager restarts on 1,
+# not on 2 (examples/hwledger-serve.service, RestartPreventExitStatus=2).
+SERVE_EXIT_STATUSES = (
+    "exit status:\n"
+    "  0    stopped by SIGTERM or SIGINT, or --once / --max-ticks done\n"
+    "  1    a file it had to read or write failed (e.g. a full disk): worth a restart\n"
+    "  2    a usage or setup error a restart cannot fix: a bad option, a store directory others can write\n"
+    "       to, a store from a newer hwledger, another serve already serving this store\n"
+    "  4    its store went away while it ran (deleted, replaced, unwritable, damaged or full): a\n"
+    "       restart opens, or creates, the store at its path again\n"
+    "  130  interrupted (Ctrl-C) while starting up")
 EXIT_HEARTBEAT_FAILED = 1
 
 
@@ -53,16 +65,16 @@ def register(subparsers) -> None:
     _add_register(sub, files)
 
     listing = sub.add_parser("list", parents=[files], help="list registered agents",
-                             description="List the agents of ssh-agents.toml with their registration details.")
+                             description="List the agents of ssh-agents.toml with their registration details "
+                                         "and the state `fleet status` shows.")
     listing.add_argument("--json", action="store_true", help="print JSON")
+    _add_stale_after(listing)
     listing.set_defaults(func=cmd_list)
 
     status = sub.add_parser("status", parents=[files], help="state, last seen, GPUs and memory of every agent",
                             description="Show each agent's state, when it last answered, its GPUs and their memory.")
     status.add_argument("--json", action="store_true", help="print JSON")
-    status.add_argument("--stale-after", type=_seconds, default=DEFAULT_STALE_AFTER_S, metavar="S",
-                        help="show an online agent as stale when its last answer is older than S seconds "
-                             "(e.g. the server is not running; default %(default)s)")
+    _add_stale_after(status)
     status.set_defaults(func=cmd_status)
 
     remove = sub.add_parser("remove", parents=[files], help="remove an agent",
@@ -76,12 +88,16 @@ def register(subparsers) -> None:
                              "may stay on the host, as its key is no longer pinned)")
     remove.set_defaults(func=cmd_remove)
 
+    serve_about = (
+        "Every --interval seconds, one heartbeat over all agents (by default every host probed at once over its "
+        "reused SSH connection; with --transport ansible, the hwledger.fleet.heartbeat playbook through "
+        "ansible-runner); queued jobs go to agents that answered, through the hwledger.fleet.job playbook. "
+        "SIGTERM or SIGINT stops it within 2 seconds. It logs to stderr. examples/hwledger-serve.service runs it "
+        "as a systemd service.")
+    # Filled here: the raw formatter keeps the exit-status table of the epilog as written.
     serve = sub.add_parser("serve", parents=[files], help="run heartbeats and jobs",
-                           description="Every --interval seconds, one heartbeat over all agents (by default "
-                                       "every host probed at once over its reused SSH connection; with "
-                                       "--transport ansible, the hwledger.fleet.heartbeat playbook through "
-                                       "ansible-runner); queued jobs go to agents that answered, through the "
-                                       "hwledger.fleet.job playbook. SIGTERM or SIGINT stops it within 2 seconds.")
+                           description=textwrap.fill(serve_about, 79, break_on_hyphens=False),
+                           epilog=SERVE_EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_S, metavar="S",
                        help="seconds between heartbeat ticks (default %(default)s)")
     ticks = serve.add_mutually_exclusive_group()
@@ -111,6 +127,22 @@ def _seconds(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds, 0 or more, e.g. 30")
     return value
+
+
+def _add_stale_after(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stale-after", type=_seconds, default=DEFAULT_STALE_AFTER_S, metavar="S",
+                        help="show an online agent as stale when its last answer is older than S seconds "
+                             "(e.g. the server is not running; default %(default)s)")
+
+
+def effective_state(row: AgentRow, stale_after: float) -> str:
+    """The state to show: the recorded one, except that an `online` nobody refreshed for `stale_after`
+    seconds is `stale` (e.g. no server runs): old data must not look live. `fleet list` and `fleet status`
+    both show this one, so they never disagree."""
+    age = age_seconds(row.last_seen)
+    if row.state == "online" and (age is None or age > stale_after):
+        return "stale"
+    return row.state
 
 
 def _fleet(args: argparse.Namespace) -> Fleet:
@@ -359,8 +391,13 @@ def _first_heartbeat(fleet: Fleet, store: Store, agent: agents_schema.Agent) -> 
 def cmd_list(args: argparse.Namespace) -> int:
     fleet = _fleet(args)
     configured = agents_file.read_agents(fleet.config)
-    with fleet.open_store() as store:
-        rows = {row.name: row for row in store.list_agents()}
+    store = fleet.existing_store()
+    rows = {}
+    if store is not None:
+        with store:
+            rows = {row.name: row for row in store.list_agents()}
+    elif configured:
+        print(f"hwledger: {fleet.no_store_note()}", file=sys.stderr)
     items = []
     for agent in configured:
         row = rows.get(agent.name)
@@ -375,7 +412,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             "host_key_fingerprint": agent.host_key_fingerprint or (row.host_key_fingerprint if row else None),
             "gpu_query_cmd": agent.gpu_query_cmd,
             "registered_at": row.registered_at if row else None,
-            "state": row.state if row else "pending",
+            # Not in the store: in the file only (added by hand, or no store yet); the server records it
+            # as pending when it first reads the file.
+            "state": effective_state(row, args.stale_after) if row else "pending",
+            "recorded_state": row.state if row else None,
         })
     if args.json:
         print(dumps(items))
@@ -400,9 +440,7 @@ def _status_items(store: Store, stale_after: float) -> list[dict]:
         snapshot = snapshot_row.data if snapshot_row else None
         gpus = (snapshot or {}).get("gpus") or []
         age = age_seconds(row.last_seen)
-        state = row.state
-        if state == "online" and (age is None or age > stale_after):
-            state = "stale"  # nobody refreshed it: old data must not look live
+        state = effective_state(row, stale_after)
         totals = [g.get("memory_total_bytes") for g in gpus]
         frees = [g.get("memory_free_bytes") for g in gpus]
         items.append({
@@ -451,7 +489,12 @@ def _gpu_summary(gpus: list[dict]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     fleet = _fleet(args)
-    with fleet.open_store() as store:
+    store = fleet.existing_store()
+    if store is None:
+        print(f"hwledger: {fleet.no_store_note()}", file=sys.stderr)
+        print("[]" if args.json else "no agents registered")
+        return 0
+    with store:
         items = _status_items(store, args.stale_after)
     if args.json:
         print(dumps(items))

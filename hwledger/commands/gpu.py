@@ -7,6 +7,7 @@ It goes through the same code as the `hwledger.fleet.gpu_query` action plugin an
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -30,18 +31,24 @@ def register(subparsers) -> None:
         help="parse a GPU tool's output the way a heartbeat does",
         description=(
             "Parse the output of nvidia-smi, rocm-smi or amd-smi exactly as the heartbeat does and print "
-            "the snapshot as JSON, or the failure (reason, message) with a non-zero exit status."
+            "the snapshot as JSON, or the failure (reason, message) with exit status 1. The format is "
+            "recognised from the output itself (JSON, CSV with a header line, the rocm-smi and amd-smi "
+            "tables); only nvidia-smi CSV without a header (--format=csv,noheader) needs --cmd, because "
+            "nothing but the command's --query-gpu= list says which column is which."
         ),
         epilog=(
-            "example: nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader "
-            "| hwledger gpu parse -"
+            "examples:\n"
+            "  nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv | hwledger gpu parse -\n"
+            "  rocm-smi --showproductname --showmeminfo vram --json > out.json; hwledger gpu parse out.json\n"
+            "  hwledger gpu parse --cmd 'nvidia-smi --query-gpu=index,memory.free --format=csv,noheader' out.txt"
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parse.add_argument("file", metavar="FILE", help="the tool's standard output, or - for stdin")
     parse.add_argument(
-        "--cmd", default=DEFAULT_GPU_QUERY_CMD,
-        help="the command that produced the output (its field list names the columns of noheader CSV; "
-             "default: %(default)s)",
+        "--cmd", metavar="CMD",
+        help="the command that produced the output; needed only for nvidia-smi CSV without a header line, "
+             "whose columns are named by its --query-gpu= list",
     )
     parse.add_argument("--rc", type=int, default=0, metavar="N", help="the tool's exit status (default: 0)")
     parse.add_argument("--stderr", metavar="FILE", help="the tool's standard error, if you have it")
@@ -70,16 +77,26 @@ def _read(path: str, what: str) -> str:
 
 
 def run_parse(args: argparse.Namespace) -> int:
-    if not args.cmd.strip():
+    if args.cmd is not None and not args.cmd.strip():
         raise UserError("--cmd is empty; give the command that produced the output, e.g. "
-                        f"--cmd '{DEFAULT_GPU_QUERY_CMD}'")
+                        f"--cmd '{DEFAULT_GPU_QUERY_CMD}', or leave --cmd out")
     stdout = _read(args.file, "FILE")
     stderr = _read(args.stderr, "--stderr file") if args.stderr else ""
     now = time.time()
+    # Without --cmd the parsers get no command, so the backend and the columns come from the output alone.
     outcome = probe.evaluate_tool_output(
-        agent=args.agent, cmd=args.cmd, backend=args.backend, stdout=stdout, stderr=stderr,
+        agent=args.agent, cmd=args.cmd or "", backend=args.backend, stdout=stdout, stderr=stderr,
         rc=args.rc, started=now, ended=now,
     )
+    # Only output that would parse with the command is in question: with a non-zero exit status the
+    # output is not trusted, whatever the command.
+    if not outcome.ok and args.cmd is None and args.rc == 0 and outcome.reason == "unparseable" \
+            and telemetry.needs_command(stdout, args.backend):
+        raise UserError(
+            "this looks like nvidia-smi CSV without a header line (--format=csv,noheader): only the command's "
+            "--query-gpu= list says which column is which. Give the command that produced it, e.g.\n"
+            f"  hwledger gpu parse --cmd '{DEFAULT_GPU_QUERY_CMD}' {shlex.quote(args.file)}\n"
+            "or capture it with --format=csv, whose header line names the columns")
     if not outcome.ok:
         print(dumps(outcome.module_result()))
         print(f"hwledger: gpu parse: {printable(outcome.reason)}: {printable(outcome.msg)}", file=sys.stderr)

@@ -103,6 +103,16 @@ def _store(args: argparse.Namespace) -> Store:
     return Fleet.from_options(db=args.db).open_store()
 
 
+def _existing_store(args: argparse.Namespace) -> Store | None:
+    """The store for a command that only reads it (or finds a job in it): None, said on stderr, when there
+    is none, which is then not created."""
+    fleet = Fleet.from_options(db=args.db)
+    store = fleet.existing_store()
+    if store is None:
+        print(f"hwledger: {fleet.no_store_note()}", file=sys.stderr)
+    return store
+
+
 def _spec_error(exc: job_schema.JobSpecError, where: str) -> UserError:
     lines = [f"{where}: {field}: {message}" for field, message in exc.errors]
     return UserError("invalid job:\n  " + "\n  ".join(lines))
@@ -156,7 +166,7 @@ def build_spec(args: argparse.Namespace) -> dict:
 def job_to_dict(job: JobRow) -> dict:
     """A job as `--json` prints it. Env values never: `***` in their place (docs/fleet-server.md)."""
     return {
-        "id": job.id, "agent": job.agent, "state": job.state, "spec": shown_spec(job.spec),
+        "job_id": job.id, "agent": job.agent, "state": job.state, "spec": shown_spec(job.spec),
         "created_at": job.created_at, "updated_at": job.updated_at, "dispatched_at": job.dispatched_at,
         "started_at": job.started_at, "launched_at": job.launched_at, "finished_at": job.finished_at,
         "attempts": job.attempts, "max_attempts": job.max_attempts,
@@ -188,7 +198,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UserError("--limit must be at least 1")
-    with _store(args) as store:
+    store = _existing_store(args)
+    if store is None:
+        print("[]" if args.json else "no jobs")
+        return 0
+    with store:
         jobs = store.list_jobs(agent=args.agent, states=args.state, newest=args.limit)
     if args.json:
         print(dumps([job_to_dict(job) for job in jobs]))
@@ -211,7 +225,10 @@ def _find(store: Store, job_id: str) -> JobRow:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    store = _existing_store(args)
+    if store is None:
+        raise UserError(f"no job {args.job_id!r}: there is no store")
+    with store:
         job = _find(store, args.job_id)
         events = store.list_events(job_id=job.id)
     if args.json:
@@ -255,7 +272,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    store = _existing_store(args)
+    if store is None:
+        raise UserError(f"no job {args.job_id!r}: there is no store")
+    with store:
         job = _find(store, args.job_id)
         state = job.state if job.terminal else store.request_cancel(job.id)
     if job.terminal:

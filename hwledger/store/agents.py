@@ -8,7 +8,7 @@ from datetime import timedelta
 from collections.abc import Callable, Mapping
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.tool_parsing import clean_text
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.tool_parsing import clean_text, clean_tree
 
 from hwledger.store.records import (
     AGENT_COLUMNS,
@@ -151,7 +151,8 @@ class AgentTables:
             "INSERT INTO snapshots (agent, recorded_at, ok, reason, msg, data) VALUES (?, ?, ?, ?, ?, ?)",
             (name, now, int(outcome.ok), _text(outcome.reason), _text(outcome.msg) or None,
              # ensure_ascii: a string the host sent is escaped, never refused by the encoder.
-             json.dumps(outcome.snapshot, sort_keys=True, ensure_ascii=True) if outcome.snapshot is not None
+             json.dumps(clean_tree(outcome.snapshot), sort_keys=True, ensure_ascii=True)
+             if outcome.snapshot is not None
              else None),
         ).lastrowid
         conn.execute(

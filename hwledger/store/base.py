@@ -40,13 +40,19 @@ class StoreError(UserError):
 # ---------------------------------------------------------------------------------------------
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
+    # The umask is the process's: two threads opening stores at once (the server's job workers) would
+    # otherwise restore each other's value and leave 077 behind for the rest of the process.
+    with _UMASK_LOCK:
+        old = os.umask(mask)
+        try:
+            yield
+        finally:
+            os.umask(old)
 
 
 def _private_files(db: Path) -> list[Path]:

@@ -27,7 +27,11 @@ description:
     O(host_key_checking=off)), C(hwledger_gpu_query_cmd) and C(hwledger_agent) (the agent's configuration as a
     dictionary: C(name), C(hostname), C(ssh_user), C(ssh_key_path), C(ssh_port), C(gpu_query_cmd),
     C(host_key_fingerprint) and C(bastion))."
-  - "C(ansible_ssh_common_args) carries the host key policy (O(host_key_checking) against O(known_hosts_file),
+  - "C(ansible_ssh_common_args) starts with C(-F none): no ssh_config applies to these hosts, neither
+    C(~/.ssh/config) nor C(/etc/ssh/ssh_config), so a connection is made from the agents file alone, the same
+    in a terminal, under AWX or in a service, and a C(Host *) or C(Match exec) block cannot add a
+    C(ProxyCommand), C(RemoteCommand) or C(LocalCommand) to it. Put what a host needs in the agents file.
+    It then carries the host key policy (O(host_key_checking) against O(known_hosts_file),
     with C(HostKeyAlias=hwledger-agent-<name>) so a recycled address cannot match an old key),
     C(BatchMode=yes), C(IdentitiesOnly=yes), C(ForwardAgent=no), C(ForwardX11=no), C(ConnectTimeout),
     C(ServerAliveInterval), connection reuse (C(ControlMaster=auto), C(ControlPersist),
@@ -39,7 +43,9 @@ description:
     C(ssh_key_path) (absolute or starting with C(~/)), optional C(ssh_port) (an integer, default V(22)),
     optional C(gpu_query_cmd) (default
     V(nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader)), optional
-    C(host_key_fingerprint) (V(SHA256:...)) and an optional C([agents.bastion]) table with C(hostname),
+    C(host_key_fingerprint) (V(SHA256:...)), optional C(query_timeout_s) (seconds, at most V(3600)) and
+    C(min_query_interval_s) (seconds, default V(0)) for C(hwledger fleet serve), and an optional
+    C([agents.bastion]) table with C(hostname),
     C(ssh_user), C(ssh_key_path) and optional C(ssh_port)."
   - "Every value is checked: unknown keys (the nearest valid key is suggested), password-like keys
     (authentication is by key only), wrong types, ports outside 1-65535 or written as strings, duplicate

@@ -32,6 +32,12 @@ description:
     that start with a random token chosen by the controller for each run. Output over 1 MiB is cut on
     the host and reported as RV(reason=output_too_large); the tool cannot write more than a few MiB
     there.
+  - "B(Single flight.) The tool runs only when no earlier run of it by the same user is still alive on the
+    host; a lock in C($XDG_RUNTIME_DIR/hwledger-probe) (or C(hwledger-probe-<uid>) in the temp dir) says who
+    runs it. A tool stuck in the kernel survives its SIGKILL, and a new one every heartbeat would pile up
+    beside it: while it lives, the query answers RV(reason=tool_still_running) at once. A query that finds
+    another one running the tool waits up to 2 seconds for it, then answers RV(reason=probe_busy). This uses
+    C(id), C(ln), C(readlink) and C(mv) where present (without them there is no lock)."
   - With O(host_metrics), the same command also reads C(/proc/loadavg), the C(MemTotal) and
     C(MemAvailable) lines of C(/proc/meminfo) and the number of online CPUs. Those values come back even
     when the GPU tool fails (as RV(host) of the failure), and a host where they cannot be read still gets
@@ -122,6 +128,10 @@ notes:
     C(invalid_arguments) (rocm-smi or amd-smi rejected the command line, for example
     C(--showmeminfo) without a type; the message gives the fixed command),
     C(timeout) (the tool or the connection did not finish within O(timeout)),
+    C(tool_still_running) (the tool started by an earlier query outlived its timeout and its KILL, as one stuck
+    in the driver does; no second run is started beside it), C(probe_busy) (another query of the same host by
+    the same user, such as a hand-run heartbeat beside C(hwledger fleet serve), has been running the tool for
+    over 2 seconds; this one did not start a second run),
     C(unparseable) (output that is not a GPU list, binary output, or a host where the query could not be
     set up), C(output_too_large) (more than 1 MiB of output), and, on hwledger's direct SSH path only
     (Ansible reports these hosts as UNREACHABLE instead), C(host_key_changed) (the host presented a key
@@ -298,8 +308,9 @@ msg:
 reason:
   description:
     - On failure, the machine-readable cause, one of V(tool_not_found), V(driver_unavailable),
-      V(nvml_error), V(no_devices), V(invalid_query), V(invalid_arguments), V(timeout), V(unparseable),
-      V(output_too_large), V(host_key_changed), V(host_key_unknown), V(unreachable).
+      V(nvml_error), V(no_devices), V(invalid_query), V(invalid_arguments), V(timeout), V(tool_still_running),
+      V(probe_busy), V(unparseable), V(output_too_large), V(host_key_changed), V(host_key_unknown),
+      V(unreachable).
   returned: failure
   type: str
   sample: tool_not_found

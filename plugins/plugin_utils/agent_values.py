@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 from typing import Any
@@ -196,6 +197,39 @@ def validate_gpu_query_cmd(value: Any) -> str:
         raise ValueError(f"is longer than {MAX_COMMAND_LENGTH} characters; put a long command in a script on "
                          "the host and call that")
     return cmd
+
+
+# The GPU tool's time budget on the host, per agent (the probe's watchdog allows at most an hour).
+MAX_QUERY_TIMEOUT_S = 3600
+# The longest wait between two runs of an agent's GPU tool (liveness checks fill the ticks between).
+MAX_MIN_QUERY_INTERVAL_S = 86400
+
+
+def _seconds(value: Any, example: str) -> float:
+    if isinstance(value, str):
+        raise ValueError(f"is a string ({show(value)}); write the number of seconds without quotes, e.g. {example}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number of seconds, got {type_name(value)} {show(value)}; e.g. {example}")
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number of seconds, got {value}; e.g. {example}")
+    return value
+
+
+def validate_query_timeout(value: Any) -> float:
+    seconds = _seconds(value, "query_timeout_s = 30")
+    if not 0 < seconds <= MAX_QUERY_TIMEOUT_S:
+        raise ValueError(f"must be more than 0 and at most {MAX_QUERY_TIMEOUT_S} seconds, got {value}; it is how "
+                         "long the GPU tool may run on the host before it is killed, e.g. query_timeout_s = 30")
+    return seconds
+
+
+def validate_min_query_interval(value: Any) -> float:
+    seconds = _seconds(value, "min_query_interval_s = 60")
+    if not 0 <= seconds <= MAX_MIN_QUERY_INTERVAL_S:
+        raise ValueError(f"must be from 0 to {MAX_MIN_QUERY_INTERVAL_S} seconds, got {value}; it is the least time "
+                         "between two runs of the GPU tool (a cheap liveness check answers in between), e.g. "
+                         "min_query_interval_s = 60")
+    return seconds
 
 
 def validate_host_key_fingerprint(value: Any) -> str:

@@ -29,14 +29,16 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils.agent_values import
     validate_host_key_fingerprint,
     validate_hostname,
     validate_key_path,
+    validate_min_query_interval,
     validate_name,
     validate_port,
+    validate_query_timeout,
     validate_user,
 )
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.nvidia_smi import DEFAULT_GPU_QUERY_CMD
 
 AGENT_FIELDS = ("name", "hostname", "ssh_user", "ssh_key_path", "ssh_port", "gpu_query_cmd",
-                "host_key_fingerprint", "bastion")
+                "host_key_fingerprint", "query_timeout_s", "min_query_interval_s", "bastion")
 REQUIRED_AGENT_FIELDS = ("name", "hostname", "ssh_user", "ssh_key_path")
 BASTION_FIELDS = ("hostname", "ssh_user", "ssh_key_path", "ssh_port")
 REQUIRED_BASTION_FIELDS = ("hostname", "ssh_user", "ssh_key_path")
@@ -90,15 +92,22 @@ class Agent:
     ssh_port: int = DEFAULT_SSH_PORT
     gpu_query_cmd: str = DEFAULT_GPU_QUERY_CMD
     host_key_fingerprint: str | None = None
+    # None: the caller's default (serve --query-timeout, the playbook's hwledger_gpu_query_timeout).
+    query_timeout_s: float | None = None
+    # 0: the GPU tool runs at every heartbeat; more: a liveness check answers the heartbeats in between.
+    min_query_interval_s: float = 0
     bastion: Bastion | None = None
 
     def __post_init__(self) -> None:
         # Every Agent is valid by construction, whoever builds it (TOML loader, register-ssh, cache).
         _check_fields(self, {"name": validate_name, "hostname": validate_hostname, "ssh_user": validate_user,
                              "ssh_key_path": validate_key_path, "ssh_port": validate_port,
-                             "gpu_query_cmd": validate_gpu_query_cmd}, "")
+                             "gpu_query_cmd": validate_gpu_query_cmd,
+                             "min_query_interval_s": validate_min_query_interval}, "")
         if self.host_key_fingerprint is not None:
             _check_fields(self, {"host_key_fingerprint": validate_host_key_fingerprint}, "")
+        if self.query_timeout_s is not None:
+            _check_fields(self, {"query_timeout_s": validate_query_timeout}, "")
         if self.bastion is not None and not isinstance(self.bastion, Bastion):
             raise ValueError(f"bastion: must be a Bastion, got {type(self.bastion).__name__}")
 
@@ -241,7 +250,9 @@ def _check_keys(table: dict, valid: tuple[str, ...], report, field_prefix: str =
 _AGENT_VALIDATORS = {"name": validate_name, "hostname": validate_hostname, "ssh_user": validate_user,
                      "ssh_key_path": validate_key_path, "ssh_port": validate_port,
                      "gpu_query_cmd": validate_gpu_query_cmd,
-                     "host_key_fingerprint": validate_host_key_fingerprint}
+                     "host_key_fingerprint": validate_host_key_fingerprint,
+                     "query_timeout_s": validate_query_timeout,
+                     "min_query_interval_s": validate_min_query_interval}
 _BASTION_VALIDATORS = {"hostname": validate_hostname, "ssh_user": validate_user,
                        "ssh_key_path": validate_key_path, "ssh_port": validate_port}
 _MISSING_FIX = {
@@ -488,8 +499,9 @@ def agent_from_dict(data: Any, source: str = "<agent data>") -> Agent:
     problems = _Problems(source, None)
     table = dict(data) if isinstance(data, dict) else data
     if isinstance(table, dict):
-        if table.get("host_key_fingerprint", "") is None:
-            table.pop("host_key_fingerprint")
+        for optional in ("host_key_fingerprint", "query_timeout_s"):
+            if table.get(optional, "") is None:
+                table.pop(optional)
         if "bastion" in table and table["bastion"] is None:
             table.pop("bastion")
     agent = _agent_from_table(0, table, problems)
@@ -516,6 +528,10 @@ def render_agent_toml(agent: Agent) -> str:
              f"gpu_query_cmd = {_toml_string(agent.gpu_query_cmd)}"]
     if agent.host_key_fingerprint is not None:
         lines.append(f"host_key_fingerprint = {_toml_string(agent.host_key_fingerprint)}")
+    if agent.query_timeout_s is not None:
+        lines.append(f"query_timeout_s = {agent.query_timeout_s!r}")
+    if agent.min_query_interval_s:
+        lines.append(f"min_query_interval_s = {agent.min_query_interval_s!r}")
     if agent.bastion is not None:
         lines += ["",
                   "[agents.bastion]",

@@ -85,6 +85,20 @@ _PROCESS_COLUMNS = frozenset({"pid", "process_name", "used_gpu_memory", "used_me
 # Field names a header may start with; used only when the command does not say whether there is one.
 _COMMON_FIELDS = frozenset({"index", "name", "uuid", "serial", "count", "pstate", "timestamp"})
 
+# nvidia-smi's outputs other than --query-gpu CSV, recognised by their own text so that the failure can
+# say what was run and what to run instead (FORMATS.md; the H200 captures in tests/fixtures/gpu/nvidia).
+# Each pattern is anchored on text only that output prints: the table's "| NVIDIA-SMI <version>" banner,
+# the "==NVSMI LOG==" title of -q, the XML root element of -q -x, the "# gpu" column line of dmon/pmon.
+OTHER_OUTPUTS = (
+    ("nvidia-smi's human-readable table (`nvidia-smi` without --query-gpu)", re.compile(r"(?m)^\| NVIDIA-SMI \S")),
+    ("the text report of `nvidia-smi -q`", re.compile(r"(?m)^=+NVSMI LOG=+[ \t\r]*$")),
+    ("the XML report of `nvidia-smi -q -x`", re.compile(r"<nvidia_smi_log>")),
+    ("the monitoring output of `nvidia-smi dmon` (or pmon)", re.compile(r"\A\s*# gpu\s")),
+)
+_OTHER_OUTPUT_CHARS = 4096  # each marker is in the first lines of its output
+# What to run instead: with its header line, the output names its own columns.
+CSV_WITH_HEADER_CMD = "nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv"
+
 _QUERY_OPTION_RE = re.compile(r"--query-([a-z][a-z-]{0,40})(?:=|\s+)(?:\"([^\"]*)\"|'([^']*)'|([A-Za-z0-9_.,]*))")
 _FORMAT_OPTION_RE = re.compile(r"--format(?:=|\s+)[\"']?([A-Za-z, ]{0,60})")
 _HEADER_NAME_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_.]{0,127})(?: \[([^\[\]]{1,24})\])?")
@@ -222,11 +236,33 @@ def _failure_from_exit_status(rc: int | None) -> QueryFailure | None:
 # The CSV itself
 
 
+def other_output(stdout: str) -> str | None:
+    """What the output is when it is one of nvidia-smi's outputs that hwledger does not read (the table,
+    ``-q``, ``-q -x``, ``dmon``), else None."""
+    head = (stdout or "")[:_OTHER_OUTPUT_CHARS]
+    return next((what for what, pattern in OTHER_OUTPUTS if pattern.search(head)), None)
+
+
+def is_headerless_csv(stdout: str) -> bool:
+    """Whether the output looks like ``--format=csv,noheader`` rows: CSV whose first line is not a header,
+    so that only the command's ``--query-gpu=`` list can say which column is which."""
+    lines = content_lines(stdout)
+    if not lines or other_output(stdout) is not None:
+        return False
+    header = parse_header(lines[0][1])
+    return header is None or not _looks_like_header(header)
+
+
 def parse(cmd: str, stdout: str) -> list[dict]:
     """GPU records from nvidia-smi CSV output. Raises QueryFailure (unparseable) when it is not a GPU list."""
     query = parse_command(cmd)
     if query.kind is not None and query.kind != "gpu":
         raise _process_list_failure("the command asks for --query-%s" % query.kind)
+    other = other_output(stdout)
+    if other is not None:
+        raise unparseable(
+            "this is %s, which hwledger does not read: it reads nvidia-smi's --query-gpu=... --format=csv "
+            "output. Run `%s` instead (any --query-gpu= field list works)." % (other, CSV_WITH_HEADER_CMD))
     lines = content_lines(stdout)
     if not lines:
         raise unparseable("nvidia-smi printed no GPU rows (empty output).")

@@ -6,11 +6,15 @@ Used by the ``hwledger.fleet.gpu_query`` action plugin, by ``hwledger gpu parse`
 direct-ssh heartbeat, so there is one script and one parser.
 
 What the remote needs: a POSIX ``sh`` with ``mktemp``, ``head -c``, ``rm`` and ``sleep`` (coreutils or
-busybox); ``setsid`` and ``nproc`` (or ``getconf``) are used when present. No Python. The script
+busybox); ``setsid``, ``nproc`` (or ``getconf``), and ``id``, ``ln``, ``readlink``, ``mv`` (the single-flight
+lock) are used when present. No Python. The script
 
 * runs the configured query command with ``/bin/sh -c`` (in its own process group when ``setsid`` exists),
   stdin from /dev/null, stdout and stderr into two files of a private ``mktemp -d`` directory (0700, removed
   by a trap whatever happens), with a file-size limit so a runaway tool cannot fill the disk;
+* runs the tool only when no other run of it by this user is alive on the host (a lock in a private
+  ``$XDG_RUNTIME_DIR/hwledger-probe`` directory, or ``hwledger-probe-<uid>`` beside the temp dir where
+  that is not set; see the script), else answers ``busy``;
 * runs a watchdog that, after ``timeout_s``, sends TERM to the tool (its process group), KILL one second
   later, and then wakes the main shell with USR1 so that even a tool stuck in the kernel cannot keep the
   exec open;
@@ -27,6 +31,7 @@ Frames (``T`` is the token; an empty line comes before the header)::
     T stderr - / <stderr, at most STDERR_CAP bytes> / T end
     T rc <exit status of the tool>
     T timeout                  # only when the watchdog fired
+    T busy s<pid> | g<pgid>    # instead of stdout/stderr/rc: the tool is already running (single flight)
     T fatal - / <message> / T end                                 # only when the probe could not run the tool
     T loadavg - / <first bytes of /proc/loadavg> / T end          # host metrics, when asked for
     T meminfo - / <MemTotal and MemAvailable lines> / T end
@@ -66,7 +71,7 @@ CONTROLLER_GRACE_S = 3.0
 MAX_TIMEOUT_S = 3600.0
 
 _CONTENT_SECTIONS = frozenset({"stdout", "stderr", "fatal", "loadavg", "meminfo"})
-_LINE_SECTIONS = frozenset({"rc", "timeout", "cpus", "done"})
+_LINE_SECTIONS = frozenset({"rc", "timeout", "busy", "cpus", "done"})
 _TOKEN_PATTERN = r"hwl[0-9a-f]{24}"
 _TOKEN_RE = re.compile("^" + re.escape(HEADER_PREFIX) + "(" + _TOKEN_PATTERN + r")\r?$", re.MULTILINE)
 # One frame line: token, section name, optional argument. The token is captured and compared with the
@@ -87,18 +92,25 @@ _SCRIPT = r"""B=@TOKEN@
 C=@CMD@
 T=@TIMEOUT@
 M=@HOSTMETRICS@
+Q=@QUERY@
 printf '\n@HEADER@%s\n' "$B"
 umask 077
-d= p= w= to=0
-for base in "${TMPDIR:-/tmp}" /tmp "${HOME:-/nonexistent}"; do
+d= p= w= to=0 L= lo=
+[ "$Q" = 1 ] && for base in "${TMPDIR:-/tmp}" /tmp "${HOME:-/nonexistent}"; do
   d=$(mktemp -d "$base/hwledger-probe.XXXXXXXX" 2>/dev/null) && [ -d "$d" ] && break
   d=
 done
 k() { kill "-$1" "-$p" 2>/dev/null; kill "-$1" "$p" 2>/dev/null; }
 cleanup() {
   [ -n "$w" ] && kill "$w" 2>/dev/null
-  [ -n "$p" ] && k KILL
-  [ -n "$d" ] && rm -rf "$d"
+  if [ -n "$p" ]; then
+    k KILL
+    # The tool outlived this probe (killed at its deadline, or the connection went): the lock now names
+    # its process group, so no other run starts while anything of it is still alive (in the kernel).
+    [ -n "$L" ] && ln -s "$g$p" "$L.$$" 2>/dev/null && mv -f "$L.$$" "$L" 2>/dev/null
+    L=
+  fi
+  if [ -n "$L" ]; then rm -rf "$d" "$L"; elif [ -n "$d" ]; then rm -rf "$d"; fi
 }
 trap cleanup EXIT
 trap 'exit 129' HUP
@@ -113,7 +125,63 @@ emit() {
   head -c "$2" "$3" 2>/dev/null
   printf '\n%s end\n' "$B"
 }
-if [ -n "$d" ]; then
+# Single flight: one GPU-tool run per remote user at a time. A tool stuck in the kernel survives the
+# watchdog's KILL, and a new run every tick would pile up beside it. The lock is a symlink in a private
+# directory of this user; its target says who holds it: "s<pid>" a probe running the tool now,
+# "g<pgid>" the process group of a tool that outlived its probe. A dead holder's lock is taken over; a
+# live probe is waited for (2 s), a live leftover tool is not: the answer is "busy" at once.
+g=s
+command -v setsid >/dev/null 2>&1 && g=g
+# Whether the lock's holder ("s" pid or "g" process group $2) is alive. A zombie is not: where PID 1
+# does not reap (many containers), a finished tool stays a zombie for good, and would hold the lock.
+held() {
+  [ "$1" = g ] && { kill -0 "-$2" 2>/dev/null || return 1; }
+  [ "$1" = s ] && { kill -0 "$2" 2>/dev/null || return 1; }
+  [ -r /proc/self/stat ] || return 0
+  if [ "$1" = s ]; then
+    read -r hs </proc/"$2"/stat 2>/dev/null || return 1
+    hs=${hs##*) }
+    [ "${hs%% *}" != Z ]
+    return
+  fi
+  hg=$2
+  for hf in /proc/[0-9]*/stat; do
+    read -r hs <"$hf" 2>/dev/null || continue
+    set -- ${hs##*) }
+    [ "$3" = "$hg" ] && [ "$1" != Z ] && [ "$1" != X ] && return 0
+  done
+  return 1
+}
+if [ -n "$d" ] && command -v ln >/dev/null 2>&1 && command -v readlink >/dev/null 2>&1; then
+  # One lock per user and machine: XDG_RUNTIME_DIR is exactly that (private, local) where logind sets it.
+  if [ -n "${XDG_RUNTIME_DIR:-}" ] && [ -d "$XDG_RUNTIME_DIR" ] && [ -O "$XDG_RUNTIME_DIR" ]; then
+    ld="$XDG_RUNTIME_DIR/hwledger-probe"
+  else
+    ld="${d%/*}/hwledger-probe-$(id -u 2>/dev/null)"
+  fi
+  [ -d "$ld" ] || mkdir -m 700 "$ld" 2>/dev/null
+  if [ -d "$ld" ] && [ ! -L "$ld" ] && [ -O "$ld" ]; then
+    li=0
+    while :; do
+      ln -s "s$$" "$ld/lock" 2>/dev/null && { lo=; L="$ld/lock"; break; }
+      lo=$(readlink "$ld/lock" 2>/dev/null) || lo=
+      lv=
+      case $lo in
+        s[1-9]*) case ${lo#s} in *[!0-9]*) ;; *) held s "${lo#s}" && lv=1 ;; esac ;;
+        g[1-9]*) case ${lo#g} in *[!0-9]*) ;; *) held g "${lo#g}" && break ;; esac ;;
+      esac
+      [ -z "$lv" ] && rm -f "$ld/lock"
+      li=$((li + 1))
+      [ "$li" -ge 10 ] && break
+      sleep 0.2
+    done
+  fi
+fi
+if [ "$Q" = 0 ]; then
+  :  # a liveness check: the host metrics and "done" only
+elif [ -n "$lo" ]; then
+  printf '%s busy %.24s\n' "$B" "$lo"
+elif [ -n "$d" ]; then
   ( ulimit -f @FILEBLOCKS@ 2>/dev/null
     command -v setsid >/dev/null 2>&1 && exec setsid /bin/sh -c "$C"
     exec /bin/sh -c "$C" ) </dev/null >"$d/o" 2>"$d/e" &
@@ -174,12 +242,14 @@ def check_timeout(timeout_s: float) -> float:
     return float(timeout_s)
 
 
-def remote_script(cmd: str, *, timeout_s: float, host_metrics: bool, token: str | None = None) -> str:
+def remote_script(cmd: str, *, timeout_s: float, host_metrics: bool, token: str | None = None,
+                  query: bool = True) -> str:
     """The POSIX-sh probe for ONE exec: run ``cmd`` under a watchdog, frame its output, add host metrics.
 
     ``cmd`` is the operator-configured query command; it is passed to ``/bin/sh -c`` as it is (quoted
     here as one word), never combined with anything that came from a remote host. ``token`` is for tests
-    only; by default every script gets a fresh random one.
+    only; by default every script gets a fresh random one. ``query=False`` makes a liveness check: the
+    same exec without the GPU tool (an agent's ``min_query_interval_s`` has not passed yet).
     """
     if not isinstance(cmd, str) or not cmd.strip():
         raise ValueError("the GPU query command is empty; set gpu_query_cmd (or the cmd option)")
@@ -195,6 +265,7 @@ def remote_script(cmd: str, *, timeout_s: float, host_metrics: bool, token: str 
         "@CMD@": shlex.quote(cmd),
         "@TIMEOUT@": _sh_number(timeout_s),
         "@HOSTMETRICS@": "1" if host_metrics else "0",
+        "@QUERY@": "1" if query else "0",
         "@FILEBLOCKS@": str(TOOL_FILE_LIMIT_BLOCKS),
         "@GRACE@": _sh_number(KILL_GRACE_S),
         "@STDOUTCAP@": str(STDOUT_CAP),
@@ -508,9 +579,27 @@ def evaluate_tool_output(*, agent: str, cmd: str, backend: str, stdout: str, std
     return ProbeOutcome.success(snapshot)
 
 
+def _busy(agent: str, cmd: str, holder: str, host: dict | None) -> ProbeOutcome:
+    """The probe found the host's GPU tool already running and did not start another (single flight)."""
+    number = _bounded_int(holder[1:]) if holder[:1] in ("s", "g") else None
+    if holder.startswith("g") and number is not None:
+        msg = ("%r started by an earlier probe is still running on the host (process group %d): it outlived "
+               "its timeout and its KILL, which a process stuck in the driver does. No new run is started beside "
+               "it; check the host (dmesg, ps -o stat,cmd -g %d) and reset the GPU or the driver"
+               % (cmd, number, number))
+        return ProbeOutcome.failure("tool_still_running", msg, agent=agent, host=host)
+    msg = ("another hwledger probe (pid %s) has been running %r on the host for over 2 s (a second poller of "
+           "the same host, such as a hand-run heartbeat playbook beside serve); this probe did not start a "
+           "second run" % (number if number is not None else "unknown", cmd))
+    return ProbeOutcome.failure("probe_busy", msg, agent=agent, host=host)
+
+
 def evaluate(*, agent: str, cmd: str, backend: str, exec_stdout: str, exec_stderr: str, exec_rc: int,
-             started: float, ended: float, host_metrics: bool) -> ProbeOutcome:
+             started: float, ended: float, host_metrics: bool, query: bool = True) -> ProbeOutcome:
     """Turn the exec of ``remote_script`` into the host's outcome.
+
+    For a liveness check (``query=False``) a complete answer is an ``ok`` outcome without a snapshot
+    (the host is there; its GPUs were not asked), with the host metrics in ``host``.
 
     ``exec_*`` are what the connection returned for the whole script (stdout decoded with
     surrogateescape, or any error handler: only the tool's own bytes are affected); ``started`` and
@@ -534,6 +623,12 @@ def evaluate(*, agent: str, cmd: str, backend: str, exec_stdout: str, exec_stder
         host = parse_host_metrics(
             frames.content.get("loadavg"), frames.content.get("meminfo"), frames.values.get("cpus")
         )
+
+    if not query and frames.complete and not frames.content.keys() & {"stdout", "fatal"}:
+        return ProbeOutcome(True, snapshot=None, host=host)
+
+    if "busy" in frames.values:
+        return _busy(agent, cmd, frames.values["busy"], host)
 
     if "fatal" in frames.content:
         return ProbeOutcome.failure(

@@ -242,6 +242,12 @@ def _session_options(policy: SshPolicy) -> list[str]:
 
 _NO_CONTROL = ["ControlMaster=no", "ControlPath=none"]
 
+# No ssh_config is read, neither the user's ~/.ssh/config nor /etc/ssh/ssh_config: every connection is
+# made from ssh-agents.toml alone, the same under `serve`, cron, AWX or a terminal, and a `Host *` block
+# cannot add a ProxyCommand, a RemoteCommand, a LocalCommand or a `Match exec` to a connection to a
+# rented host. Put what a host needs in ssh-agents.toml (port, user, key, bastion) instead.
+NO_CONFIG = ["-F", "none"]
+
 
 def _control_options(policy: SshPolicy) -> list[str]:
     if policy.control_dir is None:
@@ -276,18 +282,19 @@ def proxy_command(bastion: Bastion, policy: SshPolicy) -> str:
     ssh runs it with /bin/sh after expanding %h/%p (the agent's validated host and port), so every word
     is shell-quoted. ``[%h]:%p`` keeps an IPv6 target intact for -W.
     """
-    argv = [SSH, *_as_args(_bastion_options(bastion, policy)), "-i", bastion.ssh_key_path,
+    argv = [SSH, *NO_CONFIG, *_as_args(_bastion_options(bastion, policy)), "-i", bastion.ssh_key_path,
             "-p", str(bastion.ssh_port), "-l", bastion.ssh_user, "-W", "[%h]:%p", "--", bastion.hostname]
     return shlex.join(argv)
 
 
 def ssh_options(agent: Agent, policy: SshPolicy) -> list[str]:
-    """``["-o", "Key=Value", ...]``: host-key policy, session hardening, connection reuse, bastion."""
+    """``["-F", "none", "-o", "Key=Value", ...]``: no ssh_config, host-key policy, session hardening,
+    connection reuse, bastion."""
     options = _host_key_options(policy, known_hosts_alias(agent)) + _session_options(policy)
     options += _control_options(policy)
     if agent.bastion is not None:
         options.append(f"ProxyCommand={proxy_command(agent.bastion, policy)}")
-    return _as_args(options)
+    return [*NO_CONFIG, *_as_args(options)]
 
 
 def ssh_common_args(agent: Agent, policy: SshPolicy) -> str:
@@ -305,7 +312,10 @@ def ssh_argv(target: Target, policy: SshPolicy, remote_command: str | None = Non
     value it reads). ``control_operation``: ``"check"`` or ``"exit"`` for the agent's master (``-O``): the
     same ControlPath, so the same socket.
     """
-    options = ssh_options(target, policy) if isinstance(target, Agent) else _as_args(_bastion_options(target, policy))
+    if isinstance(target, Agent):
+        options = ssh_options(target, policy)
+    else:
+        options = [*NO_CONFIG, *_as_args(_bastion_options(target, policy))]
     argv = [ssh_binary]
     if control_operation is not None:
         if control_operation not in ("check", "exit", "stop"):

@@ -45,7 +45,7 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils.tool_parsing import
 __all__ = [
     "BACKENDS", "GPU_KEYS", "MAX_OUTPUT_BYTES", "REASONS", "SCHEMA_VERSION", "QueryFailure",
     "build_snapshot", "classify_failure", "command_warnings", "detect_backend",
-    "fix_showmeminfo", "output_head", "parse_gpus", "tool_in_command",
+    "fix_showmeminfo", "needs_command", "output_head", "parse_gpus", "tool_in_command",
 ]
 
 BACKENDS = ("nvidia", "rocm", "amdsmi")
@@ -90,6 +90,8 @@ def detect_backend(cmd: str, stdout: str) -> str:
     tool = tool_in_command(cmd)
     if tool is not None:
         return TOOL_BACKENDS[tool]
+    if nvidia_smi.other_output(stdout) is not None:
+        return "nvidia"  # before the "=" test below: `nvidia-smi -q` starts with "==...NVSMI LOG==..."
     lines = (line.strip() for line in (stdout or "")[:4096].split("\n"))
     head = next((line for line in lines if line and not line.startswith("WARNING:")), "")
     if head.startswith("["):
@@ -99,6 +101,15 @@ def detect_backend(cmd: str, stdout: str) -> str:
     if _MONITOR_HEADER_RE.match(head):
         return "amdsmi"
     return "nvidia"
+
+
+def needs_command(stdout: str, backend: str = "auto") -> bool:
+    """Whether this output can be read only with the command that produced it: nvidia-smi CSV without a
+    header line, whose columns are named by nothing but the command's ``--query-gpu=`` list. Every other
+    format (JSON, CSV with a header, the rocm-smi and amd-smi tables) names its own columns. A shape test:
+    ask it about output that did not parse without a command (a tool's one-line error looks headerless too)."""
+    resolved = detect_backend("", stdout) if backend == "auto" else backend
+    return resolved == "nvidia" and nvidia_smi.is_headerless_csv(stdout)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ SCHEMA_VERSION = 1
 REASONS = frozenset({
     "tool_not_found", "driver_unavailable", "nvml_error", "no_devices", "invalid_query",
     "invalid_arguments", "unparseable", "output_too_large",
-    "timeout", "host_key_changed", "host_key_unknown", "unreachable",
+    "timeout", "tool_still_running", "probe_busy", "host_key_changed", "host_key_unknown", "unreachable",
 })
 
 MAX_OUTPUT_BYTES = 1 << 20
@@ -161,11 +161,27 @@ def clean_text(text: str) -> str:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        pass
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate that did not come from a byte
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return _SURROGATE.sub(_escape_surrogate, text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(match) -> str:
+    code = ord(match.group())
+    # U+DC80..U+DCFF stand for the undecodable bytes 0x80..0xFF (surrogateescape).
+    return "\\x%02x" % (code - 0xDC00) if 0xDC80 <= code <= 0xDCFF else "\\u%04x" % code
+
+
+def clean_tree(value):
+    """``clean_text`` applied to every string (keys included) of a JSON-like value."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {clean_tree(key): clean_tree(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_tree(item) for item in value]
+    return value
 
 
 def clip(text: str, limit: int = 80) -> str:

@@ -59,7 +59,7 @@ class SilentListeners:
 
 
 def test_silent_hosts_never_hold_a_tick_and_back_off(lab, tmp_path, capsys, monkeypatch):
-    healthy = [lab.add_loopback_host(lab.unique_name("alive")) for _ in range(HEALTHY)]
+    healthy = [lab.add_loopback_host(lab.unique_name("alive")) for _index in range(HEALTHY)]
     silent = SilentListeners(SILENT, lab.port)
     (tmp_path / "cfg").mkdir(mode=0o700)
     fleet = pinned_fleet(tmp_path / "cfg", tmp_path / "data", healthy)

@@ -386,6 +386,35 @@ def test_lab_stop_leaves_no_process_namespace_or_account(tmp_path: Path) -> None
     own.stop()  # idempotent
 
 
+def test_unprivileged_lab_logs_in_without_root_and_leaves_nothing(tmp_path: Path) -> None:
+    """Lab(root, unprivileged=True), the demo's lab: ordinary accounts, and the tools still work, even when
+    the lab's files are written under a strict umask (what the login must read is chmod-ed explicitly)."""
+    own = Lab(tmp_path / "lab", unprivileged=True)
+    try:
+        previous = os.umask(0o077)
+        try:
+            host = own.add_loopback_host("plain", python=True)
+            host.set_tool("nvidia-smi")  # a second behaviour version, written under the same umask
+        finally:
+            os.umask(previous)
+        result = ssh(host, "id -u; pwd; nvidia-smi --query-gpu=index --format=csv,noheader >/dev/null && echo tool; "
+                           "touch ~/written && echo home; python3 -c 'print(2 + 2)'")
+        uid, cwd, tool, home, python = result.stdout.decode().split()
+        assert result.returncode == 0, result.stderr
+        assert int(uid) != 0 and int(uid) == host.home.stat().st_uid
+        assert (cwd, tool, home, python) == (str(host.home), "tool", "home", "4")
+        assert host.tool_calls() == ["--query-gpu=index --format=csv,noheader"]
+        # The login reaches its own directories only: not the lab's private root with the client key.
+        assert ssh(host, f"cat {own.client_key}").returncode != 0
+        remote_root, user = own.remote_root, host.user
+        assert remote_root is not None and host.home.is_relative_to(remote_root)
+    finally:
+        own.stop()
+    assert not remote_root.exists()
+    assert user not in passwd_names()
+    assert lab_traces(f"HWLEDGER_LAB_HOST={own.id}:") == set()
+
+
 def test_new_lab_removes_what_a_crashed_lab_left(tmp_path: Path) -> None:
     crash = textwrap.dedent("""
         import os, sys

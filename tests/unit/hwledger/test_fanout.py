@@ -65,7 +65,9 @@ else
       echo 'Host key verification failed.' >&2
       code=255 ;;
     flood*) head -c 3000000 /dev/zero ;;
-    *) PATH="$FAKE_SSH_DIR/hosts/$host:$PATH" /bin/sh -c "$cmd"; code=$? ;;
+    *) # Each host is a machine of its own: its own tools and its own runtime dir (the probe's lock).
+       PATH="$FAKE_SSH_DIR/hosts/$host:$PATH" XDG_RUNTIME_DIR="$FAKE_SSH_DIR/hosts/$host.run" /bin/sh -c "$cmd"
+       code=$? ;;
   esac
 fi
 printf 'end %s %s %s\n' "$$" "$host" "$(now)" >>"$log"
@@ -88,6 +90,7 @@ class FakeFleet:
     def host(self, name: str, *, capture: str = A800, rc: int = 0, sleep: float = 0.0) -> None:
         bin_dir = self.root / "hosts" / name
         bin_dir.mkdir()
+        (self.root / "hosts" / f"{name}.run").mkdir(mode=0o700)
         tool = bin_dir / "nvidia-smi"
         pause = f"sleep {sleep}\n" if sleep else ""
         tool.write_text(f"#!/bin/sh\n{pause}cat {FIXTURES / capture}\nexit {rc}\n")

@@ -38,7 +38,7 @@ class _SlowTransport:
         self._inside = threading.Lock()
         self.overlapped = False
 
-    def tick(self, agents, *, cancel, on_outcome=None, on_progress=None, budget_s=None):
+    def tick(self, agents, *, cancel, on_outcome=None, on_progress=None, budget_s=None, liveness=()):
         if not self._inside.acquire(blocking=False):
             self.overlapped = True
             return {}
@@ -321,3 +321,18 @@ def test_a_job_whose_agent_goes_offline_ends_lost_at_once(fleet, monkeypatch):
         job = store.get_job(job_id)
         assert store.get_agent("a").state == "offline"
     assert job.state == "lost" and job.error.startswith("agent_offline: ") and job.cleanup_pending
+
+
+def test_every_connection_that_writes_job_transitions_syncs_fully(fleet):
+    """synchronous=FULL (2): a job transition that returned has reached the disk, a power cut after it
+    cannot undo it (WAL's default, NORMAL, may lose the last commits). The server's tick connection and
+    each job worker's connection are checked, as the server makes them."""
+    server = Server(fleet, interval_s=1, transport=_SlowTransport(delay=0))
+    try:
+        with server.workers.open_store() as worker_store:
+            for store in (server.store, worker_store):
+                conn = store._conn  # noqa: SLF001 - the pragma is what is under test
+                assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+                assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        server.close()

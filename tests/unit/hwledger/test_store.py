@@ -96,12 +96,15 @@ def test_concurrent_first_opens_migrate_once(db):
         except Exception as exc:  # noqa: BLE001 - collected for the assertion
             errors.append(exc)
 
+    umask = os.umask(0o022)
+    os.umask(umask)
     threads = [threading.Thread(target=open_it) for _thread in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert errors == []
+    assert os.umask(umask) == umask  # each open's umask 077 was undone, in whatever order they ran
     with Store.open(db) as store:
         assert store.schema_version == SCHEMA_VERSION
 
@@ -377,3 +380,100 @@ def test_env_values_stay_while_another_attempt_may_need_them(store):
     store.transition_job(job.id, ["dispatched"], "running")
     store.record_launch(job.id)  # attempt 1 of 2
     assert store.get_job(job.id).spec["env"] == {"TOKEN": "t"}
+
+
+HOSTILE = "caf\udcc3 \udcff\udcfe \x1b[31m\x00 \ud800 NVML"  # undecodable bytes, a lone surrogate, ESC, NUL
+
+
+def _strict_text(value) -> None:
+    """Every string in a stored value encodes as strict UTF-8 (no surrogate survived)."""
+    if isinstance(value, str):
+        value.encode("utf-8")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _strict_text(key)
+            _strict_text(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _strict_text(item)
+
+
+def test_hostile_text_in_every_field_is_recorded_escaped(store, db):
+    store.upsert_agent(_agent())
+    snapshot = {"gpus": [{"index": 0, "name": HOSTILE, "uuid": HOSTILE, HOSTILE: HOSTILE}], "tool": HOSTILE,
+                "host": {"hostname": HOSTILE, "uptime_s": 1}}
+    store.record_heartbeats({"gpu1": ProbeOutcome(True, snapshot)}, _count_misses)
+    store.record_heartbeats({"gpu1": ProbeOutcome(False, reason="nvml_error", msg=HOSTILE, output_head=HOSTILE)},
+                            _count_misses)
+    store.set_agent_state("gpu1", "error", reason="nvml_error", msg=HOSTILE)
+    good, failed = store.list_snapshots("gpu1")[1], store.list_snapshots("gpu1")[0]
+    _strict_text(good.data)
+    assert good.data["gpus"][0]["name"].startswith("caf\\xc3 \\xff\\xfe")  # the bytes stay visible
+    _strict_text(failed.msg)
+    assert "\\xff\\xfe" in failed.msg
+    row = store.get_agent("gpu1")
+    _strict_text(row.state_msg)
+    for event in store.list_events(agent="gpu1"):
+        _strict_text(event.detail)
+    # And the file itself holds nothing a strict reader refuses.
+    raw = sqlite3.connect(db)
+    raw.text_factory = bytes
+    for table in ("agents", "snapshots", "events"):
+        for record in raw.execute(f"SELECT * FROM {table}"):  # noqa: S608 - fixed table names
+            for cell in record:
+                if isinstance(cell, bytes):
+                    cell.decode("utf-8")
+    raw.close()
+
+
+def test_one_host_whose_answer_cannot_be_recorded_never_keeps_the_others_out(store):
+    for name in ("gpu1", "gpu2", "gpu3"):
+        store.upsert_agent(_agent(name))
+    unserialisable = {"gpus": [{"index": 0, "name": {"a", "set"}}]}  # json.dumps refuses a set
+    changes = store.record_heartbeats({"gpu1": ProbeOutcome(True, {"gpus": []}),
+                                       "gpu2": ProbeOutcome(True, unserialisable),
+                                       "gpu3": ProbeOutcome(True, {"gpus": []})}, _count_misses)
+    assert {c.agent: c.new for c in changes} == {"gpu1": "online", "gpu2": "stale", "gpu3": "online"}
+    bad = store.get_agent("gpu2")
+    assert bad.state_reason == "unrecordable" and "could not record this host's answer" in bad.state_msg, bad
+    assert store.latest_snapshot("gpu1") is not None and store.latest_snapshot("gpu3") is not None
+
+
+def _ok_or_error(row, outcome):
+    if outcome.ok:
+        return AgentUpdate("online", 0, seen=True)
+    return AgentUpdate("error", 0, outcome.reason, outcome.msg)
+
+
+def test_a_flapping_host_adds_a_few_events_per_window_not_one_per_tick(store, monkeypatch):
+    from datetime import datetime, timedelta, timezone
+
+    from hwledger.store import agents as agent_tables
+
+    clock = [datetime(2026, 12, 4, 12, 0, tzinfo=timezone.utc)]
+    monkeypatch.setattr(agent_tables, "utc_now", lambda: clock[0].isoformat(timespec="milliseconds"))
+    store.upsert_agent(_agent())
+    ticks = 0
+
+    def flap(times: int) -> None:
+        nonlocal ticks
+        for _index in range(times):
+            ok = ticks % 2 == 0
+            ticks += 1
+            outcome = ProbeOutcome(True, {"gpus": []}) if ok else ProbeOutcome(False, reason="nvml_error", msg="x")
+            store.record_heartbeats({"gpu1": outcome}, _ok_or_error)
+            clock[0] += timedelta(seconds=5)
+
+    flap(60)  # five minutes of a tool that fails every other tick
+    pairs = [(e.detail["old"], e.detail["new"]) for e in store.list_events(agent="gpu1", kind="agent_state")]
+    assert sorted(pairs) == [("error", "online"), ("online", "error"), ("pending", "online")]
+    assert store.get_agent("gpu1").state_events_coalesced == 58 - 1  # every later change was only counted
+    clock[0] += timedelta(seconds=agent_tables.STATE_EVENT_WINDOW_S)
+    flap(1)  # past the window: the next change is an event again and says how many it stands for
+    latest = store.list_events(agent="gpu1", kind="agent_state")[-1]
+    assert latest.detail["coalesced"] == 57 and store.get_agent("gpu1").state_events_coalesced == 0
+    # A host that only degrades keeps every step.
+    store.upsert_agent(_agent("gpu2"))
+    for _index in range(4):
+        store.record_heartbeats({"gpu2": ProbeOutcome(False, reason="unreachable", msg="down")}, _count_misses)
+    assert [e.detail["new"] for e in store.list_events(agent="gpu2", kind="agent_state")] == ["stale", "offline"]

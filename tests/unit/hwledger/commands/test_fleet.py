@@ -127,6 +127,33 @@ def test_list_shows_configured_agents(env, capsys):
     assert item["name"] == "gpu1" and item["destination"] == "root@192.0.2.7:22" and item["state"] == "pending"
 
 
+def test_list_and_status_show_the_same_effective_state(env, capsys):
+    """A host that answered once and then nobody refreshed (no server): both say stale, neither online."""
+    _register_offline(env, "gpu1", [{"index": 0, "name": "H100"}])
+    for command in ("list", "status"):
+        assert main(["fleet", command, "--json", "--stale-after", "0"]) == 0
+        (item,) = json.loads(capsys.readouterr().out)
+        assert (item["state"], item["recorded_state"]) == ("stale", "online"), command
+        assert main(["fleet", command, "--stale-after", "0"]) == 0
+        out = capsys.readouterr().out
+        assert "stale" in out and "online" not in out, command
+    assert main(["fleet", "list", "--json"]) == 0  # fresh enough under the default --stale-after
+    assert json.loads(capsys.readouterr().out)[0]["state"] == "online"
+
+
+@pytest.mark.parametrize("argv", [["fleet", "status"], ["fleet", "status", "--json"], ["fleet", "list"],
+                                  ["fleet", "list", "--json"]])
+def test_read_only_commands_create_no_store(env, capsys, argv):
+    _register_offline(env, "gpu1", None)
+    shutil.rmtree(env.db.parent)  # an agents file, but no store (e.g. a wrong HWLEDGER_DB)
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert not env.db.parent.exists()
+    assert f"there is no store at {env.db}" in captured.err
+    if "--json" in argv:
+        assert isinstance(json.loads(captured.out), list)
+
+
 def test_remove_edits_file_known_hosts_store_and_cancels_queued_jobs(env, capsys):
     _register_offline(env, "gpu1", None)
     _register_offline(env, "gpu2", None)
@@ -207,3 +234,23 @@ def test_serve_rejects_bad_numbers(env, capsys, argv, message):
     assert main(["fleet", "serve", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "five", ""])
+def test_stale_after_refuses_values_that_are_not_a_finite_duration(env, capsys, value):
+    _register_offline(env, "gpu1", [{"index": 0, "name": "H100"}])
+    with pytest.raises(SystemExit) as exc:
+        main(["fleet", "status", "--stale-after", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--stale-after" in err and "Traceback" not in err, err
+
+
+def test_serve_help_lists_its_exit_statuses(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fleet", "serve", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit status:" in out
+    for code in ("0 ", "1 ", "2 ", "4 ", "130 "):
+        assert f"\n  {code}" in out, code

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import telemetry
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.nvidia_smi import DEFAULT_GPU_QUERY_CMD
 from hwledger.cli import main
 from tests.toolchains import REPO
+from tests.unit.plugins.plugin_utils.capture_expectations import EXPECTATIONS
+from tests.unit.plugins.plugin_utils.test_telemetry_captures import assert_gpus_match
 
 FIXTURES = REPO / "tests" / "fixtures" / "gpu"
 MIB = 1048576
@@ -30,12 +34,78 @@ def test_prints_the_snapshot(capsys):
     assert snapshot.get("host") is None  # no host metrics from a file
 
 
-def test_reads_stdin_with_the_default_command(capsys, monkeypatch):
+def test_reads_stdin_with_the_command(capsys, monkeypatch):
     stdin = io.TextIOWrapper(io.BytesIO(b"0, NVIDIA L40S, 46068 MiB, 45000 MiB\n"))
     monkeypatch.setattr(sys, "stdin", stdin)
-    assert main(["gpu", "parse", "-"]) == 0
+    assert main(["gpu", "parse", "--cmd", DEFAULT_GPU_QUERY_CMD, "-"]) == 0
     gpus = json.loads(capsys.readouterr().out)["gpus"]
     assert [(g["index"], g["name"], g["memory_total_bytes"]) for g in gpus] == [(0, "NVIDIA L40S", 46068 * MIB)]
+
+
+def test_headerless_csv_without_the_command_asks_for_it(capsys, monkeypatch):
+    """The default query's own output is no exception: without a header, only --cmd names the columns."""
+    stdin = io.TextIOWrapper(io.BytesIO(b"0, NVIDIA L40S, 46068 MiB, 45000 MiB\n"))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main(["gpu", "parse", "-"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "without a header line" in captured.err and "--cmd 'nvidia-smi --query-gpu=" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def in_snapshot_order(gpus: list[dict]) -> list[dict]:
+    """The printed JSON has sorted keys; the snapshot's own order is GPU_KEYS (checked as a set here)."""
+    assert all(set(gpu) == set(telemetry.GPU_KEYS) for gpu in gpus)
+    return [{key: gpu[key] for key in telemetry.GPU_KEYS} for gpu in gpus]
+
+
+def _capture_argv(name: str, expect) -> list[str]:
+    argv = ["gpu", "parse", "--rc", str(expect.rc)]
+    if expect.stream == "stderr":
+        return [*argv, "--stderr", str(FIXTURES / name), os.devnull]
+    return [*argv, str(FIXTURES / name)]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTATIONS))
+def test_every_capture_without_the_command(name, capsys):
+    """`hwledger gpu parse FILE` with no --cmd: every format that names its own columns gives the snapshot
+    its expectation row describes; headerless CSV asks for --cmd (exit 2); a failure gives its reason (exit 1)."""
+    expect = EXPECTATIONS[name]
+    headerless = expect.cmd.startswith(("nvidia-smi", "./nvidia-smi")) and "noheader" in expect.cmd
+    rc = main(_capture_argv(name, expect))
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    if expect.reason is not None:
+        assert rc == 1, captured.err
+        failure = json.loads(captured.out)
+        assert failure["reason"] == expect.reason
+        assert all(text in failure["msg"] for text in expect.msg_has if "exit status" not in text), failure["msg"]
+    elif headerless:
+        assert rc == 2 and captured.out == ""
+        assert "--cmd" in captured.err and "without a header line" in captured.err
+    else:
+        assert rc == 0, captured.err
+        snapshot = json.loads(captured.out)
+        assert snapshot["backend"] == expect.backend
+        assert_gpus_match(name, in_snapshot_order(snapshot["gpus"]), expect)
+
+
+def test_headerless_csv_with_the_command(capsys):
+    name = "nvidia/csv-noheader-name-pcideviceid-1xH100-NVL.txt"
+    assert main(["gpu", "parse", "--cmd", EXPECTATIONS[name].cmd, str(FIXTURES / name)]) == 0
+    assert_gpus_match(name, in_snapshot_order(json.loads(capsys.readouterr().out)["gpus"]), EXPECTATIONS[name])
+
+
+def test_an_empty_cmd_is_refused(capsys):
+    assert main(["gpu", "parse", "--cmd", " ", str(A800)]) == 2
+    assert "--cmd is empty" in capsys.readouterr().err
+
+
+def test_help_says_when_cmd_is_needed(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["gpu", "parse", "--help"])
+    assert exc.value.code == 0
+    assert "noheader" in capsys.readouterr().out
 
 
 def test_a_failure_prints_the_reason_and_exits_1(capsys):

@@ -36,10 +36,10 @@ def test_submit_a_command_after_double_dash(db, capsys):
     assert job["spec"]["command"] == ["echo", "--not-an-option"]
     assert job["spec"]["timeout_s"] == 30 and job["spec"]["env"] == {"A": "***"}  # values are never printed
     assert (job["attempts"], job["max_attempts"]) == (0, 1)
-    uuid.UUID(job["id"])
-    assert job["spec"]["job_id"] == job["id"]
+    uuid.UUID(job["job_id"])
+    assert job["spec"]["job_id"] == job["job_id"]
     with Store.open(db) as store:
-        stored = store.get_job(job["id"])
+        stored = store.get_job(job["job_id"])
         assert stored.state == "queued" and stored.spec["env"] == {"A": "1"}  # kept until an attempt needs it
 
 
@@ -80,35 +80,35 @@ def test_list_show_and_cancel(db, capsys):
     first = _submit(capsys, "--agent", "gpu1", "--", "true")
     second = _submit(capsys, "--agent", "gpu1", "--", "printf", "\x1b[31mred")
     with Store.open(db) as store:
-        store.transition_job(second["id"], ["queued"], "dispatched")
-        store.transition_job(second["id"], ["dispatched"], "running")
+        store.transition_job(second["job_id"], ["queued"], "dispatched")
+        store.transition_job(second["job_id"], ["dispatched"], "running")
     assert main(["job", "list", "--json"]) == 0
-    assert [j["id"] for j in json.loads(capsys.readouterr().out)] == [first["id"], second["id"]]
+    assert [j["job_id"] for j in json.loads(capsys.readouterr().out)] == [first["job_id"], second["job_id"]]
     assert main(["job", "list", "--state", "running"]) == 0
     out = capsys.readouterr().out
-    assert second["id"] in out and first["id"] not in out and "\x1b" not in out
+    assert second["job_id"] in out and first["job_id"] not in out and "\x1b" not in out
 
-    assert main(["job", "cancel", first["id"][:8]]) == 0
+    assert main(["job", "cancel", first["job_id"][:8]]) == 0
     assert "cancelled" in capsys.readouterr().out
-    assert main(["job", "cancel", second["id"]]) == 0
+    assert main(["job", "cancel", second["job_id"]]) == 0
     assert "the server stops it" in capsys.readouterr().out
-    assert main(["job", "cancel", first["id"]]) == 1  # already over
+    assert main(["job", "cancel", first["job_id"]]) == 1  # already over
     assert "already ended" in capsys.readouterr().out
 
-    assert main(["job", "show", first["id"], "--json"]) == 0
+    assert main(["job", "show", first["job_id"], "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["state"] == "cancelled"
     assert [e["new"] for e in shown["events"] if e["kind"] == "job_state"] == ["queued", "cancelled"]
-    assert main(["job", "show", second["id"]]) == 0
+    assert main(["job", "show", second["job_id"]]) == 0
     out = capsys.readouterr().out
     assert "cancel requested" in out and "\x1b" not in out
     assert main(["job", "show", str(uuid.uuid4())]) == 2
 
 
 def test_list_newest_limit(db, capsys):
-    ids = [_submit(capsys, "--agent", "gpu1", "--", "echo", str(n))["id"] for n in range(3)]
+    ids = [_submit(capsys, "--agent", "gpu1", "--", "echo", str(n))["job_id"] for n in range(3)]
     assert main(["job", "list", "--json", "--limit", "2"]) == 0
-    assert [j["id"] for j in json.loads(capsys.readouterr().out)] == ids[1:]
+    assert [j["job_id"] for j in json.loads(capsys.readouterr().out)] == ids[1:]
 
 
 def test_a_reader_that_goes_away_ends_the_listing_quietly(db):
@@ -149,9 +149,9 @@ def test_no_command_prints_an_env_value(db, capsys, monkeypatch):
     job = _submit(capsys, "--agent", "gpu1", "--max-attempts", "2", "--env", "PLAIN=typed-value",
                   "--env", "HWL_TEST_TOKEN", "--", "true")
     with Store.open(db) as store:  # kept while an attempt may need them; --env NAME took the environment's value
-        assert store.get_job(job["id"]).spec["env"] == {"PLAIN": "typed-value", "HWL_TEST_TOKEN": "from-the-environment-value"}
+        assert store.get_job(job["job_id"]).spec["env"] == {"PLAIN": "typed-value", "HWL_TEST_TOKEN": "from-the-environment-value"}
     outputs = [json.dumps(job)]
-    for argv in (["job", "show", job["id"], "--json"], ["job", "show", job["id"]], ["job", "list", "--json"],
+    for argv in (["job", "show", job["job_id"], "--json"], ["job", "show", job["job_id"]], ["job", "list", "--json"],
                  ["job", "list"]):
         assert main(argv) == 0
         outputs.append(capsys.readouterr().out)
@@ -178,3 +178,30 @@ def test_attempts_and_env_names_are_checked(db, capsys, argv, message):
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_json_calls_the_id_job_id_everywhere(db, capsys):
+    """submit, list and show --json name the id as the spec, the result and the server logs do: job_id."""
+    job = _submit(capsys, "--agent", "gpu1", "--", "true")
+    assert "id" not in job and job["job_id"] == job["spec"]["job_id"]
+    assert main(["job", "list", "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert "id" not in listed and listed["job_id"] == job["job_id"]
+    assert main(["job", "show", job["job_id"], "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert "id" not in shown and shown["job_id"] == job["job_id"]
+
+
+@pytest.mark.parametrize("argv", [["job", "list"], ["job", "list", "--json"], ["job", "show", "0f8fad5b"],
+                                  ["job", "cancel", "0f8fad5b"]])
+def test_read_only_commands_create_no_store(tmp_path, monkeypatch, capsys, argv):
+    db = tmp_path / "nowhere" / "fleet.db"
+    monkeypatch.setenv("HWLEDGER_DB", str(db))
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert not db.parent.exists()
+    assert f"there is no store at {db}" in captured.err and "Traceback" not in captured.err
+    if argv[1] == "list":
+        assert rc == 0 and captured.out.strip() in ("no jobs", "[]")
+    else:
+        assert rc == 2 and "no job '0f8fad5b'" in captured.err

@@ -304,7 +304,7 @@ def test_host_key_checking_off_and_no_connection_sharing(tmp_path, home):
                            "control_dir: ''\n")
     proc = run_ansible("ansible-inventory", "-i", str(config), "--list", home=home)
     args = plain(json.loads(proc.stdout))["_meta"]["hostvars"]["gpu-1"]["ansible_ssh_common_args"]
-    assert args.startswith("-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null ")
+    assert args.startswith("-F none -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null ")
     assert "-o ControlMaster=no -o ControlPath=none" in args
     assert shows("host key checking is off", proc)
 

@@ -25,6 +25,7 @@ TELEGRAF_CMD = (
     "--showpagesinfo --showmeminfo all --showretiredpages --showunreservablepages --showmemuse --showvoltage "
     "--showtopo --showtopoweight --showtopohops --showtopotype --showtoponuma --json"
 )
+COMPUTE_APPS_CMD = "nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv"
 MASKED_UUID = "GPU-00000000-0000-0000-0000-000000000000"
 RTX2080S = "NVIDIA GeForce RTX 2080 SUPER"
 RTX2080S_UUID = "GPU-df6e7a7c-7314-46f8-abc4-b88b36dcf3aa"
@@ -146,6 +147,12 @@ EXPECTATIONS: dict[str, Capture] = {
         "nvidia-smi --query-compute-apps=timestamp,gpu_name,gpu_bus_id,gpu_serial,gpu_uuid,pid,process_name,"
         "used_gpu_memory --format=csv",
         "nvidia", reason="unparseable", msg_has=("process list", "--query-gpu=")),
+    "nvidia/csv-header-query-compute-apps-1proc-1xH200-linux-580.159.04-load.txt": Capture(
+        COMPUTE_APPS_CMD, "nvidia", reason="unparseable", msg_has=("process list", "--query-gpu="),
+        note="one process holding 42180 MiB: a process list, whatever its numbers"),
+    "nvidia/csv-header-query-compute-apps-none-1xH200-linux-580.159.04.txt": Capture(
+        COMPUTE_APPS_CMD, "nvidia", reason="unparseable", msg_has=("process list", "--query-gpu="),
+        note="the header alone (no process running)"),
     "nvidia/csv-nounits-header-15fields-1xTeslaP100-PCIE-16GB.txt": Capture(
         HEADER_QUERY_NOUNITS, "nvidia",
         (Gpu(None, "Tesla P100-PCIE-16GB", None, 0, 16280 * MIB, util=0, temp=37, power=28.16,
@@ -190,6 +197,20 @@ EXPECTATIONS: dict[str, Capture] = {
     "nvidia/failure-option-missing-value-topo-m-windows-591.86.txt": Capture(
         "nvidia-smi topo -m", "nvidia", rc=255, reason="invalid_arguments",
         msg_has=("Option -m is missing its value", "--query-gpu=")),
+    # ------------------------------------------------------------------ nvidia, outputs hwledger does not read
+    # Each must fail saying what it is and what to run instead (a --query-gpu CSV), never be half-read.
+    "nvidia/table-default-1xH200-linux-580.159.04-idle.txt": Capture(
+        "nvidia-smi", "nvidia", reason="unparseable", msg_has=("human-readable table", "--query-gpu=")),
+    "nvidia/table-default-1xH200-linux-580.159.04-load.txt": Capture(
+        "nvidia-smi", "nvidia", reason="unparseable", msg_has=("human-readable table", "--query-gpu=")),
+    "nvidia/q-text-1xH200-linux-580.159.04-idle.txt": Capture(
+        "nvidia-smi -q", "nvidia", reason="unparseable", msg_has=("nvidia-smi -q", "--query-gpu=")),
+    "nvidia/q-x-xml-1xH200-linux-580.159.04-idle.xml": Capture(
+        "nvidia-smi -q -x", "nvidia", reason="unparseable", msg_has=("XML report", "--query-gpu=")),
+    "nvidia/q-x-xml-1xH200-linux-580.159.04-load.xml": Capture(
+        "nvidia-smi -q -x", "nvidia", reason="unparseable", msg_has=("XML report", "--query-gpu=")),
+    "nvidia/dmon-c2-1xH200-linux-580.159.04-load.txt": Capture(
+        "nvidia-smi dmon -c 2", "nvidia", reason="unparseable", msg_has=("nvidia-smi dmon", "--query-gpu=")),
     "nvidia/failure-sh-command-not-found.txt": Capture(
         "nvidia-smi", "nvidia", rc=127, stream="stderr", reason="tool_not_found", msg_has=("nvidia-smi", "PATH"),
         note="exit status not shown in the thread; 127 is what sh returns for a command it cannot find"),

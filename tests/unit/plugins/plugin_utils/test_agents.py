@@ -155,7 +155,8 @@ def test_unknown_key_suggests_the_nearest_valid_key():
 def test_unknown_key_in_bastion_and_without_a_near_match():
     message = error_of(agent_block({**GOOD_AGENT, "colour": "blue"}, {**GOOD_BASTION, "ssh_prot": 22}))
     assert (f"{SOURCE}:6: agent \"gpu-1\" (agent #1), field 'colour': unknown key \"colour\"; valid keys are "
-            "name, hostname, ssh_user, ssh_key_path, ssh_port, gpu_query_cmd, host_key_fingerprint, bastion") in message
+            "name, hostname, ssh_user, ssh_key_path, ssh_port, gpu_query_cmd, host_key_fingerprint, query_timeout_s, "
+            "min_query_interval_s, bastion") in message
     assert (f"{SOURCE}:13: agent \"gpu-1\" (agent #1), field 'bastion.ssh_prot': unknown key \"ssh_prot\"; "
             "did you mean 'ssh_port'?") in message
 
@@ -411,3 +412,32 @@ def test_key_file_warnings_for_agents_loaded_earlier(tmp_path):
     (tmp_path / "gone").write_text("k")
     (tmp_path / "gone").chmod(0o600)
     assert A.key_file_warnings([agent], SOURCE) == []
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("query_timeout_s", '"30"', "is a string (\"30\"); write the number of seconds without quotes"),
+    ("query_timeout_s", "0", "must be more than 0 and at most 3600 seconds, got 0"),
+    ("query_timeout_s", "7200", "must be more than 0 and at most 3600 seconds, got 7200"),
+    ("query_timeout_s", "nan", "must be a finite number of seconds, got nan"),
+    ("query_timeout_s", "inf", "must be a finite number of seconds, got inf"),
+    ("query_timeout_s", "true", "must be a number of seconds, got a boolean True"),
+    ("min_query_interval_s", "-1", "must be from 0 to 86400 seconds, got -1"),
+    ("min_query_interval_s", "1e9", "must be from 0 to 86400 seconds"),
+    ("min_query_interval_s", "[60]", "must be a number of seconds, got an array"),
+])
+def test_query_pacing_values_are_checked_with_the_fix(field, value, expected):
+    text = agent_block(GOOD_AGENT) + f"{field} = {value}\n"
+    message = error_of(text)
+    assert f"field '{field}'" in message and expected in message, message
+
+
+def test_query_pacing_values_load_and_round_trip():
+    text = agent_block(GOOD_AGENT) + "query_timeout_s = 45\nmin_query_interval_s = 30.5\n"
+    (agent,) = A.parse_agents_toml(text, SOURCE)[0]
+    assert (agent.query_timeout_s, agent.min_query_interval_s) == (45, 30.5)
+    (again,) = A.parse_agents_toml(A.render_agent_toml(agent), SOURCE)[0]
+    assert again == agent
+    assert A.agent_from_dict(A.agent_to_dict(agent)) == agent
+    (default,) = A.parse_agents_toml(agent_block(GOOD_AGENT), SOURCE)[0]
+    assert (default.query_timeout_s, default.min_query_interval_s) == (None, 0)
+    assert "query_timeout_s" not in A.render_agent_toml(default)

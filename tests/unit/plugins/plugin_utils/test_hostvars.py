@@ -43,7 +43,7 @@ def test_host_vars_match_the_options():
         "hwledger_gpu_query_cmd": SPEC_QUERY,
         "hwledger_agent": {"name": "gpu-1", "hostname": "gpu-1.example.com", "ssh_user": "ubuntu",
                            "ssh_key_path": "/keys/id_ed25519", "ssh_port": 22, "gpu_query_cmd": SPEC_QUERY,
-                           "host_key_fingerprint": None,
+                           "host_key_fingerprint": None, "query_timeout_s": None, "min_query_interval_s": 0,
                            "bastion": {"hostname": "bastion.example.com", "ssh_user": "jump",
                                        "ssh_key_path": "/keys/bastion_key", "ssh_port": 2222}},
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import re
 import shutil
 import subprocess
@@ -78,6 +79,12 @@ def run_probe(cmd: str, *, bin_dir: Path, remote_tmp: Path, timeout_s: float = 5
     ended = time.time()
     return Run(proc.stdout.decode("utf-8", "surrogateescape"), proc.stderr.decode("utf-8", "replace"),
                proc.returncode, started, ended)
+
+
+def leftovers(remote_tmp: Path) -> list[str]:
+    """What a probe left in the remote temp dir, but the single-flight lock's directory when it is empty."""
+    lock_dir = "hwledger-probe-%d" % os.getuid()
+    return [p.name for p in remote_tmp.iterdir() if not (p.name == lock_dir and not any(p.iterdir()))]
 
 
 def processes_with(marker: str) -> list[int]:
@@ -209,9 +216,79 @@ def test_the_exec_ends_even_when_signals_cannot_end_the_tool(bin_dir, remote_tmp
         assert frames.content["stdout"] == "started\n"
         assert run.elapsed < 1 + probe.KILL_GRACE_S + 1.0, "took %.2f s" % run.elapsed
         assert processes_with(marker), "the simulated unkillable tool should still be running"
+        # Single flight: while it lives, the next probes start no sibling; they answer "busy" at once,
+        # naming its process group.
+        monkeypatch.undo()
+        for _index in range(2):
+            again = run_probe("gputool", bin_dir=bin_dir, remote_tmp=remote_tmp, timeout_s=1)
+            busy = again.frames().values.get("busy", "")
+            assert busy.startswith("g") and int(busy[1:]) > 1, again.stdout
+            assert "stdout" not in again.frames().content and again.frames().complete
+            outcome = probe.evaluate(agent="a", cmd="gputool", backend="nvidia", exec_stdout=again.stdout,
+                                     exec_stderr=again.stderr, exec_rc=again.rc, started=again.started,
+                                     ended=again.ended, host_metrics=True)
+            assert (outcome.ok, outcome.reason) == (False, "tool_still_running")
+            assert "process group %s" % busy[1:] in outcome.msg and outcome.snapshot is None
+            assert outcome.host is not None and outcome.host["load1"] is not None  # the host still answered
+        assert len(processes_with(marker)) == 1
     finally:
         for pid in processes_with(marker):  # the tool this test started and disarmed the kills for
             os.kill(pid, 9)
+    assert wait_gone(marker) == []
+    # Once it is gone, the lock is taken over and the tool runs again.
+    fake_tool(bin_dir, "gputool", "echo back")
+    assert run_probe("gputool", bin_dir=bin_dir, remote_tmp=remote_tmp, timeout_s=1).frames().content["stdout"] == "back\n"
+    assert leftovers(remote_tmp) == []
+
+
+def _probe_in_background(bin_dir: Path, remote_tmp: Path, timeout_s: float) -> subprocess.Popen:
+    script = probe.remote_script("gputool", timeout_s=timeout_s, host_metrics=False)
+    env = {"PATH": "%s:/usr/bin:/bin" % bin_dir, "TMPDIR": str(remote_tmp), "HOME": str(remote_tmp)}
+    return subprocess.Popen(["/bin/sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def test_probes_at_the_same_moment_run_the_tool_one_at_a_time(bin_dir, remote_tmp):
+    runs = remote_tmp.parent / "runs.log"
+    fake_tool(bin_dir, "gputool", "echo start >> %s; sleep 0.5; echo end >> %s; echo ok" % (runs, runs))
+    probes = [_probe_in_background(bin_dir, remote_tmp, 5) for _index in range(3)]
+    outputs = [proc.communicate(timeout=60)[0].decode() for proc in probes]
+    # Each probe waited for the one before it (they fit in the 2 s a probe waits), and got its answer.
+    assert [probe.split_frames(out).content["stdout"] for out in outputs] == ["ok\n"] * 3
+    assert runs.read_text().split() == ["start", "end"] * 3  # never two runs of the tool at once
+    assert leftovers(remote_tmp) == []
+
+
+def test_a_probe_that_waited_too_long_answers_busy(bin_dir, remote_tmp):
+    fake_tool(bin_dir, "gputool", "sleep 4; echo slow")
+    first = _probe_in_background(bin_dir, remote_tmp, 10)
+    time.sleep(0.5)
+    second = run_probe("gputool", bin_dir=bin_dir, remote_tmp=remote_tmp, timeout_s=10)
+    busy = second.frames().values.get("busy", "")
+    assert busy == "s%d" % first.pid, second.stdout  # the probe shell that holds the lock
+    outcome = probe.evaluate(agent="a", cmd="gputool", backend="nvidia", exec_stdout=second.stdout,
+                             exec_stderr=second.stderr, exec_rc=second.rc, started=second.started,
+                             ended=second.ended, host_metrics=True)
+    assert outcome.reason == "probe_busy" and "another hwledger probe (pid %d)" % first.pid in outcome.msg
+    assert probe.split_frames(first.communicate(timeout=60)[0].decode()).content["stdout"] == "slow\n"
+
+
+def test_a_lock_left_by_a_dead_probe_or_planted_junk_is_taken_over(bin_dir, remote_tmp):
+    fake_tool(bin_dir, "gputool", "echo ok")
+    lock_dir = remote_tmp / ("hwledger-probe-%d" % os.getuid())
+    lock_dir.mkdir(mode=0o700)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    # A process group whose only member is a zombie (never reaped: as under a PID 1 that does not reap).
+    zombie = subprocess.Popen([shutil.which("setsid"), "true"])
+    deadline = time.time() + 10
+    while Path("/proc/%d/stat" % zombie.pid).read_text().rsplit(") ", 1)[1][0] != "Z" and time.time() < deadline:
+        time.sleep(0.02)
+    for target in ("s%d" % dead.pid, "g%d" % dead.pid, "g%d" % zombie.pid, "junk; rm -rf /", "g1x"):
+        (lock_dir / "lock").symlink_to(target)
+        run = run_probe("gputool", bin_dir=bin_dir, remote_tmp=remote_tmp, timeout_s=5)
+        assert run.frames().content["stdout"] == "ok\n", (target, run.stdout)
+        assert not os.path.lexists(lock_dir / "lock")
+    zombie.wait()
 
 
 def test_ssh_command_starts_sh_with_the_script(bin_dir, remote_tmp):
@@ -248,8 +325,10 @@ def test_the_private_directory_is_removed(bin_dir, remote_tmp):
     # The tool saw a private directory (drwx------) under TMPDIR ...
     assert frames.content["stdout"].startswith("drwx------")
     assert str(remote_tmp) in frames.content["stdout"]
-    # ... and nothing of it is left.
-    assert list(remote_tmp.iterdir()) == []
+    # ... and nothing of it is left but the (empty, private) directory of the single-flight lock.
+    assert [p.name for p in remote_tmp.iterdir()] == ["hwledger-probe-%d" % os.getuid()]
+    lock_dir = remote_tmp / ("hwledger-probe-%d" % os.getuid())
+    assert list(lock_dir.iterdir()) == [] and stat.S_IMODE(lock_dir.stat().st_mode) == 0o700
 
 
 def test_huge_output_is_cut_on_the_host(bin_dir, remote_tmp):
@@ -258,7 +337,7 @@ def test_huge_output_is_cut_on_the_host(bin_dir, remote_tmp):
     frames = run.frames()
     # Cut to the cap (limit + 1 byte), so the controller knows by the length alone that it was cut.
     assert len(frames.content["stdout"]) == probe.STDOUT_CAP
-    assert list(remote_tmp.iterdir()) == []
+    assert leftovers(remote_tmp) == []
 
 
 def test_host_metrics_come_back_even_when_the_tool_fails(bin_dir, remote_tmp):
@@ -585,3 +664,24 @@ def test_exec_timeout_failure_names_the_budget():
 def test_iso_utc_is_utc_with_z():
     assert probe.iso_utc(0) == "1970-01-01T00:00:00.000Z"
     assert probe.iso_utc(1700000000.5) == "2023-11-14T22:13:20.500Z"
+
+
+def test_a_liveness_check_runs_no_tool_and_answers_with_the_host_metrics(bin_dir, remote_tmp):
+    calls = remote_tmp.parent / "calls"
+    fake_tool(bin_dir, "gputool", "echo called >> %s; echo ok" % calls)
+    script = probe.remote_script("gputool", timeout_s=5, host_metrics=True, query=False)
+    env = {"PATH": "%s:/usr/bin:/bin" % bin_dir, "TMPDIR": str(remote_tmp), "HOME": str(remote_tmp)}
+    started = time.time()
+    proc = subprocess.run(["/bin/sh", "-c", script], capture_output=True, env=env, timeout=30, check=False)
+    frames = probe.split_frames(proc.stdout.decode())
+    assert frames.complete and "stdout" not in frames.content and "rc" not in frames.values
+    assert not calls.exists() and list(remote_tmp.iterdir()) == []  # no tool, no temp dir, no lock
+    outcome = probe.evaluate(agent="a", cmd="gputool", backend="nvidia", exec_stdout=proc.stdout.decode(),
+                             exec_stderr="", exec_rc=proc.returncode, started=started, ended=time.time(),
+                             host_metrics=True, query=False)
+    assert outcome.ok and outcome.snapshot is None and outcome.host["mem_total_bytes"] > 0
+    # Cut short, it is not an answer.
+    cut = probe.evaluate(agent="a", cmd="gputool", backend="nvidia", exec_stdout=proc.stdout.decode()[:-8],
+                         exec_stderr="", exec_rc=1, started=started, ended=time.time(), host_metrics=True,
+                         query=False)
+    assert not cut.ok

@@ -28,6 +28,8 @@ ssh_binary = shutil.which("ssh")
 
 
 def option_values(options: list[str]) -> dict[str, str]:
+    assert options[:2] == ["-F", "none"]  # no ssh_config applies (see NO_CONFIG)
+    options = options[2:]
     assert options[::2] == ["-o"] * (len(options) // 2)
     return dict(option.split("=", 1) for option in options[1::2])
 
@@ -55,7 +57,7 @@ def test_bastion_proxy_command_uses_the_bastions_own_identity_and_survives_two_s
     inner = shlex.split(proxy[0][len("ProxyCommand="):])
     kh = f"{home}/.config/hwledger/known_hosts"
     assert inner == [
-        "ssh",
+        "ssh", "-F", "none",
         "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={kh}", "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", "HostKeyAlias=hwledger-bastion-bastion.example.com-22", "-o", "CheckHostIP=no",
         "-o", "UpdateHostKeys=no", "-o", "VerifyHostKeyDNS=no", "-o", "HashKnownHosts=no",

@@ -126,6 +126,29 @@ def test_capture_without_the_command(name):
     assert_gpus_match(name, gpus, expect)
 
 
+@pytest.mark.parametrize("name", sorted(n for n, e in EXPECTATIONS.items() if e.reason == "unparseable"))
+def test_unread_formats_are_told_from_the_output_alone(name):
+    """nvidia-smi's table, -q, -q -x, dmon and process lists fail the same way without the command: the
+    output itself says what it is, and the message says what to run instead."""
+    expect = EXPECTATIONS[name]
+    with pytest.raises(telemetry.QueryFailure) as caught:
+        run(name, expect, cmd="")
+    assert caught.value.reason == "unparseable"
+    for text in expect.msg_has:
+        assert text in caught.value.msg, "%s: %r not in %r" % (name, text, caught.value.msg)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, e in EXPECTATIONS.items() if e.reason in (None, "unparseable")))
+def test_only_headerless_csv_needs_the_command(name):
+    """`hwledger gpu parse` asks for --cmd exactly when the output does not name its own columns (it asks
+    only about output that did not parse, so the tools' error messages are not in question here)."""
+    expect = EXPECTATIONS[name]
+    headerless = expect.cmd.startswith(("nvidia-smi", "./nvidia-smi")) and "noheader" in expect.cmd
+    text = read_capture(name)
+    stdout = text if expect.stream == "stdout" else ""
+    assert telemetry.needs_command(stdout) is (headerless and expect.reason is None), name
+
+
 def test_crlf_copies_of_every_capture_parse_the_same():
     """Windows line ends (whether nvidia-smi.exe writes them is unknown, FORMATS.md) change nothing."""
     for name, expect in EXPECTATIONS.items():

@@ -172,7 +172,8 @@ def test_unknown_reason_is_a_programming_error():
 def test_reasons_are_the_documented_set():
     assert telemetry.REASONS == {
         "tool_not_found", "driver_unavailable", "nvml_error", "no_devices", "invalid_query", "invalid_arguments",
-        "timeout", "unparseable", "output_too_large", "host_key_changed", "host_key_unknown", "unreachable"}
+        "timeout", "tool_still_running", "probe_busy", "unparseable", "output_too_large", "host_key_changed",
+        "host_key_unknown", "unreachable"}
 
 
 def test_every_reason_is_documented_in_the_module():
