@@ -62,6 +62,12 @@ class JobWorkers:
         """Stop the run of a job (its worker settles it `lost` with `why`)."""
         self._abandoned[job_id] = why
 
+    def handing_out(self, job_id: str) -> None:
+        """A worker is about to run (or reconcile) the job: a stop meant for an earlier run of it, which
+        ended before it saw the stop, must not stop this one. (The server's thread calls this and
+        `abandon`, so the two never race.)"""
+        self._abandoned.pop(job_id, None)
+
     # -- a dispatched job ------------------------------------------------------------------
 
     def run_job(self, job_id: str, agent: Agent) -> None:
@@ -121,7 +127,7 @@ class JobWorkers:
         if outcome.launched:
             store.record_launch(job.id)  # the attempt counts, if it was not counted before the crash
         report = outcome.report
-        if not report and outcome.kind != "failed" and not cancel.stopped_by_us:
+        if not report and outcome.kind not in ("failed", "cancelled"):
             log.warning("job %s: could not ask %s (%s); trying again later", job.id, agent.name,
                         printable(outcome.msg, limit=300))
             return RECONCILE_RETRY

@@ -371,7 +371,7 @@ class Server:
             log.info("agent %s: %s -> %s%s", change.agent, change.old, change.new,
                      f" ({change.reason}: {printable(change.msg, limit=300)})" if change.reason else "")
         if self._job_workers or self._reconcile:
-            self._stop_jobs_of_offline_agents()
+            self._stop_jobs_that_cannot_go_on()
         if report.outcomes:
             # Jobs go to agents that answered and are `online` now: not to one whose GPU fell off the bus
             # (`degraded`) nor to one that only answered another poller's busy tool.
@@ -418,13 +418,13 @@ class Server:
                 f"reconcile_failed: the host could not be asked what became of the job ({MAX_RECONCILE_TRIES} tries)"))
             log.warning("job %s: its host could not be asked; now %s", job_id, state)
 
-    def _stop_jobs_of_offline_agents(self) -> None:
+    def _stop_jobs_that_cannot_go_on(self) -> None:
         """A job whose agent went offline (missed OFFLINE_AFTER_MISSES heartbeats) while it ran ends `lost` now,
-        not at its time limit (the job playbook would poll a dead host until then). Its remote dir is cleaned
-        up when the agent answers again."""
+        not at its time limit (the job playbook would poll a dead host until then); its remote dir is cleaned
+        up when the agent answers again. A job left by a previous server that waits to be reconciled goes the
+        same way, and so does one cancelled while its agent is no longer in the agents file (no reconcile
+        will ever reach it)."""
         offline = {row.name: row for row in self.store.list_agents() if row.state == "offline"}
-        if not offline:
-            return
         for name, (job_id, _kind) in list(self._job_workers.items()):
             if name in offline:
                 self.workers.abandon(job_id, _offline_reason(offline[name]))
@@ -433,10 +433,18 @@ class Server:
             job = self.store.get_job(job_id)
             if job is None or job.terminal:
                 del self._reconcile[job_id]
-            elif job.agent in offline and job_id not in busy_jobs:
-                del self._reconcile[job_id]
-                state = settle_job(self.store, job, self.results_dir, None, interrupted=_offline_reason(offline[job.agent]))
-                log.warning("job %s: its agent %s is offline; now %s", job_id, job.agent, state)
+                continue
+            if job_id in busy_jobs:
+                continue
+            if job.agent in offline:
+                why: str | None = _offline_reason(offline[job.agent])
+            elif job.cancel_requested and job.agent not in self._agents:
+                why = None  # settle_job: cancelled
+            else:
+                continue
+            del self._reconcile[job_id]
+            state = settle_job(self.store, job, self.results_dir, None, interrupted=why)
+            log.warning("job %s (left by a previous server, agent %s): now %s", job_id, job.agent, state)
 
     def _settle_failed_worker_job(self, job_id: str) -> None:
         try:
@@ -464,6 +472,7 @@ class Server:
             left = [job for job in active if job.id in self._reconcile]
             if left:
                 # A previous server's job: ask the host what became of it before anything else runs there.
+                self.workers.handing_out(left[0].id)
                 self._busy[name] = self._pool.submit(self.workers.reconcile_job, left[0].id, agent)
                 self._job_workers[name] = (left[0].id, "reconcile")
                 continue
@@ -481,6 +490,7 @@ class Server:
                         continue  # cancelled meanwhile
                     crash_point("dispatched")
                 log.info("job %s dispatched to %s", job.id, name)
+                self.workers.handing_out(job.id)
                 self._busy[name] = self._pool.submit(self.workers.run_job, job.id, agent)
                 self._job_workers[name] = (job.id, "run")
                 started.append(job.id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema, processes
 from lab import Lab, SshHost, write_agents_toml
 from lab.pinning import pinned_lines
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.processes import mentioning as _mentioning
@@ -756,12 +757,22 @@ def test_job_survives_a_dropped_ssh_connection(fleet, py_host, tmp_path):
 # --- a job is started at most once; a cut-off run is reconciled ---------------------------------------------
 
 
+def job_runners(job_id: str) -> set[int]:
+    """The pids of the runners of a job: an argument is the spec file inside one of the job's dirs (what the
+    role's own check looks for; the job's other processes, Ansible's modules in its dir, do not count)."""
+    pattern = re.compile(rb"^/.*/hwledger-job-" + job_id.encode() + rb"-[^/]+/job[.]json$")
+    found = set()
+    for pid in processes.table() or {}:
+        if any(pattern.match(arg) for arg in processes.cmdline(pid).split(b"\0")):
+            found.add(pid)
+    return found
+
+
 def test_a_job_is_started_at_most_once(fleet, py_host, tmp_path):
     """I65: while a run of a job goes on, a second start of the same job_id is refused with a reason, and
     nothing of the first run is touched; a private dir of the job left on the host refuses it too."""
     starts = tmp_path / "starts"
-    job = job_schema.new_job(["sh", "-c", f"echo started >> {starts}; sleep 5; echo done"], timeout_s=60)
-    job_runners = f"hwledger-job-{job['job_id']}-"  # in the runner's arguments (its spec file's path)
+    job = job_schema.new_job(["sh", "-c", f"echo started >> {starts}; sleep 20; echo done"], timeout_s=60)
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
     (tmp_path / "third").mkdir()
@@ -770,15 +781,16 @@ def test_a_job_is_started_at_most_once(fleet, py_host, tmp_path):
     first.start()
     try:
         deadline = time.monotonic() + 60
-        while not _mentioning(job_runners) and time.monotonic() < deadline:
+        while not job_runners(job["job_id"]) and time.monotonic() < deadline:
             time.sleep(0.1)
-        runners = set(_mentioning(job_runners))
+        runners = job_runners(job["job_id"])
         assert runners, "the first run never started"
         second = run_playbook(fleet, py_host, tmp_path / "second", job)
-        assert second.rc == 2
-        assert "job_already_started" in second.output and "1 runner(s) of it still running" in second.output
+        assert second.rc == 2, second.output[-3000:]
+        assert "job_already_started" in second.output, second.output[-3000:]
+        assert "1 runner(s) of it still running" in second.output, second.output[-3000:]
         assert second.result_files() == []
-        assert set(_mentioning(job_runners)) <= runners  # no second runner, ever
+        assert job_runners(job["job_id"]) <= runners  # no second runner, ever
     finally:
         first.join(120)
     assert runs["first"].rc == 0, runs["first"].output
@@ -786,10 +798,11 @@ def test_a_job_is_started_at_most_once(fleet, py_host, tmp_path):
     assert starts.read_text().splitlines() == ["started"]
 
     # A dir of this job left behind (a run cut off before its clean-up) refuses a start too.
-    left = Path(tempfile.mkdtemp(prefix=job_runners, dir=fleet.tmp_base))
+    left = Path(tempfile.mkdtemp(prefix=f"hwledger-job-{job['job_id']}-", dir=fleet.tmp_base))
     try:
         third = run_playbook(fleet, py_host, tmp_path / "third", job)
-        assert third.rc == 2 and "job_already_started" in third.output and "1 other private dir(s)" in third.output
+        assert third.rc == 2 and "job_already_started" in third.output, third.output[-3000:]
+        assert "1 other private dir(s)" in third.output, third.output[-3000:]
         assert left.is_dir()  # not the role's to remove: a reconcile or the clean-up decides
         assert starts.read_text().splitlines() == ["started"]
     finally:

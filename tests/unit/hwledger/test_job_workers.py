@@ -197,3 +197,18 @@ def test_unknown_ids_are_ignored(db, tmp_path):
     workers = _workers(db, tmp_path, jobs)
     workers.run_job(str(uuid.uuid4()), AGENT)
     assert workers.reconcile_job(str(uuid.uuid4()), AGENT) is None and jobs.calls == []
+
+
+def test_a_cancel_during_a_reconcile_settles_the_job_cancelled(db, tmp_path):
+    job_id = _running(db)
+    with Store.open(db) as store:
+        store.request_cancel(job_id)
+
+    def reconcile(job, cancel):
+        assert cancel()  # the user's cancel stops the reconcile run
+        return JobRunOutcome("cancelled", "the run was stopped")
+
+    jobs = FakeJobs(tmp_path, reconciles=[reconcile])
+    assert _workers(db, tmp_path, jobs).reconcile_job(job_id, AGENT) is None
+    job = _job(db, job_id)
+    assert job.state == "cancelled" and jobs.calls == ["reconcile", "cleanup"]

@@ -336,3 +336,25 @@ def test_every_connection_that_writes_job_transitions_syncs_fully(fleet):
                 assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         server.close()
+
+
+def test_a_left_job_cancelled_after_its_agent_was_removed_is_not_left_running(fleet):
+    with Store.open(fleet.db) as store:
+        job_id = store.submit_job("a", jobs_schema.new_job(["true"])).id
+        store.transition_job(job_id, ["queued"], "dispatched")
+        store.transition_job(job_id, ["dispatched"], "running")
+        store.update_job(job_id, remote_dir="/tmp/hwledger-job-x-1")
+    jobs = _ScriptedJobs(fleet.results_dir)
+    server = Server(fleet, interval_s=1, transport=_SlowTransport(delay=0), jobs=jobs)
+    try:
+        server.recover()  # to be reconciled at the agent's next answer ...
+        fleet.config.write_text(agents_file.NEW_FILE_HEADER)  # ... which never comes: `fleet remove --force`
+        fleet.config.chmod(0o600)
+        with Store.open(fleet.db) as store:
+            store.request_cancel(job_id)
+        server.tick()
+    finally:
+        server.close()
+    with Store.open(fleet.db) as store:
+        job = store.get_job(job_id)
+    assert job.state == "cancelled" and jobs.calls == []
