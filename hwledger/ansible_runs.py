@@ -62,9 +62,9 @@ HOST_OUTCOME_EVENTS = frozenset({
     "runner_on_ok", "runner_on_failed", "runner_on_unreachable", "runner_on_skipped",
     "runner_item_on_ok", "runner_item_on_failed", "playbook_on_stats",
 })
-# Events only passed on to `on_event`, never kept: an async task's polls (one every few seconds for as long
-# as a job runs; the first one tells a job's command was launched).
-PASSED_ON_EVENTS = frozenset({"runner_on_async_poll"})
+# Events only passed on to `on_event`, never kept: a task's start on a host, and an async task's polls (one
+# every few seconds for as long as a job runs). They tell when a job's command was launched.
+PASSED_ON_EVENTS = frozenset({"runner_on_start", "runner_on_async_poll"})
 
 
 _STATS_KEYS = ("ok", "failures", "dark", "changed", "skipped", "rescued", "ignored")

@@ -35,6 +35,10 @@ CLEANUP_TIMEOUT_S = 120
 RECONCILE_POLL_S = 2
 # The role refuses to start a job whose private dir (or runner) is already on the host (I65).
 ALREADY_STARTED = "job_already_started"
+# The role's task that launches the runner (roles/job/tasks/main.yml; a unit test checks the name). Its start
+# counts as the job's launch: from then on the command may be running on the host, and a job is never run
+# more often than it may, so a run cut off at that task counts as an attempt even if the runner never began.
+LAUNCH_TASK = "Run the job (detached from the SSH connection, polled until it ends)"
 
 CRASH_ENV = "HWLEDGER_CRASH_AT"
 CRASH_POINTS = ("dispatched", "running", "remote_dir", "launched", "fetched", "finished")
@@ -104,7 +108,7 @@ class AnsibleJobs:
                     "hwledger_job_fail_on_error": False}
 
         def on_run_event(event: HostEvent) -> None:
-            if spec_files and event.action.endswith("job_spec"):
+            if spec_files and event.action.endswith("job_spec") and event.event != "runner_on_start":
                 # job_spec has read the spec (env values included) into the play: the file on this side is
                 # not needed any more, so the values do not sit on the controller's disk while the job runs.
                 with contextlib.suppress(FileNotFoundError):
@@ -227,8 +231,14 @@ def _true(value: object) -> bool:
 
 
 def launched_by(event: HostEvent) -> bool:
-    """Whether this event shows the job's command started on the host: the role's one async task (the
-    runner) answered with its job id, as it does at its first poll and at its end."""
+    """Whether this event shows the job's launch: the start of the role's launch task, or (proof that the
+    runner runs) `runner_seen`."""
+    return (event.event == "runner_on_start" and event.task == LAUNCH_TASK) or runner_seen(event)
+
+
+def runner_seen(event: HostEvent) -> bool:
+    """Whether this event proves the runner started on the host: the role's one async task answered with
+    its job id, as it does at each poll and at its end."""
     return event.event in ("runner_on_async_poll", "runner_on_ok", "runner_on_failed") \
         and isinstance(event.res.get("ansible_job_id"), str) and bool(event.res.get("started", True))
 

@@ -4,7 +4,8 @@ A valid result file decides, whatever else happened (no fetched result is ever l
 `cancelled` when asked for, `failed` when the playbook failed on a reachable host, `lost` when nobody can
 say what happened on the host. Then the attempt rule (J72, docs/fleet-server.md "Attempts"):
 
-- an attempt counts when the job's command was launched on the host (`record_launch`);
+- an attempt counts when the job's command was launched on the host (`record_launch`: as soon as the role's
+  task that starts the runner begins; when in doubt, an attempt counts);
 - a job `lost` after its launch is queued again while `attempts < max_attempts`;
 - a job that failed or was lost *before* its launch (unreachable, its private dir could not be made, the
   upload failed, the server stopped first) is queued again without counting an attempt, up to

@@ -7,7 +7,7 @@ Why each step is where it is:
   compare-and-set is what starts it, so a cancel that got there first wins and nothing runs.
 - `running` is written before the playbook starts; the run's private dir (on this side) before
   ansible-playbook starts; the job's remote dir as soon as the role made it; the launch of its command
-  (`record_launch`: the attempt counts) as soon as the run shows it. A crash at any point leaves enough
+  (`record_launch`: the attempt counts) as soon as the role's launch task starts. A crash at any point leaves enough
   for the next server to find the run: it kills a dead server's ansible-playbook processes and
   reconciles the job with its host (`reconcile_job`).
 - The role refuses to start a job whose private dir or runner is already on the host
@@ -35,6 +35,7 @@ from hwledger.job_runs import (
     crash_point,
     launched_by,
     remote_dir_of,
+    runner_seen,
 )
 from hwledger.job_settle import settle_job
 from hwledger.store import JOB_ACTIVE_STATES, JobRow, Store, env_redacted, utc_now
@@ -188,7 +189,7 @@ class _RunEvents:
 
     def __init__(self, store: Store, job_id: str):
         self.store, self.job_id = store, job_id
-        self.launched = False
+        self.launched = self.seen = False
 
     def __call__(self, event) -> None:
         remote_dir = remote_dir_of(event)
@@ -198,7 +199,9 @@ class _RunEvents:
         if not self.launched and launched_by(event):
             self.launched = True
             self.store.record_launch(self.job_id)
-            crash_point("launched")
+        if not self.seen and runner_seen(event):
+            self.seen = True
+            crash_point("launched")  # the runner demonstrably runs on the host
 
 
 class CancelCheck:

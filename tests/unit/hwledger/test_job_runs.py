@@ -9,7 +9,7 @@ import pytest
 
 from hwledger import job_runs
 from hwledger.ansible_runs import HostEvent, PlaybookRun
-from hwledger.job_runs import is_job_dir, launched_by, reason_of
+from hwledger.job_runs import is_job_dir, launched_by, reason_of, runner_seen
 from hwledger.store import JobRow
 
 
@@ -36,7 +36,10 @@ def _event(name: str, action: str, res: dict, task: str = "a task") -> HostEvent
     return HostEvent(name, "gpu1", task, action, res)
 
 
-def test_a_launch_is_the_async_job_id_of_a_started_run():
+def test_a_launch_is_the_start_of_the_launch_task_or_the_async_job_id_of_a_started_run():
+    assert launched_by(_event("runner_on_start", "ansible.builtin.command", {}, task=job_runs.LAUNCH_TASK))
+    assert not runner_seen(_event("runner_on_start", "ansible.builtin.command", {}, task=job_runs.LAUNCH_TASK))
+    assert not launched_by(_event("runner_on_start", "ansible.builtin.command", {}, task="Look for an earlier start"))
     assert launched_by(_event("runner_on_async_poll", "async_status", {"ansible_job_id": "j1.2", "started": 1}))
     assert launched_by(_event("runner_on_ok", "ansible.builtin.command", {"ansible_job_id": "j1.2", "started": True}))
     assert not launched_by(_event("runner_on_ok", "ansible.builtin.command", {"rc": 0}))
@@ -92,7 +95,8 @@ def test_the_spec_file_with_the_env_values_is_gone_once_the_play_has_read_it(tmp
     from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
     from ansible_collections.hwledger.fleet.plugins.plugin_utils import ssh
 
-    events = [_event("runner_on_ok", "hwledger.fleet.job_spec", {"censored": "hidden"}),
+    events = [_event("runner_on_start", "hwledger.fleet.job_spec", {}),  # it has not read the file yet
+              _event("runner_on_ok", "hwledger.fleet.job_spec", {"censored": "hidden"}),
               _event("runner_on_async_poll", "async_status", {"ansible_job_id": "j1.1", "started": 1})]
     runs = _Runs(tmp_path, events)
     jobs = job_runs.AnsibleJobs(runs, ssh.SshPolicy(known_hosts="/k", control_dir=None), tmp_path / "res")
@@ -104,5 +108,13 @@ def test_the_spec_file_with_the_env_values_is_gone_once_the_play_has_read_it(tmp
                  remote_dir=None, cleanup_pending=False)
     seen = []
     outcome = jobs.run(job, agent, cancel=lambda: False, on_event=seen.append, on_private_dir=lambda _p: None)
-    assert runs.seen_spec == [True, False, False]  # there until job_spec read it, then removed
+    assert runs.seen_spec == [True, True, False, False]  # there until job_spec read it, then removed
     assert outcome.kind == "completed" and outcome.launched and seen == events
+
+
+def test_the_launch_task_is_the_roles_one_async_task():
+    import yaml
+
+    main = Path(job_runs.__file__).parents[1] / "roles" / "job" / "tasks" / "main.yml"
+    tasks = [t for block in yaml.safe_load(main.read_text()) for t in block.get("block", [block])]
+    assert [t["name"] for t in tasks if "async" in t] == [job_runs.LAUNCH_TASK]
