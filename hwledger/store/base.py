@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -18,6 +19,8 @@ from hwledger.errors import UserError
 from hwledger.store.records import EventRow, utc_now
 from hwledger.store.records import where as where_clause
 from hwledger.store.schema import MIGRATIONS, SCHEMA_VERSION, split_sql
+
+log = logging.getLogger("hwledger.store")
 
 DEFAULT_BUSY_TIMEOUT_S = 15.0
 DEFAULT_SNAPSHOTS_KEPT = 12  # per agent; the latest good snapshot is kept besides these
@@ -250,6 +253,8 @@ class StoreBase:
         except sqlite3.Error:
             busy = 1
         if busy:
+            log.warning("the store's WAL could not be truncated yet (another connection reads an old snapshot); "
+                        "trying again at the next tick")
             _WAL_TRUNCATE_OWED.set()
             return False
         _WAL_TRUNCATE_OWED.clear()

@@ -252,11 +252,15 @@ def test_env_values_leave_the_store_and_no_file_log_or_argv_holds_them(fleet_env
     # While the job runs: no command line, and no file on this side (the run's own dir included: the spec
     # file it was handed went as soon as the play had read it) holds the value any more.
     argv_hits = _cmdlines_with(canary.encode())
-    files_while_running = files_containing(fleet_env.data_dir, [canary.encode()])
+    runs_while_running = files_containing(fleet_env.data_dir / "runs", [canary.encode()])
+    # The row is rewritten at the launch; the WAL checkpoint that follows it a moment later (same thread)
+    # takes the old image out of fleet.db-wal.
+    store_clean = wait_for(lambda: files_containing(fleet_env.data_dir, [canary.encode()]) == [], timeout=30,
+                           what="the env value to leave the store's files")
     running = _job(fleet_env, job_id)
     assert running.spec["env"] == {"TOKEN": None}  # its last attempt launched: the value left the store
     assert not running.terminal, "the job ended before it could be looked at running"
-    assert files_while_running == []
+    assert runs_while_running == [] and store_clean
     done = _serve_until(fleet_env, job_id, lambda j: j.terminal, timeout=90, what="the job to end")
     assert (done.state, done.exit_code) == ("succeeded", 0), done.error  # the job got the exact value
     shown = [fleet_env.hw(*argv).stdout for argv in (("job", "show", job_id, "--json"), ("job", "show", job_id),
@@ -285,6 +289,7 @@ def test_a_host_that_dies_during_a_job_ends_it_lost_long_before_its_timeout(flee
     try:
         running = _serve_until(fleet_env, job_id, lambda j: j.launched_at is not None and j.remote_dir,
                                timeout=60, what="the job's launch")
+        wait_for(marker.exists, timeout=60, what="the job to run on the host")
         python_host.stop()
         stopped_at = time.monotonic()
         # "Did not hang": far less than the hour the job's timeout would have taken.
@@ -319,6 +324,7 @@ def test_max_attempts_runs_a_lost_job_again_after_cleaning_up(fleet_env, python_
     try:
         first = _serve_until(fleet_env, job_id, lambda j: j.launched_at is not None and j.remote_dir,
                              timeout=60, what="the first attempt's launch")
+        wait_for(marker.exists, timeout=60, what="the first attempt to run on the host")
         python_host.stop()
         requeued = _serve_until(fleet_env, job_id, lambda j: j.state == "queued", timeout=180, what="a requeue")
         assert requeued.attempts == 1 and requeued.error.startswith("agent_offline: ")
