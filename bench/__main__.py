@@ -1,10 +1,12 @@
-"""`python -m bench`: the heartbeat benchmark of issue 6 (see docs/performance.md).
+"""`python -m bench`: the heartbeat and job benchmark of issues 6 and 10 (see docs/performance.md).
 
 In one run, on the same real sshd hosts: (a) the floor (parallel-ssh, kept connections), (b)
 `ansible-playbook` with one raw task, (c) the product's serve tick (`Server.tick()` with the fan-out
-transport, recording into the SQLite store), for each N; then 100 steady serve ticks at N = 100 in a
-fresh process; then the hang case (a host whose tool sleeps, a black-holed address). Prints the
-figures and writes bench/results/latest.json. Needs root (sshd, a login account, a network namespace).
+transport, recording into the SQLite store), (d) the same tick with the ansible-runner transport, for each
+N; then 100 steady serve ticks at N = 100 in a fresh process; then the hang case (a host whose tool sleeps,
+a black-holed address); then job latency (trivial jobs through the serve loop, beside `ssh host true` and
+`ansible -m raw`). Prints the figures and writes bench/results/latest.json. Needs root (sshd, a login
+account, a network namespace).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe
+
 from bench.fleet import DEFAULT_CAPTURE, DEFAULT_QUERY_CMD, BenchFleet, BenchUnavailable
 from bench.measure import Meter, census, master_pids, median
 
@@ -31,7 +35,14 @@ DEFAULT_PARALLEL = 64
 GOALS = {
     "n100_tick_wall_s": 1.5, "n100_tick_cpu_s": 2.0, "n100_ratio_vs_ansible": 0.5,
     "n1000_tick_wall_s": 5.0, "per_host_cost_ms": 15.0, "rss_drift_mb": 10.0,
+    # issue 10: the ansible-runner transport costs what a one-task raw play costs (+20%), measured in the
+    # same run; and jobs start within about a second.
+    "ansible_transport_vs_raw": 1.2, "ansible_tick_n100_wall_s": 5.0,
+    "job_latency_p50_s": 3.0, "job_start_p50_s": 1.5,
+    # the parse of one host's answer stays a small part of a heartbeat's controller cost per host
+    "parse_share_of_host_cpu": 0.1,
 }
+PHASES = ("parse", "sweeps", "steady", "hang", "jobs")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds from tick start to tick start in the steady run (default %(default)s)")
     parser.add_argument("--hang-n", type=int, default=100, help="healthy hosts beside the two hung ones")
     parser.add_argument("--hang-timeout", type=float, default=5, help="query timeout of the hang case, s")
-    parser.add_argument("--skip", default="", help="comma-separated phases to skip: sweeps,steady,hang")
+    parser.add_argument("--ansible-max-n", type=int, default=100, metavar="N",
+                        help="largest N at which (d), the ansible-runner tick, is measured (default %(default)s: "
+                             "at 1000 hosts it takes minutes per run and adds nothing (b) does not show)")
+    parser.add_argument("--jobs", type=int, default=20, help="trivial jobs in the job-latency phase (default %(default)s)")
+    parser.add_argument("--skip", default="", help="comma-separated phases to skip: " + ",".join(PHASES))
     parser.add_argument("--capture", default=DEFAULT_CAPTURE, help="capture under tests/fixtures/gpu the hosts replay")
     parser.add_argument("--query-cmd", default=DEFAULT_QUERY_CMD, help="the agents' gpu_query_cmd (matching --capture)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -63,9 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.sizes or min(args.sizes) < 1 or max(args.sizes) > 60000:
         parser.error("--n: each fleet size must be from 1 to 60000")
     args.skip = {part.strip() for part in args.skip.split(",") if part.strip()}
-    unknown = args.skip - {"sweeps", "steady", "hang"}
+    unknown = args.skip - set(PHASES)
     if unknown:
-        parser.error(f"--skip: unknown phase(s) {', '.join(sorted(unknown))}; use sweeps, steady, hang")
+        parser.error(f"--skip: unknown phase(s) {', '.join(sorted(unknown))}; use {', '.join(PHASES)}")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     return args
 
 
@@ -106,6 +123,25 @@ def machine_info() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Phase 0: the parser alone (was a unit test's speed bound; speed belongs here)
+
+
+def parse_speed(rounds: int = 2000) -> dict:
+    """Controller CPU of one parse of the default query's output for 8 GPUs (the command cache warm)."""
+    # pylint: disable-next=import-outside-toplevel
+    from ansible_collections.hwledger.fleet.plugins.plugin_utils import nvidia_smi, telemetry
+
+    eight = "".join("%d, NVIDIA H100 80GB HBM3, 81559 MiB, %d MiB\n" % (i, 1000 * i) for i in range(8))
+    telemetry.parse_gpus(nvidia_smi.DEFAULT_GPU_QUERY_CMD, eight, "", 0)
+    started = time.process_time()
+    for _round in range(rounds):
+        telemetry.parse_gpus(nvidia_smi.DEFAULT_GPU_QUERY_CMD, eight, "", 0)
+    per_parse_ms = 1000 * (time.process_time() - started) / rounds
+    say(f"parse: the default query's output for 8 GPUs, {per_parse_ms:.3f} ms of CPU per parse ({rounds} rounds)")
+    return {"gpus": 8, "rounds": rounds, "per_parse_ms": round(per_parse_ms, 4)}
+
+
+# ---------------------------------------------------------------------------------------------------
 # Phase 1: the sweeps
 
 
@@ -133,13 +169,15 @@ def _warm_up(product, meter, n: int) -> dict:
 
 
 def sweep(fleet: BenchFleet, files, n: int, args: argparse.Namespace) -> dict:
-    from bench.approaches import AnsibleRaw, Floor, Product, bench_command  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from bench.approaches import AnsibleRaw, AnsibleTransport, Floor, Product, bench_command
 
     parsed = files.write(fleet.bulk_agents(n))
     product = Product(files, query_timeout_s=args.query_timeout, max_parallel=args.parallel)
     meter = Meter(product.control_dir, fleet.fleet_pids)
     runs = args.runs if n < 1000 else min(args.runs, 3)
     floor = None
+    transport = None
     try:
         say(f"N={n}: warming up (the first tick opens {n} connections) ...")
         cold = _warm_up(product, meter, n)
@@ -149,8 +187,13 @@ def sweep(fleet: BenchFleet, files, n: int, args: argparse.Namespace) -> dict:
         floor = Floor(parsed, command, pool_size=min(args.parallel, n))
         ansible = AnsibleRaw(files.data_dir.parent / "ansible", parsed, product.transport.policy, command,
                              forks=min(args.parallel, n))
+        with_ansible = n <= args.ansible_max_n
+        if with_ansible:
+            transport = AnsibleTransport(files, query_timeout_s=args.query_timeout, forks=min(args.parallel, n))
         samples: dict[str, list] = {"floor": [], "ansible_raw": [], "hwledger": []}
-        ok: dict[str, list[int]] = {"floor": [], "ansible_raw": [], "hwledger": []}
+        if with_ansible:
+            samples["hwledger_ansible"] = []
+        ok: dict[str, list[int]] = {name: [] for name in samples}
         latencies: list[float] = []
         masters_before = len(master_pids(product.control_dir))
         for _run in range(runs):  # interleaved, so a change in background load hits all three alike
@@ -164,10 +207,16 @@ def sweep(fleet: BenchFleet, files, n: int, args: argparse.Namespace) -> dict:
             samples["hwledger"].append(sample)
             ok["hwledger"].append(sum(1 for o in report.outcomes.values() if o.ok))
             latencies += [o.snapshot["query_ms"] for o in report.outcomes.values() if o.ok and o.snapshot]
+            if transport is not None:
+                sample, report = transport.tick(meter)
+                samples["hwledger_ansible"].append(sample)
+                ok["hwledger_ansible"].append(sum(1 for o in report.outcomes.values() if o.ok))
         masters_after = len(master_pids(product.control_dir))
     finally:
         if floor is not None:
             floor.close()
+        if transport is not None:
+            transport.close()
         product.close()
     result = {"n": n}
     for name, values in samples.items():
@@ -180,6 +229,12 @@ def sweep(fleet: BenchFleet, files, n: int, args: argparse.Namespace) -> dict:
         "hwledger_vs_floor": {"wall": round(c["wall_s"] / a["wall_s"], 2), "cpu": round(c["cpu_s"] / max(a["cpu_s"], 1e-6), 2)},
         "hwledger_vs_ansible_raw": {"wall": round(c["wall_s"] / b["wall_s"], 3), "cpu": round(c["cpu_s"] / b["cpu_s"], 3)},
     }
+    if "hwledger_ansible" in result:
+        d = result["hwledger_ansible"]
+        result["ratios"]["hwledger_ansible_vs_ansible_raw"] = {"wall": round(d["wall_s"] / b["wall_s"], 3),
+                                                               "cpu": round(d["cpu_s"] / b["cpu_s"], 3)}
+        result["ratios"]["hwledger_ansible_vs_fanout"] = {"wall": round(d["wall_s"] / c["wall_s"], 2),
+                                                          "cpu": round(d["cpu_s"] / max(c["cpu_s"], 1e-6), 2)}
     result["hwledger"]["exec_latency_p50_ms"] = round(median(latencies), 1)
     result["runs"] = runs
     result["cold_first_tick"] = cold
@@ -194,13 +249,19 @@ def print_sweep(r: dict) -> None:
     say(f"\nN = {n} (median of {r['runs']}; CPU = controller user+sys incl. children and ssh masters)")
     say(f"  {'approach':<34}{'wall s':>9}{'CPU s':>9}{'ms/host wall':>14}{'ms/host CPU':>13}{'ok':>6}")
     labels = {"floor": "(a) floor: parallel-ssh, kept conns", "ansible_raw": "(b) ansible-playbook, 1 raw task",
-              "hwledger": "(c) hwledger serve tick (fan-out)"}
+              "hwledger": "(c) hwledger serve tick (fan-out)",
+              "hwledger_ansible": "(d) hwledger tick (ansible-runner)"}
     for key, label in labels.items():
+        if key not in r:
+            continue
         s = r[key]
         say(f"  {label:<34}{s['wall_s']:>9.3f}{s['cpu_s']:>9.3f}{s['per_host_wall_ms']:>14.2f}"
             f"{s['per_host_cpu_ms']:>13.2f}{s['hosts_ok_min']:>6}")
     ra, rb = r["ratios"]["hwledger_vs_floor"], r["ratios"]["hwledger_vs_ansible_raw"]
     say(f"  (c)/(a): wall x{ra['wall']}, CPU x{ra['cpu']}    (c)/(b): wall x{rb['wall']}, CPU x{rb['cpu']}")
+    if "hwledger_ansible_vs_ansible_raw" in r["ratios"]:
+        rd, rf = r["ratios"]["hwledger_ansible_vs_ansible_raw"], r["ratios"]["hwledger_ansible_vs_fanout"]
+        say(f"  (d)/(b): wall x{rd['wall']}, CPU x{rd['cpu']}    (d)/(c): wall x{rf['wall']}, CPU x{rf['cpu']}")
     say(f"  simulated hosts' own CPU during (c) (same cores, not the controller's): {r['hwledger']['fleet_cpu_s']:.3f} s")
 
 
@@ -247,7 +308,7 @@ def hang_case(fleet: BenchFleet, files, args: argparse.Namespace) -> dict:
 
     product = Product(files, query_timeout_s=args.hang_timeout, max_parallel=args.parallel, on_outcome=on_outcome)
     meter = Meter(product.control_dir, fleet.fleet_pids)
-    deadline = product.transport.deadline_s
+    deadline = probe.controller_deadline(args.hang_timeout)
     say(f"\nhang case: {args.hang_n} healthy hosts + a host whose tool sleeps + a black-holed address; "
         f"query timeout {args.hang_timeout} s (controller deadline {deadline} s)")
     ticks = []
@@ -319,6 +380,32 @@ def goals(results: dict) -> list[tuple[str, bool | None, str]]:
              f"other {st['other_growth_bytes']} B, files {st['files_growth']:+d}"),
             ("100 ticks: no leaked processes", st["leaked_processes"] == 0, str(st["leaked_processes"])),
         ]
+    for n in (10, 100):
+        if n in by_n and "hwledger_ansible_vs_ansible_raw" in by_n[n]["ratios"]:
+            ratio = by_n[n]["ratios"]["hwledger_ansible_vs_ansible_raw"]
+            limit = GOALS["ansible_transport_vs_raw"]
+            checks.append((f"N={n} ansible-runner tick (d)/(b) <= {limit} (wall and CPU, same run)",
+                           ratio["wall"] <= limit and ratio["cpu"] <= limit, f"wall x{ratio['wall']}, CPU x{ratio['cpu']}"))
+    if 100 in by_n and "hwledger_ansible" in by_n[100]:
+        d = by_n[100]["hwledger_ansible"]
+        checks.append(("N=100 ansible-runner tick inside 5 s", d["wall_s"] <= GOALS["ansible_tick_n100_wall_s"],
+                       f"{d['wall_s']:.3f} s wall, {d['cpu_s']:.3f} s CPU"))
+    parse = results.get("parse")
+    if parse and 100 in by_n:
+        host_ms = by_n[100]["hwledger"]["per_host_cpu_ms"]
+        share = parse["per_parse_ms"] / host_ms if host_ms else None
+        checks.append(("8-GPU parse <= 0.1 x the fan-out's CPU per host (N=100, same run)",
+                       share is not None and share <= GOALS["parse_share_of_host_cpu"],
+                       f"{parse['per_parse_ms']:.3f} ms = {share:.3f} x {host_ms:.2f} ms" if share else "n/a"))
+    jobs = results.get("jobs")
+    if jobs:
+        checks += [
+            ("jobs: dispatch -> recorded result p50 <= 3 s", jobs["latency_p50_s"] <= GOALS["job_latency_p50_s"],
+             f"{jobs['latency_p50_s']:.3f} s (p95 {jobs['latency_p95_s']:.3f} s; {jobs['latency_vs_adhoc_raw']}x "
+             f"one `ansible -m raw` in the same run)"),
+            ("jobs: command started p50 <= 1.5 s after dispatch", jobs["start_p50_s"] <= GOALS["job_start_p50_s"],
+             f"{jobs['start_p50_s']:.3f} s"),
+        ]
     hang = results.get("hang")
     if hang:
         checks.append(("hung hosts: tick within the deadline, healthy hosts recorded",
@@ -362,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         results["layout"] = {"netns": fleet.netns, "sshd": f"one sshd on 0.0.0.0:{fleet.port} in the namespace",
                              "addresses": "127.10.x.y", "capture": args.capture, "query_cmd": args.query_cmd,
                              "parallel": args.parallel, "query_timeout_s": args.query_timeout}
+        if "parse" not in args.skip:
+            results["parse"] = parse_speed()
         if "sweeps" not in args.skip:
             for n in args.sizes:
                 results["sweeps"].append(sweep(fleet, files, n, args))
@@ -371,10 +460,15 @@ def main(argv: list[str] | None = None) -> int:
             write_results(args.out, results)
         if "hang" not in args.skip:
             results["hang"] = hang_case(fleet, files, args)
+            write_results(args.out, results)
+        if "jobs" not in args.skip:
+            from bench.jobs import job_latency, print_jobs  # pylint: disable=import-outside-toplevel
+            results["jobs"] = job_latency(fleet, root, jobs=args.jobs, floor_runs=10)
+            print_jobs(results["jobs"])
         results["machine"]["loadavg_end"] = os.getloadavg()
         results["goals"] = [{"goal": g, "met": ok, "measured": v} for g, ok, v in goals(results)]
         write_results(args.out, results)
-        say("\ngoals (issue 6):")
+        say("\ngoals (issues 6 and 10):")
         for goal, ok, value in goals(results):
             say(f"  [{'met' if ok else 'NOT met'}] {goal}: {value}")
         say(f"\nload average at start {results['machine']['loadavg_start']}, at end {results['machine']['loadavg_end']} "

@@ -7,6 +7,7 @@
                  `Server.tick()` (re-reads ssh-agents.toml, asks the store which agents to ask, runs
                  the transport, records every outcome and state in the SQLite store) with the
                  `SshFanoutHeartbeat` transport.
+(d) hwledger_ansible  the same tick with `--transport ansible` (ansible-runner, hwledger.fleet.heartbeat_facts).
 All three run the same remote command (the probe script under /bin/sh), so the hosts do the same work.
 """
 
@@ -79,6 +80,24 @@ class Product:
     def close(self, *, exit_masters: bool = False) -> None:
         self.server.close()
         self.transport.close(exit_masters=exit_masters)
+
+
+class AnsibleTransport:
+    """(d): the same serve tick with `--transport ansible`: `Server.tick()` with AnsibleHeartbeat, i.e. the
+    `hwledger.fleet.heartbeat_facts` playbook through ansible-runner (AnsibleRuns), forks as (b)."""
+
+    def __init__(self, files: FleetFiles, *, query_timeout_s: float, forks: int):
+        self.server = Server(files.fleet, query_timeout_s=int(query_timeout_s))
+        self.server.runs.forks = forks  # the transport's AnsibleRuns: the same parallelism as (b)
+        self.server.recover()
+
+    def tick(self, meter: Meter) -> tuple[Sample, TickReport]:
+        start = meter.begin()
+        report = self.server.tick()
+        return meter.end(start), report
+
+    def close(self) -> None:
+        self.server.close()
 
 
 class Floor:

@@ -9,7 +9,8 @@ commands a user would type:
   2. `ansible-inventory --graph` and `ansible all -m raw` through the hwledger.fleet.ssh_agents plugin;
   3. `ansible-playbook hwledger.fleet.heartbeat` (GPU telemetry as facts);
   4. `ansible-playbook hwledger.fleet.job` (one agentless job, result fetched to the controller);
-  5. `hwledger job submit` + `hwledger fleet serve` for a few ticks + `hwledger fleet status`.
+  5. `hwledger job submit` + `hwledger fleet serve` for a few ticks + `hwledger fleet status`;
+  6. `hwledger fleet serve --http`: /metrics, /api/fleet and a screenshot of the status page (.demo/fleet.png).
 
 Everything lives under .demo/ (or --dir). With --keep (`make demo`) the fleet stays up afterwards and the
 demo prints the lines to paste to go on with it; `python -m demo --down` (`make demo-down`) stops it.
@@ -171,6 +172,9 @@ def tour(state: fleet.FleetState, directory: Path, env: dict[str, str]) -> None:
     run([BIN / "hwledger", "job", "list"], env=env)
     run([BIN / "hwledger", "fleet", "status"], env=env)
 
+    step("7. Watch the fleet: serve --http (Prometheus /metrics, the status page, the JSON API)")
+    watch(env, directory)
+
 
 def check_directory(directory: Path) -> None:
     """Only a demo directory is emptied, as --dir could name any directory: the checkout's .demo, one the
@@ -239,6 +243,59 @@ def demo(args: argparse.Namespace, directory: Path) -> int:
           "~/.local/share/hwledger). `hwledger fleet serve` without --once keeps serving until Ctrl-C. "
           "make demo-down stops the hosts, their network namespaces and login accounts.")
     return 0
+
+
+def watch(env: dict[str, str], directory: Path) -> None:
+    """`serve --http` for a few ticks with a job running: fetch /metrics and /api/fleet, screenshot the page."""
+    import re  # pylint: disable=import-outside-toplevel
+    import time  # pylint: disable=import-outside-toplevel
+    import urllib.request  # pylint: disable=import-outside-toplevel
+
+    run([BIN / "hwledger", "job", "submit", "--agent", "mi100-box", "--", "sh", "-c", "echo training; sleep 8"],
+        env=env)
+    argv = [BIN / "hwledger", "fleet", "serve", "--interval", "2", "--max-ticks", "8", "--http", "127.0.0.1:0"]
+    print("$ " + shlex.join(str(a) for a in argv) + " &", flush=True)
+    log_path = directory / "serve-http.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([str(a) for a in argv], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = None
+        for _attempt in range(100):  # the port it picked, from its log (at most 20 s)
+            found = re.search(r"serving (http://127\.0\.0\.1:\d+)/", log_path.read_text(errors="replace"))
+            if found or server.poll() is not None:
+                base = found.group(1) if found else None
+                break
+            time.sleep(0.2)
+        if base is None:
+            raise SystemExit(f"demo: serve --http did not start:\n{log_path.read_text(errors='replace')}")
+        for _attempt in range(50):  # the job is on its way (at most 10 s): the page shows it
+            with urllib.request.urlopen(base + "/api/jobs?state=running", timeout=10) as answer:
+                if json.loads(answer.read()):
+                    break
+            time.sleep(0.2)
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as answer:
+            metrics = answer.read().decode()
+        print(f"$ curl {base}/metrics | grep hwledger_gpu_memory_free_bytes")
+        print("\n".join(line for line in metrics.splitlines() if line.startswith("hwledger_gpu_memory_free_bytes")))
+        with urllib.request.urlopen(base + "/api/fleet", timeout=10) as answer:
+            agents = json.loads(answer.read())
+        print(f"$ curl {base}/api/fleet   # the JSON of hwledger fleet status --json")
+        for item in agents:
+            print(f"  {item['name']}: {item['state']}, {len(item['gpus'])} GPU(s)")
+        chromium = shutil.which("chromium")
+        if chromium is None:
+            print("(no screenshot: chromium is not installed; apt-get install chromium)")
+        else:
+            shot = directory / "fleet.png"
+            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                            "--hide-scrollbars", f"--user-data-dir={directory / 'chromium'}", "--window-size=1280,960",
+                            f"--screenshot={shot}", base + "/"], check=True, capture_output=True, timeout=180)
+            print(f"the status page {base}/ as a browser shows it: {shown(shot)}")
+        server.wait(120)  # its last ticks, and the job it runs
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(30)
 
 
 if __name__ == "__main__":

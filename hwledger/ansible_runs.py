@@ -185,6 +185,7 @@ class AnsibleRuns:
         timeout_s: float | None = None,
         label: str = "run",
         on_private_dir: Callable[[Path], None] | None = None,
+        skip_tags: str | None = None,
     ) -> PlaybookRun:
         """Run `playbook` (an FQCN such as `hwledger.fleet.heartbeat`, or a playbook file's path) and return
         what happened.
@@ -194,6 +195,7 @@ class AnsibleRuns:
         `on_private_dir(path)` is called with the run's private dir before ansible-playbook starts
         (the job worker records it, so a crashed server's orphaned run can be found by its path).
         `on_event` sees every kept host event as it arrives (from the runner thread).
+        `skip_tags`: tasks the run leaves out (filtered before any worker starts, so they cost nothing).
         """
         import ansible_runner  # imported here: ~0.2 s, and CLI commands that never run Ansible skip it
 
@@ -255,11 +257,12 @@ class AnsibleRuns:
                 inventory=str(inventory_file),
                 extravars=str(extravars_file),
                 limit=limit,
+                skip_tags=skip_tags,
                 envvars=envvars,
                 forks=self.forks,
                 quiet=True,
                 suppress_env_files=True,
-                fact_cache_type="jsonfile",
+                fact_cache_type="memory",
             )
             config.prepare()
             if config.pexpect_timeout != CANCEL_POLL_S:  # the settings file was not read
@@ -306,7 +309,7 @@ class AnsibleRuns:
         a `{{ lookup('pipe', ...) }}` in an agent's gpu_query_cmd would run on the controller. Tagged
         unsafe, every value is data for Ansible, as the ssh_agents inventory plugin makes it too.
         """
-        text = yaml.serialize(_unsafe_node(data), Dumper=yaml.SafeDumper, allow_unicode=False, width=1 << 20)
+        text = yaml.serialize(_unsafe_node(data), Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), allow_unicode=False, width=1 << 20)
         private_files.write_atomically(path, text.encode("utf-8"))
         return path
 

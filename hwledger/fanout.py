@@ -82,8 +82,7 @@ class _Exec:
     deadline: float           # time.monotonic()
     pidfd: int | None
     cold: bool = False          # no master expected: this exec opens the connection
-    # The tick that started it waits for it (a warm exec); a cold one, only within the tick's budget:
-    # after that it goes on between ticks.
+    # The tick that started it waits for it, within the tick's budget: after that it goes on between ticks.
     waited_for: bool = True
     stdout: list[bytes] = field(default_factory=list)
     stderr: list[bytes] = field(default_factory=list)
@@ -135,9 +134,10 @@ class SshFanoutHeartbeat:
         self._seen: dict[str, Agent] = {}
         self._answered: dict[str, tuple[Agent, float]] = {}  # name -> (agent, monotonic time)
         self._durations: dict[str, float] = {}  # name -> seconds its last exec took
-        # The execs still in flight between ticks (new connections that outlived a tick's budget).
+        # The execs still in flight between ticks (new connections or hung tools that outlived a tick's budget).
         self._loop: _FanoutLoop | None = None
         self._liveness: set[str] = set()  # this tick's agents that get the liveness check
+        self._retiring: list[tuple[subprocess.Popen, float]] = []  # `ssh -O exit` runs, and when to give up
         ssh.prepare_control_dir(policy)
 
     # -- the protocol ------------------------------------------------------------------------
@@ -150,11 +150,13 @@ class SshFanoutHeartbeat:
         it arrives; `on_progress` is called about every POLL_S while hosts are still out. The agents named
         in `liveness` get the liveness check instead of the GPU query (their minimum interval has not passed).
 
-        `budget_s`: how long the tick waits for new connections. A host without a master (it has not
-        answered lately: a dead host, a silent listener, a black-holed address) costs up to ConnectTimeout
-        to dial; past the budget its exec goes on in the background, is not started again while it runs,
-        and its outcome is reported by the tick during which it ends. So dead hosts never hold the healthy
-        ones' cadence. None waits for every exec (register-ssh's first heartbeat)."""
+        `budget_s`: how long the tick waits for answers. A host without a master (it has not answered
+        lately: a dead host, a silent listener, a black-holed address) costs up to ConnectTimeout to dial,
+        and a host whose GPU tool hangs holds its exec until the tool's watchdog (query_timeout_s); past
+        the budget such an exec goes on in the background, is not started again while it runs, and its
+        outcome is reported by the tick during which it ends. So neither holds the healthy hosts' cadence.
+        New connections start only within the budget. None waits for every exec (register-ssh's first
+        heartbeat)."""
         # Only the current agents are remembered: removed ones are forgotten (bounded memory).
         self._seen = {agent.name: agent for agent in agents}
         self._answered = {name: seen for name, seen in self._answered.items() if name in self._seen}
@@ -265,6 +267,37 @@ class SshFanoutHeartbeat:
 
     # -- shutdown ------------------------------------------------------------------------------
 
+    def retire_master(self, agent: Agent) -> None:
+        """Ask the agent's ssh master to exit (`ssh -O exit`, not waited for): an exec over a connection
+        believed warm got no answer by its deadline. A master whose connection died (a network drop, a
+        suspended laptop) can still accept new sessions, which then hang; without it, the next dial makes a
+        fresh connection instead of feeding the dead one until the host counts as offline."""
+        self._answered.pop(agent.name, None)
+        self._reap_retiring()
+        if self.policy.control_dir is None:
+            return
+        argv = ssh.ssh_argv(agent, self.policy, ssh_binary=self.ssh_binary, control_operation="exit")
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+        except OSError as exc:
+            log.warning("agent %s: ssh -O exit could not start: %s", agent.name, exc)
+            return
+        self._retiring.append((proc, time.monotonic() + CLOSE_EXIT_TIMEOUT_S))
+
+    def _reap_retiring(self, *, all_now: bool = False) -> None:
+        """Reap the `ssh -O exit` runs that ended; kill those past their time (or all, when closing)."""
+        left = []
+        for proc, give_up in self._retiring:
+            if proc.poll() is not None:
+                continue
+            if all_now or time.monotonic() > give_up:
+                _kill_group(proc)
+                proc.wait()
+            else:
+                left.append((proc, give_up))
+        self._retiring = left
+
     def close(self, *, exit_masters: bool = False) -> None:
         """Forget the agents; with `exit_masters`, ask each agent's ssh master to exit now.
 
@@ -273,6 +306,7 @@ class SshFanoutHeartbeat:
         agents = list(self._seen.values())
         self._seen.clear()
         self.stop_in_flight()
+        self._reap_retiring(all_now=True)
         if exit_masters:
             exit_control_masters(agents, self.policy, ssh_binary=self.ssh_binary, max_parallel=self.max_parallel)
 
@@ -365,12 +399,16 @@ class _FanoutLoop:
                 self._spawn(cold.pop(), cold=True)
             while warm and len(self.running) < self.t.max_parallel:
                 self._spawn(warm.pop(), cold=False)
-            waiting = any(ex.waited_for and (not ex.cold or in_budget) for ex in self.running.values())
+            # Past the budget nothing is waited for: a new connection still being made, or a host whose GPU
+            # tool hangs (until its watchdog, query_timeout_s), goes on between ticks and is reported by the
+            # tick in which it ends, so neither holds the others' cadence.
+            waiting = in_budget and any(ex.waited_for for ex in self.running.values())
             if not (warm or (cold and in_budget) or waiting):
                 if self.running:
-                    # Execs carried over from earlier ticks: take what they said by now and end those past
-                    # their deadline, without waiting; else an agent whose first dial outlived a tick's
-                    # budget would stay "in flight", never reported, as long as nothing else is asked.
+                    # Execs carried over from earlier ticks that ended meanwhile are reported now (a poll that
+                    # does not wait), and those past their deadline are ended: a fleet whose only hosts are in
+                    # flight must still hear from them, and an agent whose first dial outlived a tick's budget
+                    # must not stay "in flight", never reported, as long as nothing else is asked.
                     self._wait_events(time.monotonic())
                     self._enforce_deadlines()
                 return True  # cold agents not started within the budget are asked by a later tick
@@ -509,6 +547,8 @@ class _FanoutLoop:
                       ex.agent.name, self.t.deadline_for(ex.agent), ex.proc.pid)
             ex.timed_out = True
             self._kill(ex)
+            if not ex.cold:
+                self.t.retire_master(ex.agent)
 
     def _kill(self, ex: _Exec) -> None:
         _kill_group(ex.proc)

@@ -3,8 +3,8 @@
 A transport runs one heartbeat over a set of agents and answers with each host's ``probe.ProbeOutcome``
 (the one outcome type, whichever way the host was asked). Two transports exist: ``SshFanoutHeartbeat``
 (``hwledger.fanout``, the default: the probe over reused OpenSSH masters, all hosts at once) and
-``AnsibleHeartbeat`` here (the ``hwledger.fleet.heartbeat`` playbook through ansible-runner). Either way the
-same probe runs and the same parser reads it, so a host ends in the same state whichever transport asked.
+``AnsibleHeartbeat`` here (the ``hwledger.fleet.heartbeat_facts`` playbook through ansible-runner). Either
+way the same probe runs and the same parser reads it, so a host ends in the same state whichever transport asked.
 
 Agent states: `pending` (registered, never answered), `online`, `stale` (1 or 2 missed heartbeats),
 `offline` (3 or more), `error` (the host answers but its GPU tool fails, or no host key is pinned for
@@ -28,13 +28,16 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeO
 
 from hwledger import hostkeys
 from hwledger.ansible_runs import AnsibleRuns, PlaybookRun
+from hwledger.errors import UserError
 from hwledger.store import AgentRow, AgentUpdate, StateChange, Store, StoreError
 
 log = logging.getLogger("hwledger.heartbeat")
 
 DEFAULT_QUERY_TIMEOUT_S = 10
 OFFLINE_AFTER_MISSES = 3
-HEARTBEAT_PLAYBOOK = "hwledger.fleet.heartbeat"
+HEARTBEAT_PLAYBOOK = "hwledger.fleet.heartbeat_facts"
+# The playbook's run-wide CI check (fail when asked); serve reads every host's outcome instead.
+HEARTBEAT_SKIP_TAGS = "hwledger_ci"
 
 BLOCKING_REASONS = frozenset({"host_key_changed"})
 # A problem on this side (a private key ssh cannot use): the agent is in error, the host is not blamed.
@@ -76,7 +79,11 @@ class HeartbeatTransport(Protocol):
 
 
 class AnsibleHeartbeat:
-    """The heartbeat as `ansible-playbook hwledger.fleet.heartbeat`, through the app's runner wrapper."""
+    """The heartbeat as `ansible-playbook hwledger.fleet.heartbeat_facts`, through the app's runner wrapper.
+
+    That playbook is the lean machine entry (one task, literal keywords, no summary): a tick costs about a
+    one-task raw play. The knobs go as extra vars, which the gpu_query action reads itself.
+    """
 
     def __init__(self, runs: AnsibleRuns, policy: ssh.SshPolicy, *,
                  query_timeout_s: int = DEFAULT_QUERY_TIMEOUT_S, host_metrics: bool = True):
@@ -99,6 +106,7 @@ class AnsibleHeartbeat:
                        "hwledger_host_metrics": self.host_metrics},
             cancel=cancel,
             label="heartbeat",
+            skip_tags=HEARTBEAT_SKIP_TAGS,
         )
         outcomes = self.outcomes(run)
         if not outcomes and run.status not in ("canceled",):
@@ -301,11 +309,18 @@ class TickRecorder:
 
 def explain(agent: Agent, outcome: ProbeOutcome) -> ProbeOutcome:
     """An unreachable host whose private key (or its bastion's) ssh cannot use: say which file and what
-    is wrong with it (ssh itself only says "Permission denied (publickey)"). A local stat, cheap."""
+    is wrong with it (ssh itself only says "Permission denied (publickey)"). A local stat, cheap; and when
+    the host did refuse the login, a check that ssh can load the key at all (a passphrase it cannot ask
+    for, not a private key): one ssh-keygen run, on that failure only."""
     if outcome.reason != "unreachable":
         return outcome
     for field_name, path, whose in agents.agent_key_files(agent):
         problem = agents.key_file_problem(path, field_name, whose)
+        if problem is None and "Permission denied" in f"{outcome.msg}\n{outcome.output_head}":
+            try:
+                hostkeys.check_private_key(path, option=field_name)
+            except UserError as exc:
+                problem = f"{exc} ({whose}'s key)"
         if problem is not None:
             return ProbeOutcome(False, reason=KEY_UNUSABLE, msg=f"{agent.name}: {problem}", rc=outcome.rc,
                                 output_head=outcome.output_head, answered=False)

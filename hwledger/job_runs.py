@@ -35,10 +35,11 @@ CLEANUP_TIMEOUT_S = 120
 RECONCILE_POLL_S = 2
 # The role refuses to start a job whose private dir (or runner) is already on the host (I65).
 ALREADY_STARTED = "job_already_started"
-# The role's task that launches the runner (roles/job/tasks/main.yml; a unit test checks the name). Its start
-# counts as the job's launch: from then on the command may be running on the host, and a job is never run
-# more often than it may, so a run cut off at that task counts as an attempt even if the runner never began.
-LAUNCH_TASK = "Run the job (detached from the SSH connection, polled until it ends)"
+# The role's task that launches the runner (the hwledger.fleet.job_start task of roles/job/tasks/main.yml; a
+# unit test checks the name). Its start counts as the job's launch: from then on the command may be running on
+# the host, and a job is never run more often than it may, so a run cut off at that task counts as an attempt
+# even if the runner never began.
+LAUNCH_TASK = "Start the job on the remote (private dir, job.json, runner, detached; one exec)"
 
 CRASH_ENV = "HWLEDGER_CRASH_AT"
 CRASH_POINTS = ("dispatched", "running", "remote_dir", "launched", "fetched", "finished")
@@ -237,15 +238,18 @@ def launched_by(event: HostEvent) -> bool:
 
 
 def runner_seen(event: HostEvent) -> bool:
-    """Whether this event proves the runner started on the host: the role's one async task answered with
-    its job id, as it does at each poll and at its end."""
-    return event.event in ("runner_on_async_poll", "runner_on_ok", "runner_on_failed") \
-        and isinstance(event.res.get("ansible_job_id"), str) and bool(event.res.get("started", True))
+    """Whether this event proves the runner started on the host: job_start answered with the detached
+    runner's pid and the private dir, or job_wait (which only runs on a started job) answered at all (its
+    result is no_log, so only the event says so)."""
+    if event.action.endswith("job_start"):
+        return event.event == "runner_on_ok" and isinstance(event.res.get("pid"), int) \
+            and not isinstance(event.res.get("pid"), bool) and remote_dir_of(event) is not None
+    return event.action.endswith("job_wait") and event.event in ("runner_on_ok", "runner_on_failed")
 
 
 def remote_dir_of(event: HostEvent) -> str | None:
-    """The job's remote private dir, when this event is the role's tempfile task that created it."""
-    if event.event != "runner_on_ok" or not event.action.endswith("tempfile"):
+    """The job's remote private dir, when this event is the role's job_start task that created it."""
+    if event.event != "runner_on_ok" or not event.action.endswith("job_start"):
         return None
     path = event.res.get("path")
     if isinstance(path, str) and is_job_dir(path):

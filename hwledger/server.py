@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema, private_files
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import Agent
@@ -90,6 +91,21 @@ class TickReport:
         return ", ".join(parts) + f" ({self.duration_s:.2f} s)"
 
 
+class ServeCompanion(Protocol):
+    """Something that runs beside the loop in threads of its own (`serve --http`, the hourly prune): started
+    once the server holds the store's lock, told the end of every tick, stopped when the loop ends. It must
+    never block: the loop calls it between ticks."""
+
+    def start(self) -> None:
+        ...
+
+    def tick_done(self, report: TickReport, *, elapsed_s: float, overran: bool) -> None:
+        ...
+
+    def stop(self) -> None:
+        ...
+
+
 _DIAL_ORDER = {state: rank for rank, state in enumerate(("online", "degraded", "error", "stale", "pending", "offline"))}
 
 
@@ -131,8 +147,10 @@ class Server:
         jobs: AnsibleJobs | None = None,
         max_parallel_jobs: int = DEFAULT_MAX_PARALLEL_JOBS,
         query_timeout_s: int = DEFAULT_QUERY_TIMEOUT_S,
+        companions: Sequence[ServeCompanion] = (),
     ):
         self.fleet = fleet
+        self.companions = list(companions)
         self.interval_s = interval_s
         self.policy = fleet.policy()
         self.runs = AnsibleRuns(runs_dir=fleet.runs_dir)
@@ -194,6 +212,12 @@ class Server:
                 installed.append((sig, signal.signal(sig, self.request_stop)))
         try:
             self._lock_fd = take_serve_lock(self.fleet.check_data_dir())
+            for started_count, companion in enumerate(self.companions):
+                try:
+                    companion.start()
+                except BaseException:
+                    self.companions = self.companions[:started_count]  # stop only those that started
+                    raise
             self.recover()
             log.info("serving the agents of %s every %.1f s (store %s)", self.fleet.config, self.interval_s,
                      self.fleet.db)
@@ -220,12 +244,13 @@ class Server:
                     report = TickReport(started=started)
                 ticks += 1
                 log.log(logging.INFO if once else logging.DEBUG, "tick %d: %s", ticks, report.summary())
+                elapsed = time.monotonic() - started
+                self._tell_companions(report, elapsed)
                 if self.stop_event.is_set():
                     break
                 if once or (max_ticks is not None and ticks >= max_ticks):
                     self.wait_for_workers()
                     break
-                elapsed = time.monotonic() - started
                 if elapsed > self.interval_s:
                     # Never overlap, never queue up: record the overrun and start the next tick now.
                     self._throttled_event("tick_overrun", duration_s=round(elapsed, 3), interval_s=self.interval_s,
@@ -237,8 +262,21 @@ class Server:
         finally:
             for sig, previous in installed:
                 signal.signal(sig, previous)
+            for companion in reversed(self.companions):
+                try:
+                    companion.stop()
+                except Exception:  # pylint: disable=broad-exception-caught
+                    log.exception("stopping %s failed", type(companion).__name__)
             self.close()
         return 0
+
+    def _tell_companions(self, report: TickReport, elapsed: float) -> None:
+        for companion in self.companions:
+            try:
+                companion.tick_done(report, elapsed_s=elapsed, overran=elapsed > self.interval_s)
+            except Exception:  # pylint: disable=broad-exception-caught
+                # Watching the fleet must never stop serving it.
+                log.exception("%s failed after a tick", type(companion).__name__)
 
     def _throttled_event(self, kind: str, **detail: object) -> None:
         """Record a recurring server event at most once per EVENT_THROTTLE_S, with how often it happened

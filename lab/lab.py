@@ -497,12 +497,19 @@ class Lab:
         rc: int = 0,
         delay: float = 0.0,
         python: bool = False,
+        bashrc: str | None = None,
         max_sessions: int = 200,
     ) -> SshHost:
-        """A running host on its own 127.0.x.y (auto-picked unless given) and the lab's port."""
+        """A running host on its own 127.0.x.y (auto-picked unless given) and the lab's port.
+
+        bashrc: the login shell is bash instead of sh, and this is its ~/.bashrc, which bash reads for
+        every ``ssh host cmd`` (e.g. pyenv's PATH changes, as on many rented GPU boxes)."""
         # The address is settled at start (auto-picked ones may be taken by another test run).
-        host = self._new_host(name, address=address or "", python=python)
+        host = self._new_host(name, address=address or "", python=python,
+                              login_shell="/bin/sh" if bashrc is None else "/bin/bash")
         host.max_sessions = max_sessions
+        if bashrc is not None:
+            (host.home / ".bashrc").write_text(bashrc)
         host.set_tool(tool, capture=capture, stdout=stdout, stderr=stderr, rc=rc, delay=delay)
         if address is not None:
             self._pin(host)
@@ -548,7 +555,8 @@ class Lab:
         if name in self.hosts:
             raise ValueError(f"lab host name {name!r} is already used in this lab")
 
-    def _new_host(self, name: str, *, address: str, python: bool, **kwargs: Any) -> SshHost:
+    def _new_host(self, name: str, *, address: str, python: bool, login_shell: str = "/bin/sh",
+                  **kwargs: Any) -> SshHost:
         self._check_name(name)
         user = f"{system.NAME_PREFIX}{self.id}-{len(self.hosts) + 1}"
         host = SshHost(self, name, user=user, address=address, port=self.port, **kwargs)
@@ -557,7 +565,7 @@ class Lab:
         if self.unprivileged:
             owner = system.create_login_account(user, host.home, self.id)
         else:
-            system.create_alias_account(user, host.home, self.id)
+            system.create_alias_account(user, host.home, self.id, shell=login_shell)
         self._accounts.append(user)
         host._prepare(python=python, owner=owner)
         return host

@@ -173,8 +173,8 @@ def die_with_parent() -> None:
 # --- login accounts -----------------------------------------------------------------------------
 
 
-def create_alias_account(name: str, home: Path, lab_id: str) -> None:
-    """Create a uid-0 alias account whose login shell is /bin/sh and whose HOME is ``home``.
+def create_alias_account(name: str, home: Path, lab_id: str, *, shell: str = "/bin/sh") -> None:
+    """Create a uid-0 alias account whose login shell is ``shell`` (/bin/sh) and whose HOME is ``home``.
 
     Why not log in as root: sshd starts root's login shell, and bash sources ~/.bashrc even for a
     non-interactive ``ssh host cmd``; root's rc files may prepend their own PATH (this very machine's
@@ -186,10 +186,13 @@ def create_alias_account(name: str, home: Path, lab_id: str) -> None:
     scripts, files planted where the job role writes); a uid-0 login reaches them as the tests do. Nothing
     of hwledger needs root on a GPU host: a lab made with ``Lab(root, unprivileged=True)`` (the demo's)
     logs in with ordinary accounts instead (create_login_account). No password ('*', not '!': sshd with
-    UsePAM no refuses locked accounts)."""
+    UsePAM no refuses locked accounts).
+
+    ``shell="/bin/bash"`` makes the other kind of host on purpose: bash sources ``~/.bashrc`` for ``ssh host
+    cmd``, so an rc file there changes the remote PATH as a rented box's does (pyenv, conda)."""
     _useradd([
         "useradd", "--system", "--non-unique", "--uid", "0", "--gid", "0",
-        "--no-create-home", "--no-user-group", "--home-dir", str(home), "--shell", "/bin/sh",
+        "--no-create-home", "--no-user-group", "--home-dir", str(home), "--shell", shell,
         "--password", "*", "--comment", f"{ACCOUNT_COMMENT} {lab_id}", name,
     ])  # fmt: skip
 

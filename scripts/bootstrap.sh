@@ -13,9 +13,14 @@ command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v git >/dev/null 2>&1 || need_pkgs+=(git)   # scripts/sanity.sh lists the files through git
 # venv needs ensurepip, which Debian ships separately (python3-venv); ansible-test's venvs need it too.
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
-# Wanted, not needed: without shellcheck, `make sanity` skips its shell test with a warning.
+# For the tests of `hwledger fleet serve --http` (and the demo's screenshot): a real Prometheus scrapes it and
+# promtool checks its output; a headless Chromium loads the status page. Installed when root; otherwise
+# those tests skip with the reason (under CI=true they fail instead: CI runs as root, so it has them).
+# Also wanted, not needed: without shellcheck, `make sanity` skips its shell test with a warning.
 want_pkgs=()
 command -v shellcheck >/dev/null 2>&1 || want_pkgs+=(shellcheck)
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || want_pkgs+=(prometheus)
+command -v chromium >/dev/null 2>&1 || want_pkgs+=(chromium)
 if [ "$(id -u)" = 0 ]; then
   install_pkgs=("${need_pkgs[@]}" "${want_pkgs[@]}")
   if [ ${#install_pkgs[@]} -gt 0 ]; then
@@ -29,7 +34,7 @@ elif [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "bootstrap: run 'sudo apt-get install ${need_pkgs[*]} ${want_pkgs[*]}' (or run make as root) and try again" >&2
   exit 1
 elif [ ${#want_pkgs[@]} -gt 0 ]; then
-  echo "bootstrap: shellcheck is not installed: 'make sanity' will skip its shell test (sudo apt-get install shellcheck)" >&2
+  echo "bootstrap: not installed: ${want_pkgs[*]} (their tests will skip: shellcheck's in make sanity, prometheus's and chromium's for serve --http); 'sudo apt-get install ${want_pkgs[*]}'" >&2
 fi
 # Debian's openssh-server starts nothing inside containers; our tests start their own sshd,
 # which needs the privilege-separation directory.

@@ -81,3 +81,18 @@ def toolchain(name: str) -> Toolchain:
             pytest.fail(reason + " [CI=true: the 2.18 tests must run, not skip]", pytrace=False)
         pytest.skip(reason)
     return Toolchain("2.18", venv / "bin")
+
+
+def require_program(program: str, package: str) -> str:
+    """The path of a system program the test needs (Debian `package`, installed by scripts/bootstrap.sh when
+    run as root): pytest.skip on a developer machine without it, pytest.fail under CI=true."""
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    path = shutil.which(program)
+    if path is None:
+        reason = (f"{program} is not installed: apt-get install {package} (scripts/bootstrap.sh does it when run "
+                  "as root)")
+        if in_ci():
+            pytest.fail(reason + " [CI=true: this test must run, not skip]", pytrace=False)
+        pytest.skip(reason)
+    return path

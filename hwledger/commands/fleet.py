@@ -1,4 +1,5 @@
-"""`hwledger fleet`: register-ssh, list, status, remove, serve."""
+"""`hwledger fleet`: register-ssh, list, status, remove, serve (its watching and retention options, and
+`prune`, live in `fleet_watch`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import shlex
 import socket
 import sys
 import textwrap
-from datetime import datetime, timezone
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, ssh
@@ -18,14 +18,15 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils.agent_values import
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.nvidia_smi import DEFAULT_GPU_QUERY_CMD
 
 from hwledger import agents_file, hostkeys
+from hwledger.commands import fleet_watch
 from hwledger.display import dumps, human_age, human_bytes, printable, table
 from hwledger.errors import UserError
 from hwledger.fanout import DEFAULT_MAX_PARALLEL, SshFanoutHeartbeat
 from hwledger.fleet import Fleet, agent_record
 from hwledger.heartbeat import DEFAULT_QUERY_TIMEOUT_S, HeartbeatRunError, record_outcomes
-from hwledger.store import JOB_ACTIVE_STATES, AgentRow, Store, age_seconds, parse_time
+from hwledger.reports import DEFAULT_STALE_AFTER_S, effective_state, status_items
+from hwledger.store import JOB_ACTIVE_STATES, Store
 
-DEFAULT_STALE_AFTER_S = 30.0
 # The serve loop's own defaults, repeated here so that `--help` does not import the server (which only
 # the serve command itself needs); a test checks they agree.
 DEFAULT_INTERVAL_S = 5.0
@@ -90,7 +91,7 @@ def register(subparsers) -> None:
 
     serve_about = (
         "Every --interval seconds, one heartbeat over all agents (by default every host probed at once over its "
-        "reused SSH connection; with --transport ansible, the hwledger.fleet.heartbeat playbook through "
+        "reused SSH connection; with --transport ansible, the hwledger.fleet.heartbeat_facts playbook through "
         "ansible-runner); queued jobs go to agents that answered, through the hwledger.fleet.job playbook. "
         "SIGTERM or SIGINT stops it within 2 seconds. It logs to stderr. examples/hwledger-serve.service runs it "
         "as a systemd service.")
@@ -110,12 +111,15 @@ def register(subparsers) -> None:
                        help="jobs running at once across agents; one per agent (default %(default)s)")
     serve.add_argument("--transport", choices=("fanout", "ansible"), default="fanout",
                        help="fanout (default): one exec per host over its reused ssh connection, all hosts at "
-                            "once; ansible: the hwledger.fleet.heartbeat playbook through ansible-runner each "
-                            "tick (same probe, parser and ssh options, about 1.5 s + 36 ms of CPU per host more)")
+                            "once; ansible: the hwledger.fleet.heartbeat_facts playbook through ansible-runner "
+                            "each tick (same probe, parser and ssh options; about the cost of a one-task "
+                            "ansible-playbook, several times the fanout's)")
     serve.add_argument("--max-parallel", type=int, default=DEFAULT_MAX_PARALLEL, metavar="N",
                        help="ssh processes at once in a fanout tick (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    fleet_watch.add_serve_options(serve)
     serve.set_defaults(func=cmd_serve)
+    fleet_watch.add_prune_parser(sub, files)
 
 
 def _seconds(text: str) -> float:
@@ -133,16 +137,6 @@ def _add_stale_after(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stale-after", type=_seconds, default=DEFAULT_STALE_AFTER_S, metavar="S",
                         help="show an online agent as stale when its last answer is older than S seconds "
                              "(e.g. the server is not running; default %(default)s)")
-
-
-def effective_state(row: AgentRow, stale_after: float) -> str:
-    """The state to show: the recorded one, except that an `online` nobody refreshed for `stale_after`
-    seconds is `stale` (e.g. no server runs): old data must not look live. `fleet list` and `fleet status`
-    both show this one, so they never disagree."""
-    age = age_seconds(row.last_seen)
-    if row.state == "online" and (age is None or age > stale_after):
-        return "stale"
-    return row.state
 
 
 def _fleet(args: argparse.Namespace) -> Fleet:
@@ -429,54 +423,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status_items(store: Store, stale_after: float) -> list[dict]:
-    jobs_by_agent: dict[str, dict[str, int]] = {}
-    for job in store.list_jobs(states=["queued", *JOB_ACTIVE_STATES]):
-        counts = jobs_by_agent.setdefault(job.agent, {})
-        counts[job.state] = counts.get(job.state, 0) + 1
-    items = []
-    for row in store.list_agents():
-        snapshot_row = store.latest_snapshot(row.name)
-        snapshot = snapshot_row.data if snapshot_row else None
-        gpus = (snapshot or {}).get("gpus") or []
-        age = age_seconds(row.last_seen)
-        state = effective_state(row, stale_after)
-        totals = [g.get("memory_total_bytes") for g in gpus]
-        frees = [g.get("memory_free_bytes") for g in gpus]
-        items.append({
-            "name": row.name,
-            "state": state,
-            "recorded_state": row.state,
-            "reason": row.state_reason,
-            "msg": row.state_msg,
-            "state_since": row.state_since,
-            "last_seen": row.last_seen,
-            "last_seen_age_s": round(age, 1) if age is not None else None,
-            "consecutive_misses": row.consecutive_misses,
-            # An offline agent is dialled again only after its backoff (30 s doubling to 5 min).
-            "next_attempt_at": row.next_attempt_at,
-            "next_attempt_in_s": _seconds_until(row.next_attempt_at),
-            "snapshot_recorded_at": snapshot_row.recorded_at if snapshot_row else None,
-            "snapshot_age_s": round(age_seconds(snapshot_row.recorded_at), 1) if snapshot_row else None,
-            "captured_at": (snapshot or {}).get("captured_at"),
-            "backend": (snapshot or {}).get("backend"),
-            "gpus": [{k: g.get(k) for k in ("index", "name", "uuid", "memory_total_bytes", "memory_free_bytes",
-                                            "memory_used_bytes", "utilization_gpu_percent", "temperature_c",
-                                            "health")} for g in gpus],
-            "memory_total_bytes": sum(totals) if gpus and None not in totals else None,
-            "memory_free_bytes": sum(frees) if gpus and None not in frees else None,
-            "jobs": jobs_by_agent.get(row.name, {}),
-        })
-    return items
-
-
-def _seconds_until(when: str | None) -> float | None:
-    moment = parse_time(when)
-    if moment is None:
-        return None
-    return round(max(0.0, (moment - datetime.now(timezone.utc)).total_seconds()), 1)
-
-
 def _gpu_summary(gpus: list[dict]) -> str:
     if not gpus:
         return "-"
@@ -495,7 +441,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("[]" if args.json else "no agents registered")
         return 0
     with store:
-        items = _status_items(store, args.stale_after)
+        items = status_items(store, args.stale_after)
     if args.json:
         print(dumps(items))
         return 0
@@ -588,10 +534,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from hwledger.server import Server  # pylint: disable=import-outside-toplevel  # the one importer of the loop
 
     fleet = _fleet(args)
+    companions = fleet_watch.serve_companions(args, fleet)
     transport = None  # Server's default: the ansible-runner heartbeat
     if args.transport == "fanout":
         transport = SshFanoutHeartbeat(fleet.policy(), query_timeout_s=args.query_timeout,
                                        max_parallel=args.max_parallel)
     server = Server(fleet, interval_s=args.interval, transport=transport,
-                    max_parallel_jobs=args.max_parallel_jobs, query_timeout_s=args.query_timeout)
+                    max_parallel_jobs=args.max_parallel_jobs, query_timeout_s=args.query_timeout,
+                    companions=companions)
     return server.run(once=args.once, max_ticks=args.max_ticks)

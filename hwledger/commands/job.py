@@ -13,7 +13,7 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema
 from hwledger.display import dumps, human_age, printable, table
 from hwledger.errors import UserError
 from hwledger.fleet import Fleet
-from hwledger.job_runs import reason_of
+from hwledger.reports import DEFAULT_JOB_LIMIT, job_list, job_to_dict
 from hwledger.store import JOB_STATES, MAX_ATTEMPTS_LIMIT, JobRow, Store, age_seconds, shown_spec
 
 
@@ -60,7 +60,7 @@ def register(subparsers) -> None:
     listing = sub.add_parser("list", parents=[files], help="list jobs")
     listing.add_argument("--agent", metavar="NAME")
     listing.add_argument("--state", action="append", choices=JOB_STATES, help="only jobs in this state (repeatable)")
-    listing.add_argument("--limit", type=int, default=200, metavar="N", help="at most N jobs, newest (default 200)")
+    listing.add_argument("--limit", type=int, default=DEFAULT_JOB_LIMIT, metavar="N", help="at most N jobs, newest (default 200)")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_list)
 
@@ -163,19 +163,6 @@ def build_spec(args: argparse.Namespace) -> dict:
         raise _spec_error(exc, where) from None
 
 
-def job_to_dict(job: JobRow) -> dict:
-    """A job as `--json` prints it. Env values never: `***` in their place (docs/fleet-server.md)."""
-    return {
-        "job_id": job.id, "agent": job.agent, "state": job.state, "spec": shown_spec(job.spec),
-        "created_at": job.created_at, "updated_at": job.updated_at, "dispatched_at": job.dispatched_at,
-        "started_at": job.started_at, "launched_at": job.launched_at, "finished_at": job.finished_at,
-        "attempts": job.attempts, "max_attempts": job.max_attempts,
-        "timeout_s": job.timeout_s, "cancel_requested": job.cancel_requested, "exit_code": job.exit_code,
-        "reason": reason_of(job.error), "error": job.error, "result": job.result, "remote_dir": job.remote_dir,
-        "cleanup_pending": job.cleanup_pending,
-    }
-
-
 def cmd_new(args: argparse.Namespace) -> int:
     print(json.dumps(build_spec(args), sort_keys=True, indent=2))
     return 0
@@ -203,10 +190,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("[]" if args.json else "no jobs")
         return 0
     with store:
+        if args.json:
+            print(dumps(job_list(store, agent=args.agent, states=args.state, limit=args.limit)))
+            return 0
         jobs = store.list_jobs(agent=args.agent, states=args.state, newest=args.limit)
-    if args.json:
-        print(dumps([job_to_dict(job) for job in jobs]))
-        return 0
     if not jobs:
         print("no jobs")
         return 0

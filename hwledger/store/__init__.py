@@ -11,7 +11,8 @@ Design notes (why, not what):
   the mode of the database file, so they stay private whoever recreates them later.
 - The schema is versioned with `PRAGMA user_version`; each migration runs in its own immediate
   transaction that re-reads the version, so two processes opening a fresh file cannot both migrate.
-- The `events` table is append-only (triggers refuse UPDATE and DELETE).
+- The `events` table is append-only (triggers refuse UPDATE, and DELETE of anything younger than the cut of
+  `hwledger fleet prune`; see retention.py).
 - Nothing secret is kept: key *fingerprints* only, never key material; a job's env values (often tokens)
   only until no attempt of the job can need them, then its names only (`job_env`), and the -wal file is
   truncated after each removal so no old copy lingers there (`secure_delete` zeroes the freed space in
@@ -36,16 +37,18 @@ from hwledger.store.records import (
     parse_time,
     utc_now,
 )
+from hwledger.store.retention import PruneReport, Retention
 from hwledger.store.schema import AGENT_STATES, JOB_ACTIVE_STATES, JOB_STATES, JOB_TERMINAL_STATES, SCHEMA_VERSION
+from hwledger.store.watch import MemoryPoint, WatchQueries
 
 
-class Store(AgentTables, JobTables, StoreBase):
+class Store(AgentTables, JobTables, WatchQueries, Retention, StoreBase):
     """One connection to the store. Use one per thread (sqlite3 connections are not shared)."""
 
 
 __all__ = [
     "AGENT_STATES", "DEFAULT_BUSY_TIMEOUT_S", "DEFAULT_SNAPSHOTS_KEPT", "JOB_ACTIVE_STATES", "JOB_STATES",
     "JOB_TERMINAL_STATES", "MAX_ATTEMPTS_LIMIT", "SCHEMA_VERSION", "AgentRecord", "AgentRow", "AgentUpdate",
-    "EventRow", "JobRow", "SnapshotRow", "StateChange", "Store", "StoreError", "age_seconds", "env_redacted",
-    "parse_time", "shown_spec", "utc_now",
+    "EventRow", "JobRow", "MemoryPoint", "PruneReport", "SnapshotRow", "StateChange", "Store", "StoreError",
+    "age_seconds", "env_redacted", "parse_time", "shown_spec", "utc_now",
 ]

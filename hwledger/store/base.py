@@ -134,7 +134,10 @@ class StoreBase:
         *,
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
         snapshots_kept: int = DEFAULT_SNAPSHOTS_KEPT,
+        read_only: bool = False,
     ):
+        """Open (and create or migrate) the store. `read_only` makes this connection refuse every write
+        (`PRAGMA query_only`): what `serve --http` serves can never change the store."""
         path = Path(path)
         try:
             # The user's choice of directory: created 0700 when missing, never chmod-ed, refused when others
@@ -145,11 +148,17 @@ class StoreBase:
                              "0700)") from None
         if path.is_symlink():
             raise StoreError(f"store {path} is a symlink; point HWLEDGER_DB/--db at the real file")
+        fresh = not path.exists() or path.stat().st_size == 0
         try:
             with _umask(0o077):
                 # isolation_level=None: autocommit; transactions are explicit (BEGIN IMMEDIATE).
                 conn = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None)
                 conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+                if fresh:
+                    # Pruned pages go back to the filesystem (`hwledger fleet prune`). The mode is fixed when the
+                    # file is initialised, which switching to WAL does: so it comes first. An existing file
+                    # keeps its mode (only a VACUUM can switch it; see retention.py).
+                    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise StoreError(f"store {path}: cannot switch to WAL mode (got {mode}); "
@@ -163,6 +172,8 @@ class StoreBase:
                 store._migrate()
                 # Reading once creates the -shm file under our umask before we fix modes.
                 conn.execute("SELECT count(*) FROM agents").fetchone()
+                if read_only:
+                    conn.execute("PRAGMA query_only = ON")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open store {path}: {_open_problem(path, exc)}") from exc
         for file in _private_files(path):

@@ -5,13 +5,21 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # `degraded`: the host answers, but a GPU it had is missing (fell off the bus).
 AGENT_STATES = ("pending", "online", "degraded", "stale", "offline", "error", "host_key_changed", "removed")
 JOB_STATES = ("queued", "dispatched", "running", "succeeded", "failed", "timed_out", "cancelled", "lost")
 JOB_TERMINAL_STATES = frozenset({"succeeded", "failed", "timed_out", "cancelled", "lost"})
 JOB_ACTIVE_STATES = frozenset({"dispatched", "running"})
+# The page's free-memory sparklines: one row per agent, GPU and minute, kept for this long.
+HISTORY_MINUTES = 60
+# `hwledger fleet prune` never removes an event younger than this, whatever it is asked (see v2).
+MIN_EVENT_AGE_DAYS = 1
+
+
+def _states_list(states) -> str:
+    return ", ".join(repr(s) for s in sorted(states))
 
 
 def _state_check(column: str, states: Sequence[str]) -> str:
@@ -133,6 +141,69 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_by_agent ON events(agent, kind, id);
     ALTER TABLE jobs ADD COLUMN max_attempts INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE jobs ADD COLUMN launched_at TEXT;
+    """,
+    # v3: retention (`hwledger fleet prune`) and what `serve --http` reads.
+    #
+    # Events stay append-only for everything younger than the prune's cut. The pruner writes its cut into
+    # `prune_gate` and deletes in the same transaction, then empties the gate before it commits, so no
+    # committed state ever holds a cut; without a row there no event can be deleted at all, and with one
+    # only the events older than it. The gate itself refuses a cut younger than MIN_EVENT_AGE_DAYS.
+    #
+    # `job_totals` counts jobs as they finish (a trigger, so every writer counts: the server, `job cancel`,
+    # `fleet remove`); pruning old jobs does not lower it, so it can be a Prometheus counter.
+    #
+    # `gpu_memory_history` is the page's last hour of free memory, one row per agent, GPU and minute (the
+    # least free seen in that minute). A trigger on snapshots fills it and trims the agent's rows older than
+    # HISTORY_MINUTES in the same transaction, so it stays bounded (about 61 rows per GPU) whoever writes
+    # snapshots; the snapshots table itself keeps only the newest few per agent.
+    f"""
+    CREATE TABLE prune_gate (
+        id            INTEGER PRIMARY KEY CHECK (id = 1),
+        events_before TEXT NOT NULL
+    );
+    CREATE TRIGGER prune_gate_spares_recent_events BEFORE INSERT ON prune_gate
+        WHEN new.events_before > strftime('%Y-%m-%dT%H:%M:%f', 'now', '-{MIN_EVENT_AGE_DAYS} days')
+        BEGIN SELECT RAISE(ABORT, 'events younger than {MIN_EVENT_AGE_DAYS} day(s) are never pruned'); END;
+    DROP TRIGGER events_append_only_delete;
+    CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
+        WHEN NOT EXISTS (SELECT 1 FROM prune_gate WHERE old.at < prune_gate.events_before)
+        BEGIN SELECT RAISE(ABORT, 'events are append-only (hwledger fleet prune removes old ones)'); END;
+    CREATE TABLE job_totals (
+        state    TEXT PRIMARY KEY,
+        finished INTEGER NOT NULL
+    );
+    INSERT INTO job_totals (state, finished)
+        SELECT state, count(*) FROM jobs WHERE state IN ({_states_list(JOB_TERMINAL_STATES)}) GROUP BY state;
+    CREATE TRIGGER jobs_count_finished AFTER UPDATE OF state ON jobs
+        WHEN new.state IN ({_states_list(JOB_TERMINAL_STATES)})
+         AND old.state NOT IN ({_states_list(JOB_TERMINAL_STATES)})
+        BEGIN
+            INSERT INTO job_totals (state, finished) VALUES (new.state, 1)
+                ON CONFLICT (state) DO UPDATE SET finished = finished + 1;
+        END;
+    CREATE TABLE gpu_memory_history (
+        agent       TEXT NOT NULL,
+        gpu         INTEGER NOT NULL,
+        minute      TEXT NOT NULL,
+        free_bytes  INTEGER,
+        total_bytes INTEGER,
+        PRIMARY KEY (agent, gpu, minute)
+    ) WITHOUT ROWID;
+    CREATE TRIGGER snapshots_feed_history AFTER INSERT ON snapshots
+        WHEN new.ok AND new.data IS NOT NULL
+        BEGIN
+            INSERT INTO gpu_memory_history (agent, gpu, minute, free_bytes, total_bytes)
+                SELECT new.agent, json_extract(g.value, '$.index'), substr(new.recorded_at, 1, 16),
+                       json_extract(g.value, '$.memory_free_bytes'), json_extract(g.value, '$.memory_total_bytes')
+                FROM json_each(new.data, '$.gpus') AS g
+                WHERE json_type(g.value, '$.index') = 'integer'
+                ON CONFLICT (agent, gpu, minute) DO UPDATE SET
+                    free_bytes = min(coalesce(free_bytes, excluded.free_bytes),
+                                     coalesce(excluded.free_bytes, free_bytes)),
+                    total_bytes = coalesce(excluded.total_bytes, total_bytes);
+            DELETE FROM gpu_memory_history WHERE agent = new.agent
+                AND minute < strftime('%Y-%m-%dT%H:%M', new.recorded_at, '-{HISTORY_MINUTES} minutes');
+        END;
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION

@@ -8,11 +8,9 @@ direct-ssh heartbeat and ``hwledger gpu parse``); the documentation is plugins/m
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 import time
 
+from ansible.module_utils.parsing.convert_bool import boolean
 from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
 from ansible.utils.unsafe_proxy import wrap_var
@@ -25,14 +23,41 @@ display = Display()
 
 # The options as ansible-doc shows them (plugins/modules/gpu_query.py): one spec, never two.
 ARGUMENT_SPEC = module_doc.argument_spec(gpu_query_doc.DOCUMENTATION)
+DEFAULT_TIMEOUT_S = 10
 
 
-def _terminate(pids: set[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError:
-            pass
+def summary(host: str, outcome: probe.ProbeOutcome) -> str:
+    """The one line the heartbeat playbook prints for a host that answered (or failed to)."""
+    if not outcome.ok:
+        msg = outcome.msg or "no message"
+        if msg.startswith(host + ": "):
+            msg = msg[len(host) + 2:]
+        reason = "timeout" if outcome.reason == probe.NO_ANSWER else (outcome.reason or "error")
+        return "%s: FAILED (%s): %s" % (host, reason, msg)
+    snapshot = outcome.snapshot
+    parts = ["%s: %d GPU(s) (%s, %s ms)" % (host, len(snapshot["gpus"]), snapshot["backend"], snapshot["query_ms"])]
+    for gpu in snapshot["gpus"]:
+        free, total = gpu.get("memory_free_bytes"), gpu.get("memory_total_bytes")
+        if _is_number(free) and _is_number(total):
+            memory = "%d of %d MiB free" % (int(free / 1048576), int(total / 1048576))
+        else:
+            memory = "memory unknown"
+        health = "" if gpu.get("health") == "ok" else " (%s)" % gpu.get("health")
+        parts.append("[%s] %s: %s%s" % (gpu.get("index"), gpu.get("name"), memory, health))
+    host_metrics = snapshot.get("host")
+    if isinstance(host_metrics, dict) and _is_number(host_metrics.get("load1")):
+        load = "load %s" % host_metrics["load1"]
+        if _is_number(host_metrics.get("cpu_count")):
+            load += " on %s CPUs" % host_metrics["cpu_count"]
+        available, total = host_metrics.get("mem_available_bytes"), host_metrics.get("mem_total_bytes")
+        if _is_number(available) and _is_number(total):
+            load += ", %s of %s GiB memory available" % (round(available / 1073741824, 1), round(total / 1073741824, 1))
+        parts.append(load)
+    return "; ".join(parts)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class ActionModule(ActionBase):
@@ -50,11 +75,16 @@ class ActionModule(ActionBase):
 
         _validation, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
         agent = self._agent_name(task_vars)
-        timeout = args["timeout"]
         try:
+            timeout = args["timeout"]
+            if timeout is None:
+                timeout = self._knob(task_vars, "hwledger_gpu_query_timeout", DEFAULT_TIMEOUT_S, int)
+            host_metrics = args["host_metrics"]
+            if host_metrics is None:
+                host_metrics = self._knob(task_vars, "hwledger_host_metrics", True, boolean)
             cmd = args["cmd"] if args["cmd"] is not None else self._host_command(task_vars)
             probe.check_timeout(timeout)
-            script = probe.remote_script(cmd, timeout_s=timeout, host_metrics=args["host_metrics"])
+            script = probe.remote_script(cmd, timeout_s=timeout, host_metrics=host_metrics)
         except ValueError as exc:
             result.update(failed=True, msg="hwledger.fleet.gpu_query on %s: %s" % (agent, exc))
             return result
@@ -74,14 +104,30 @@ class ActionModule(ActionBase):
                 exec_rc=executed.get("rc", 0),
                 started=started,
                 ended=ended,
-                host_metrics=args["host_metrics"],
+                host_metrics=host_metrics,
             )
         # Everything in the outcome came from the host. ansible-core already treats action results as
         # untrusted (2.19 data tagging; 2.18's executor marks them unsafe); marking them here as well keeps
         # them data whatever path they take, e.g. a caller of this action that bypasses the executor.
         result.update(wrap_var(outcome.module_result()))
+        result["summary"] = wrap_var(summary(str(task_vars.get("inventory_hostname", agent)), outcome))
         result["changed"] = False
         return result
+
+    def _knob(self, task_vars: dict, name: str, default, convert):
+        """A play knob (host, group or extra var) read here rather than templated into the task's arguments:
+        a template in a per-host task is compiled, and its filters loaded, in every host's worker process,
+        which costs more than the exec itself (docs/performance.md)."""
+        value = task_vars.get(name)
+        if value is None or value == "":
+            return default
+        if isinstance(value, str) and "{{" in value:
+            value = self._templar.template(value)
+        try:
+            return convert(value)
+        except (TypeError, ValueError):
+            raise ValueError("%s must be %s, got %r" % (name, "a number" if convert is int else "a boolean",
+                                                        value)) from None
 
     @staticmethod
     def _agent_name(task_vars: dict) -> str:
@@ -104,34 +150,16 @@ class ActionModule(ActionBase):
         """Run the script with the connection; None when it did not come back within ``deadline_s``.
 
         The connection's own ``timeout`` only bounds connection set-up, so the exec runs in a helper
-        thread and this thread stops waiting at the deadline. The ssh client started for it (a child of
-        this worker process) is then terminated so that nothing is left behind; a multiplexing master
-        is that client's child and survives. Errors of the connection (unreachable host) are re-raised
-        here so that Ansible reports them as usual.
+        thread and this thread stops waiting at the deadline; the ssh client started for it is then
+        terminated (``processes.call_with_deadline``). Errors of the connection (unreachable host) are
+        re-raised here so that Ansible reports them as usual.
         """
-        outcome: dict = {}
-
-        def target() -> None:
-            try:
-                # sudoable=False: no become and, above all, no "-tt" pseudo-terminal, which would merge
-                # the script's stdout and stderr and turn LF into CRLF.
-                outcome["result"] = self._low_level_execute_command(script, sudoable=False)
-            except BaseException as exc:  # pylint: disable=broad-exception-caught
-                outcome["error"] = exc
-
-        worker = threading.Thread(target=target, name="hwledger-gpu-query", daemon=True)
-        worker.start()
-        worker.join(deadline_s)
-        if worker.is_alive():
-            # Ansible forks a fresh worker process for each host and task, so its children now are the
-            # ones this exec started. /proc is scanned only here, past the deadline: a scan costs
-            # milliseconds on a controller with a thousand ssh masters, too much for every exec.
-            started_here = processes.children(os.getpid())
-            display.vvv("hwledger.fleet.gpu_query: no answer within %.1f s; terminating %s"
-                        % (deadline_s, sorted(started_here) or "nothing"))
-            _terminate(started_here)
-            worker.join(1.0)
+        # sudoable=False: no become and, above all, no "-tt" pseudo-terminal, which would merge the
+        # script's stdout and stderr and turn LF into CRLF.
+        done, value = processes.call_with_deadline(
+            lambda: self._low_level_execute_command(script, sudoable=False), deadline_s)
+        if not done:
+            display.vvv("hwledger.fleet.gpu_query: no answer within %.1f s; terminated %s"
+                        % (deadline_s, sorted(value) or "nothing"))
             return None
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["result"]
+        return value

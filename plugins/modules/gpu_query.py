@@ -68,8 +68,10 @@ options:
       - The task itself ends at most O(timeout) + 3 seconds after the command was started, whatever the
         host or the network does.
       - Between 1 and 3600.
+      - When not given, the host variable C(hwledger_gpu_query_timeout), else V(10). The playbooks pass
+        nothing, so that no task argument is templated per host (the cost of a heartbeat stays that of one
+        exec).
     type: int
-    default: 10
   backend:
     description:
       - Which tool's output to expect.
@@ -82,8 +84,8 @@ options:
       - Also read the host's load averages, memory and CPU count in the same command (Linux C(/proc)).
       - On hosts without C(/proc) the RV(ansible_facts.hwledger_snapshot.host) values are V(null). With
         V(false) the snapshot has no RV(ansible_facts.hwledger_snapshot.host) key.
+      - When not given, the host variable C(hwledger_host_metrics), else V(true).
     type: bool
-    default: true
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - ansible.builtin.action_common_attributes.conn
@@ -293,6 +295,15 @@ ansible_facts:
               description: C(MemAvailable) in bytes (V(null) on kernels older than 3.14).
               type: int
               sample: 498216415232
+summary:
+  description:
+    - One line for people, as the C(hwledger.fleet.heartbeat) playbook prints it per host. It gives the GPUs with
+      their free and total memory and the host load and memory, or C(FAILED) with the reason and the message.
+    - Built in Python from the values above (GPU names are the host's text, kept as data).
+  returned: always
+  type: str
+  sample: "gpu-box-1: 1 GPU(s) (nvidia, 48.2 ms); [0] NVIDIA H100 80GB HBM3: 81559 of 81559 MiB free; load 0.52
+    on 64 CPUs, 464.0 of 503.6 GiB memory available"
 changed:
   description: Always V(false); the query changes nothing.
   returned: always

@@ -122,3 +122,40 @@ def mentioning(text):
         if needle in line:
             found[pid] = line.replace(b"\0", b" ").decode("utf-8", "replace").strip()
     return found
+
+
+def call_with_deadline(func, deadline_s):
+    """``(True, func())`` when ``func`` returns within ``deadline_s`` (its exception re-raised here), else
+    ``(False, pids)`` after SIGTERM to ``pids``, the children this process had then.
+
+    For an action plugin around one exec of its connection, whose own timeout bounds only connection
+    set-up: Ansible forks a fresh worker process per host and task, so the worker's children at that
+    moment are the ssh client(s) this exec started (a multiplexing master is that client's child and
+    survives). /proc is scanned only past the deadline, never for an exec that answers.
+    """
+    import signal  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = func()
+        except BaseException as exc:  # pylint: disable=broad-exception-caught
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name="hwledger-bounded-exec", daemon=True)
+    worker.start()
+    worker.join(deadline_s)
+    if worker.is_alive():
+        started_here = children(os.getpid())
+        for pid in started_here:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        worker.join(1.0)
+        return False, started_here
+    if "error" in outcome:
+        raise outcome["error"]
+    return True, outcome["value"]

@@ -117,9 +117,11 @@ def test_a_hung_host_times_out_within_the_timeout_while_the_others_answer(lab: L
         elapsed = time.monotonic() - start
         assert outcomes[fresh_host.name].ok
         assert answered[fresh_host.name] < TIMEOUT_S  # not held up by the hung host
-        # The host's watchdog killed the tool at the timeout and answered: the host is up, its tool hangs.
+        # The host's watchdog killed the tool at the timeout and answered ("timeout", not the controller's
+        # "no_answer"): the host is up, its tool hangs. The bound only proves the tick did not wait for the
+        # tool (60 s).
         assert outcomes[hung.name].reason == "timeout"
-        assert TIMEOUT_S <= elapsed < TIMEOUT_S + probe.KILL_GRACE_S + 1.0
+        assert TIMEOUT_S <= elapsed < TIMEOUT_S + 20
         assert ssh_clients(pinned.policy.control_dir) == []
         time.sleep(probe.KILL_GRACE_S + 0.5)
         leftover = [pid for pid in hung.processes() if pid != hung.pid and "sshd" not in
@@ -144,7 +146,9 @@ def test_an_address_that_never_answers_is_cut_at_the_deadline(pinned: Pinned, fr
         elapsed = time.monotonic() - start
     assert outcomes["mute"].reason == "no_answer"
     assert outcomes[fresh_host.name].ok
-    assert transport.deadline_s <= elapsed < transport.deadline_s + 1.0
+    # Cut at its deadline, not at ssh's ConnectTimeout (10 s) nor later.
+    deadline = transport.deadline_for(mute)
+    assert deadline <= elapsed < deadline + 3.0
     assert ssh_clients(pinned.policy.control_dir) == []
 
 

@@ -102,3 +102,40 @@ def test_heartbeat_fails_only_when_asked(hosts, lab, tmp_path, control_dir):
     assert failing.returncode == 2, failing.stdout[-3000:]
     # Even then, the other hosts got their heartbeat.
     assert "%s: 2 GPU(s)" % hosts["ok"].name in failing.stdout
+
+
+# --- hwledger.fleet.heartbeat_facts: the machine entry (serve --transport ansible, AWX) -------------------
+
+
+def test_facts_playbook_caches_the_facts_prints_nothing_and_exits_0(hosts, lab, tmp_path, control_dir):
+    marker = tmp_path / "PWNED"
+    evil_name = "{{ lookup('pipe', 'touch %s') }}" % marker
+    hosts["evil"].set_tool(stdout="0, %s, 2048 MiB, 1024 MiB\n" % evil_name)
+    inventory = make_inventory(tmp_path, list(hosts.values()), control_dir=control_dir)
+    hosts["down"].stop()
+    cache = tmp_path / "facts"
+    run = run_playbook("hwledger.fleet.heartbeat_facts", inventory, tmp_path,
+                       env_extra={"ANSIBLE_CACHE_PLUGIN": "jsonfile", "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(cache)})
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert summary_lines(run.stdout) == {}  # no summary: one task per host, nothing templated
+    assert cached_facts(cache, hosts["ok"].name)["hwledger_snapshot"]["gpus"][1]["name"] == "NVIDIA GeForce RTX 5070 Ti"
+    assert cached_facts(cache, hosts["evil"].name)["hwledger_snapshot"]["gpus"][0]["name"] == evil_name
+    assert "hwledger_snapshot" not in cached_facts(cache, hosts["broken"].name)
+    assert not marker.exists()
+
+
+def test_facts_playbook_fails_once_for_the_run_only_when_asked(hosts, lab, tmp_path, control_dir):
+    inventory = make_inventory(tmp_path, list(hosts.values()), control_dir=control_dir)
+    hosts["down"].stop()
+    unreachable = run_playbook("hwledger.fleet.heartbeat_facts", inventory, tmp_path,
+                               "-e", "hwledger_fail_on_unreachable=true")
+    assert unreachable.returncode == 2, unreachable.stdout[-3000:]
+    assert f"Unreachable: {hosts['down'].name}. GPU query failed: none." in unreachable.stdout
+    failing = run_playbook("hwledger.fleet.heartbeat_facts", inventory, tmp_path, "-e", "hwledger_fail_on_query_error=true")
+    assert failing.returncode == 2, failing.stdout[-3000:]
+    line = re.search(r"Unreachable: none\. GPU query failed: ([^.\n]+)\.", failing.stdout)
+    assert line, failing.stdout[-3000:]
+    # The host without a tool and the one printing no GPU rows; the others answered.
+    assert sorted(line.group(1).split(", ")) == sorted([hosts["broken"].name, hosts["evil"].name])
+    quiet = run_playbook("hwledger.fleet.heartbeat_facts", inventory, tmp_path, "-e", "hwledger_fail_on_query_error=false")
+    assert quiet.returncode == 0, quiet.stdout[-3000:]

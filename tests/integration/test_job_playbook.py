@@ -120,8 +120,8 @@ def run_playbook(fleet: Fleet, host: SshHost, tmp_path: Path, job: dict | None =
         "hwledger_results_dir": str(results_dir),
         "hwledger_job_poll_s": 1,
         "hwledger_job_tmp_base": str(fleet.tmp_base),
-        # The lab's remote PATH holds python3 (python=True hosts), not where Ansible looks for it.
-        "ansible_python_interpreter": str(host.bin_dir / "python3"),
+        # No ansible_python_interpreter: the role runs no module on the remote, so Ansible never looks for
+        # an interpreter there (the staged runner uses the python3 of the remote PATH, checked first).
     }
     if as_dict:
         variables["hwledger_job"] = job
@@ -228,7 +228,7 @@ def target(request, py_host) -> SshHost:
 @pytest.fixture(autouse=True)
 def nothing_of_the_job_left_on_the_remote(fleet: Fleet):
     """After every test: no new hwledger-job-* dir in the remote temp dir, nothing left in the remote HOMEs
-    (Ansible's per-task temp dirs are removed, the async status file lived in the job dir)."""
+    (no module runs there, so no per-task temp dir or async status file is ever made)."""
     before = remote_job_dirs(fleet.tmp_base)
     yield
     assert remote_job_dirs(fleet.tmp_base) - before == set()
@@ -338,6 +338,50 @@ def test_remote_with_python_3_8_runs_the_staged_runner(fleet, lab, tmp_path):
     run = run_playbook(fleet, host, tmp_path, job)
     assert run.rc == 0, run.output
     assert run.result["stdout_tail"] == "(3, 8)\n"
+
+
+PYENV_BASHRC = """\
+# As `pyenv init -` leaves a rented box: its shims first on the PATH of every shell, ssh host cmd included.
+export PYENV_ROOT="$HOME/.pyenv"
+export PATH="$PYENV_ROOT/shims:$PATH"
+"""
+
+
+def pyenv_host(lab: Lab) -> SshHost:
+    """bash as login shell, and a ~/.bashrc that puts pyenv shims first: `python3` works, `python3.13` is a
+    shim for a version that is not selected (what pyenv prints then, exit 127)."""
+    host = lab.add_loopback_host(lab.unique_name("job-pyenv"), python=False, bashrc=PYENV_BASHRC)
+    shims = host.home / ".pyenv" / "shims"
+    shims.mkdir(parents=True)
+    system_python = shutil.which("python3", path="/usr/bin:/bin")
+    (shims / "python3").write_text(f'#!/bin/sh\nexec {system_python} "$@"\n')
+    (shims / "python3.13").write_text(
+        "#!/bin/sh\necho 'pyenv: python3.13: command not found' >&2\necho >&2\n"
+        "echo \"The \\`python3.13' command exists in these Python versions:\" >&2\necho '  3.13.0' >&2\nexit 127\n")
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    return host
+
+
+def test_a_pyenv_shim_first_on_the_path_does_not_break_the_job(fleet, lab, tmp_path):
+    """The host of issue 10: Ansible's interpreter discovery picks the broken python3.13 shim, so any module
+    fails there; the role runs none, and its runner uses the python3 it checked."""
+    host = host_of(fleet, "pyenv", lambda: pyenv_host(lab))
+    shell = remote(host, "command -v python3.13; command -v python3")
+    assert shell.stdout.split() == [str(host.home / ".pyenv/shims/python3.13"), str(host.home / ".pyenv/shims/python3")]
+    job = job_schema.new_job(["sh", "-c", "python3 -c 'print(40 + 2)'"], timeout_s=60)
+    run = run_playbook(fleet, host, tmp_path, job)
+    assert run.rc == 0, run.output
+    assert run.result["state"] == "succeeded" and run.result["stdout_tail"] == "42\n"
+    assert "python3.13" not in run.output
+    assert not (host.home / ".ansible").exists()  # no module ever ran there
+    # The control: any module on this host fails as in the issue (discovery picks the shim).
+    module = subprocess.run(
+        [str(ANSIBLE_BIN / "ansible"), host.name, "-i", str(fleet.inventory), "-m", "ansible.builtin.ping"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PATH": f"{ANSIBLE_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}", "ANSIBLE_NOCOLOR": "1"})
+    shutil.rmtree(host.home / ".ansible", ignore_errors=True)
+    assert module.returncode != 0 and "pyenv: python3.13: command not found" in module.stdout + module.stderr, module
 
 
 # --- inputs ------------------------------------------------------------------------------------------
@@ -595,7 +639,6 @@ def test_env_values_never_reach_ansible_runner_events(fleet, py_host, tmp_path):
         "hwledger_results_dir": str(tmp_path / "results"),
         "hwledger_job_poll_s": 1,
         "hwledger_job_tmp_base": str(fleet.tmp_base),
-        "ansible_python_interpreter": str(py_host.bin_dir / "python3"),
     }
     runner = ansible_runner.run(
         private_data_dir=str(private_dir), playbook="hwledger.fleet.job", inventory=str(fleet.inventory),
@@ -814,7 +857,9 @@ def _plant_job_dir(fleet: Fleet, job_id: str, result: bytes | None, *, launched:
     directory = Path(tempfile.mkdtemp(prefix=f"hwledger-job-{job_id}-", dir=fleet.tmp_base))
     (directory / "job.json").write_text("{}")
     if launched:
-        (directory / "async").mkdir()
+        # What the runner's wrapper leaves as it starts and ends (job_remote.LAUNCH_TRACES).
+        for name, text in (("runner.out", ""), ("runner.err", ""), ("runner.rc", "1\n")):
+            (directory / name).write_text(text)
     if result is not None:
         (directory / "result.json").write_bytes(result)
         (directory / "result.json").chmod(0o600)

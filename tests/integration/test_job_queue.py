@@ -150,8 +150,8 @@ def test_sigterm_during_a_job_stops_in_time_and_the_next_server_cleans_up(fleet_
     remote_dir = wait_for(lambda: _job(fleet_env, job_id).remote_dir, timeout=30, what="the remote dir")
     started = time.monotonic()
     server.send_signal(signal.SIGTERM)
-    assert server.wait(10) == 0, fleet_env.server_log()
-    assert time.monotonic() - started < 2.0
+    assert server.wait(30) == 0, fleet_env.server_log()
+    assert time.monotonic() - started < 10  # did not wait for the job (60 s)
     runs = fleet_env.data_dir / "runs"
     assert processes_mentioning(runs) == {}  # no ansible-playbook, worker or ssh client of the server
     job = _job(fleet_env, job_id)

@@ -12,6 +12,7 @@ audit, cases 4 and 5).
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -75,8 +76,9 @@ def test_a_bastion_that_is_fine_leaves_the_agent_unreachable(lab, tmp_path, shor
 
 
 @pytest.mark.parametrize("transport", ["fanout", "ansible"])
-@pytest.mark.parametrize("damage", ["mode 0644", "deleted"])
-def test_an_unusable_private_key_is_named_with_the_fix(lab, fresh_host, tmp_path, short_data_dir, transport, damage):
+@pytest.mark.parametrize("damage", ["mode 0644", "deleted", "passphrase"])
+def test_an_unusable_private_key_is_named_with_the_fix(lab, fresh_host, tmp_path, short_data_dir, transport, damage,
+                                                       monkeypatch):
     key = tmp_path / "agent_key"
     shutil.copy(lab.client_key, key)
     key.chmod(0o600)
@@ -84,6 +86,12 @@ def test_an_unusable_private_key_is_named_with_the_fix(lab, fresh_host, tmp_path
     write_agents_toml(fleet.config, [fresh_host.agent_entry(ssh_key_path=str(key))])
     if damage == "deleted":
         key.unlink()
+    elif damage == "passphrase":
+        # The right key, given a passphrase afterwards (written into the file by hand, say): ssh runs in
+        # BatchMode and cannot ask for it, and no ssh-agent holds it.
+        monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+        subprocess.run(["ssh-keygen", "-q", "-p", "-P", "", "-N", "a passphrase", "-f", str(key)], check=True,
+                       capture_output=True)
     else:
         key.chmod(0o644)
     server = _server(fleet, transport)
@@ -94,5 +102,6 @@ def test_an_unusable_private_key_is_named_with_the_fix(lab, fresh_host, tmp_path
         server.close()
     assert (row.state, row.state_reason) == ("error", "key_unusable"), row
     assert str(key) in row.state_msg
-    assert ("chmod 600" in row.state_msg) if damage == "mode 0644" else ("does not exist" in row.state_msg)
+    expected = {"mode 0644": "chmod 600", "deleted": "does not exist", "passphrase": "protected by a passphrase"}
+    assert expected[damage] in row.state_msg, row.state_msg
     assert row.consecutive_misses == 0 and row.last_seen is None  # the host is not blamed

@@ -169,3 +169,45 @@ def test_query_pacing_runs_the_tool_once_per_interval_and_counts_no_miss_as_a_ru
     pacing.note({"paced": ProbeOutcome(True, None)}, {"paced"})  # a liveness answer is not a run
     clock[0] += 1
     assert pacing.liveness_only([paced, plain]) == set()
+
+
+# --- AnsibleHeartbeat: what it asks ansible-runner for, and how it reads the answer -----------------------
+
+
+class _FakeRuns:
+    """Stands in for AnsibleRuns: records the call and answers with the given host events."""
+
+    def __init__(self, host_events):
+        self.calls = []
+        self.host_events = host_events
+
+    def run_playbook(self, playbook, **kwargs):
+        from hwledger.ansible_runs import PlaybookRun  # pylint: disable=import-outside-toplevel
+
+        self.calls.append((playbook, kwargs))
+        return PlaybookRun(status="successful", rc=0, duration_s=0.1, host_events=self.host_events)
+
+
+def test_the_ansible_transport_runs_the_lean_playbook_without_its_ci_play(tmp_path):
+    from ansible_collections.hwledger.fleet.plugins.plugin_utils import ssh  # pylint: disable=import-outside-toplevel
+    from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import Agent  # pylint: disable=import-outside-toplevel
+
+    from hwledger.ansible_runs import HostEvent  # pylint: disable=import-outside-toplevel
+    from hwledger.heartbeat import AnsibleHeartbeat  # pylint: disable=import-outside-toplevel
+
+    snapshot = {"agent": "up", "gpus": []}
+    runs = _FakeRuns({
+        "up": [HostEvent("runner_on_ok", "up", "Query", "hwledger.fleet.gpu_query",
+                         {"ansible_facts": {"hwledger_snapshot": snapshot}})],
+        "down": [HostEvent("runner_on_unreachable", "down", "Query", "hwledger.fleet.gpu_query",
+                           {"msg": "Connection refused", "unreachable": True})],
+    })
+    agents = [Agent(name=name, hostname="192.0.2.1", ssh_user="u", ssh_key_path="/k") for name in ("up", "down")]
+    policy = ssh.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir="/tmp/hwledger-cp-unit")  # not created
+    outcomes = AnsibleHeartbeat(runs, policy, query_timeout_s=7, host_metrics=False).tick(agents, cancel=lambda: False)
+    (playbook, kwargs), = runs.calls
+    assert playbook == "hwledger.fleet.heartbeat_facts"
+    assert kwargs["skip_tags"] == "hwledger_ci"  # the run-wide CI check is the caller's, not the server's
+    assert kwargs["extravars"] == {"hwledger_gpu_query_timeout": 7, "hwledger_host_metrics": False}
+    assert outcomes["up"].ok and outcomes["up"].snapshot == snapshot
+    assert not outcomes["down"].ok and outcomes["down"].reason == "unreachable"

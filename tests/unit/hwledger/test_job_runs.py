@@ -36,15 +36,31 @@ def _event(name: str, action: str, res: dict, task: str = "a task") -> HostEvent
     return HostEvent(name, "gpu1", task, action, res)
 
 
-def test_a_launch_is_the_start_of_the_launch_task_or_the_async_job_id_of_a_started_run():
-    assert launched_by(_event("runner_on_start", "ansible.builtin.command", {}, task=job_runs.LAUNCH_TASK))
-    assert not runner_seen(_event("runner_on_start", "ansible.builtin.command", {}, task=job_runs.LAUNCH_TASK))
-    assert not launched_by(_event("runner_on_start", "ansible.builtin.command", {}, task="Look for an earlier start"))
-    assert launched_by(_event("runner_on_async_poll", "async_status", {"ansible_job_id": "j1.2", "started": 1}))
-    assert launched_by(_event("runner_on_ok", "ansible.builtin.command", {"ansible_job_id": "j1.2", "started": True}))
+STARTED = {"changed": True, "path": "/tmp/hwledger-job-j-abcd1234", "pid": 4242, "runner": "staged"}
+
+
+def test_a_launch_is_the_start_of_the_launch_task_or_an_answer_of_job_start_or_job_wait():
+    assert launched_by(_event("runner_on_start", "hwledger.fleet.job_start", {}, task=job_runs.LAUNCH_TASK))
+    assert not runner_seen(_event("runner_on_start", "hwledger.fleet.job_start", {}, task=job_runs.LAUNCH_TASK))
+    assert not launched_by(_event("runner_on_start", "hwledger.fleet.job_spec", {}, task="Validate the job"))
+    # job_start answered with the runner's pid and the private dir: the runner was started
+    assert runner_seen(_event("runner_on_ok", "hwledger.fleet.job_start", STARTED))
+    assert launched_by(_event("runner_on_ok", "hwledger.fleet.job_start", STARTED))
+    assert not launched_by(_event("runner_on_ok", "hwledger.fleet.job_start", {**STARTED, "pid": "4242"}))
+    assert not launched_by(_event("runner_on_ok", "hwledger.fleet.job_start", {**STARTED, "path": "/etc"}))
+    assert not launched_by(_event("runner_on_failed", "hwledger.fleet.job_start", {"reason": "job_already_started"}))
+    # job_wait only runs on a started job; its result is no_log, the event is enough
+    assert runner_seen(_event("runner_on_ok", "hwledger.fleet.job_wait", {"censored": "hidden"}))
+    assert runner_seen(_event("runner_on_failed", "hwledger.fleet.job_wait", {"reason": "result_missing"}))
+    assert not launched_by(_event("runner_on_start", "hwledger.fleet.job_wait", {}, task="Wait for the job"))
     assert not launched_by(_event("runner_on_ok", "ansible.builtin.command", {"rc": 0}))
-    assert not launched_by(_event("runner_on_ok", "ansible.builtin.command", {"ansible_job_id": "j", "started": 0}))
-    assert not launched_by(_event("runner_on_skipped", "ansible.builtin.command", {"ansible_job_id": "j"}))
+    assert not launched_by(_event("runner_on_skipped", "hwledger.fleet.job_start", {}))
+
+
+def test_the_remote_dir_is_the_path_job_start_returned():
+    assert job_runs.remote_dir_of(_event("runner_on_ok", "hwledger.fleet.job_start", STARTED)) == STARTED["path"]
+    assert job_runs.remote_dir_of(_event("runner_on_ok", "ansible.builtin.tempfile", STARTED)) is None
+    assert job_runs.remote_dir_of(_event("runner_on_ok", "hwledger.fleet.job_start", {"path": "/tmp/x/../y"})) is None
 
 
 @pytest.mark.parametrize(
@@ -97,7 +113,7 @@ def test_the_spec_file_with_the_env_values_is_gone_once_the_play_has_read_it(tmp
 
     events = [_event("runner_on_start", "hwledger.fleet.job_spec", {}),  # it has not read the file yet
               _event("runner_on_ok", "hwledger.fleet.job_spec", {"censored": "hidden"}),
-              _event("runner_on_async_poll", "async_status", {"ansible_job_id": "j1.1", "started": 1})]
+              _event("runner_on_ok", "hwledger.fleet.job_start", STARTED)]
     runs = _Runs(tmp_path, events)
     jobs = job_runs.AnsibleJobs(runs, ssh.SshPolicy(known_hosts="/k", control_dir=None), tmp_path / "res")
     agent = agents_schema.Agent(name="gpu1", hostname="192.0.2.1", ssh_user="u", ssh_key_path="/k")
@@ -112,9 +128,9 @@ def test_the_spec_file_with_the_env_values_is_gone_once_the_play_has_read_it(tmp
     assert outcome.kind == "completed" and outcome.launched and seen == events
 
 
-def test_the_launch_task_is_the_roles_one_async_task():
+def test_the_launch_task_is_the_roles_job_start_task():
     import yaml
 
     main = Path(job_runs.__file__).parents[1] / "roles" / "job" / "tasks" / "main.yml"
     tasks = [t for block in yaml.safe_load(main.read_text()) for t in block.get("block", [block])]
-    assert [t["name"] for t in tasks if "async" in t] == [job_runs.LAUNCH_TASK]
+    assert [t["name"] for t in tasks if "hwledger.fleet.job_start" in t] == [job_runs.LAUNCH_TASK]

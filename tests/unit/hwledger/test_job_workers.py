@@ -19,8 +19,10 @@ from hwledger.job_workers import RECONCILE_RETRY, JobWorkers
 from hwledger.store import AgentRecord, Store
 
 AGENT = agents_schema.Agent(name="a", hostname="192.0.2.1", ssh_user="u", ssh_key_path="/k")
-LAUNCH = HostEvent("runner_on_async_poll", "a", "async_status", "async_status", {"ansible_job_id": "j1", "started": 1})
 DIR = "/tmp/hwledger-job-x-abcd1234"
+# job_start's answer: the runner was started in DIR.
+LAUNCH = HostEvent("runner_on_ok", "a", "Start the job on the remote", "hwledger.fleet.job_start",
+                   {"changed": True, "path": DIR, "pid": 4242, "runner": "staged"})
 
 
 class FakeJobs:

