@@ -148,6 +148,8 @@ def test_a_job_still_running_after_the_restart_is_followed_to_its_end(fleet_env,
     marker = tmp_path / "ran.log"
     job_id = _crash(fleet_env, "launched", "sh", "-c", f"echo ran >> {marker}; sleep 6; echo done >> {marker}; echo out")
     _hang_the_dead_servers_runs(fleet_env)
+    # "launched" is job_start's answer: the runner was started detached, and its command may take a moment.
+    wait_for(marker.exists, timeout=30, what="the job's command to run on the host")
     assert marker.read_text().splitlines() == ["ran"]  # still running when the new server starts
 
     job, history = _settle_after_restart(fleet_env, job_id)
