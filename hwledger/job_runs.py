@@ -195,13 +195,18 @@ class AnsibleJobs:
         return JobRunOutcome("error", f"playbook_error: {run.failure_text()[:2000]}", reason="playbook_error")
 
 
+# The role's reasons that the server's jobs give under another name (docs/fleet-server.md): job_start's
+# no_runner (no usable python3 and no hwledger on the host) is runner_unavailable, a permanent start failure.
+_SERVER_REASONS = {"no_runner": "runner_unavailable"}
+
+
 def _failed(event: HostEvent) -> JobRunOutcome:
     """A failed task: its reason (the action's `reason`, or the one the role's message starts with) first,
     then the task, then its message. A task whose result was hidden (no_log) still says which task failed."""
     msg = str(event.res.get("msg") or event.res.get("censored") or "no message")[:2000]
     reason = event.res.get("reason") if isinstance(event.res.get("reason"), str) else None
     reason = reason_of(reason + ": ") if reason else reason_of(msg)
-    reason = reason or "task_failed"
+    reason = _SERVER_REASONS.get(reason or "", reason) or "task_failed"
     return JobRunOutcome("failed", f"{reason}: {event.task}: {msg}", reason=reason)
 
 

@@ -67,6 +67,10 @@ def test_the_remote_dir_is_the_path_job_start_returned():
     ("res", "reason"),
     [
         ({"msg": "runner_unavailable - gpu1 cannot run hwledger jobs"}, "runner_unavailable"),
+        ({"msg": "gpu1 cannot run hwledger jobs: python3 is not on its PATH", "reason": "no_runner"},
+         "runner_unavailable"),  # job_start's reason, under the server's name for it
+        ({"msg": "job_already_started - job x was started on gpu1 before", "reason": "job_already_started"},
+         "job_already_started"),
         ({"msg": "job_already_started - job x was started on gpu1 before"}, "job_already_started"),
         ({"msg": "result of job x refused (result_not_json): ...", "reason": "result_not_json"}, "result_not_json"),
         ({"censored": "the output has been hidden due to the fact that 'no_log: true' was specified"}, "task_failed"),
