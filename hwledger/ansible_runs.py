@@ -62,6 +62,9 @@ HOST_OUTCOME_EVENTS = frozenset({
     "runner_on_ok", "runner_on_failed", "runner_on_unreachable", "runner_on_skipped",
     "runner_item_on_ok", "runner_item_on_failed", "playbook_on_stats",
 })
+# Events only passed on to `on_event`, never kept: a task's start on a host, and an async task's polls (one
+# every few seconds for as long as a job runs). They tell when a job's command was launched.
+PASSED_ON_EVENTS = frozenset({"runner_on_start", "runner_on_async_poll"})
 
 
 _STATS_KEYS = ("ok", "failures", "dark", "changed", "skipped", "rescued", "ignored")
@@ -211,7 +214,7 @@ class AnsibleRuns:
                 tail.extend(stdout.splitlines()[-20:])
                 del tail[:-40]
             name = event.get("event", "")
-            if name not in HOST_OUTCOME_EVENTS:
+            if name not in HOST_OUTCOME_EVENTS and name not in PASSED_ON_EVENTS:
                 return False
             data = event.get("event_data") or {}
             if name == "playbook_on_stats":
@@ -221,7 +224,8 @@ class AnsibleRuns:
             if host:
                 host_event = HostEvent(name, host, data.get("task", ""), data.get("task_action", ""),
                                        data.get("res") if isinstance(data.get("res"), dict) else {})
-                result.host_events.setdefault(host, []).append(host_event)
+                if name in HOST_OUTCOME_EVENTS:
+                    result.host_events.setdefault(host, []).append(host_event)
                 if on_event is not None:
                     on_event(host_event)
             return False  # never write job_events/*.json

@@ -420,8 +420,10 @@ class _FanoutLoop:
             waiting = in_budget and any(ex.waited_for for ex in self.running.values())
             if not (warm or (cold and in_budget) or waiting):
                 if self.running:
-                    # Execs of earlier ticks that ended meanwhile are reported now (a poll that does not
-                    # wait): a fleet whose only hosts are in flight must still hear from them.
+                    # Execs carried over from earlier ticks that ended meanwhile are reported now (a poll that
+                    # does not wait), and those past their deadline are ended: a fleet whose only hosts are in
+                    # flight must still hear from them, and an agent whose first dial outlived a tick's budget
+                    # must not stay "in flight", never reported, as long as nothing else is asked.
                     self._wait_events(time.monotonic())
                     self._enforce_deadlines()
                 return True  # cold agents not started within the budget are asked by a later tick

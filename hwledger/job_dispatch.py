@@ -16,7 +16,7 @@ each that waits gets the reason on its row, written only when the reason changes
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -39,8 +39,11 @@ class _Agent:
     whole: bool = False        # an active job holds the whole agent
     kept_free: bool = False    # an older job that needs the whole agent waits for it
     claims: list[Claim] = field(default_factory=list)
+    blocked: str | None = None  # the server does something there first (a reconcile, a clean-up)
 
     def closed(self) -> str | None:
+        if self.blocked:
+            return self.blocked
         if self.whole:
             return "runs a job that holds the whole agent (it asked for no GPU)"
         if self.kept_free:
@@ -52,11 +55,14 @@ class DispatchRound:
     """One round over the active and queued jobs (see the module's notes). `configured`: the agents of the
     agents file (a job can only run on one of them); `answered`: those that answered this tick and are
     `online`; `in_workers`: the jobs a worker of this server already runs; `capacity`: how many more jobs a
-    worker may take now (`workers_max` in all)."""
+    worker may take now (`workers_max` in all); `closed`: agents on which nothing new starts this round, with
+    the reason (the server first reconciles a job a previous server left there, or removes what an earlier
+    attempt of a job queued again left on the host). A queued job with a clean-up pending waits for it."""
 
     def __init__(self, store: Store, *, configured: Collection[str], answered: Collection[str],
                  in_workers: Collection[str], capacity: int, workers_max: int, max_age_s: float,
-                 stop: Callable[[], bool] = lambda: False, now: datetime | None = None):
+                 stop: Callable[[], bool] = lambda: False, now: datetime | None = None,
+                 closed: Mapping[str, str] | None = None):
         self.store = store
         self.configured = set(configured)
         self.answered = set(answered)
@@ -66,7 +72,7 @@ class DispatchRound:
         self.max_age_s = max_age_s
         self.stop = stop
         self.now = now or datetime.now(timezone.utc)
-        self.agents: dict[str, _Agent] = {}
+        self.agents: dict[str, _Agent] = {name: _Agent(blocked=why) for name, why in (closed or {}).items()}
         self._views: dict[str, AgentView] | None = None
         self._memo: dict[tuple, Choice | NoFit] = {}
 
@@ -80,12 +86,14 @@ class DispatchRound:
             agent.claims += claims_of(job.placement, job.id)
             # Left `dispatched` by a previous server (nothing of it started): run it on its agent's next answer.
             if (job.state == "dispatched" and job.id not in self.in_workers and job.agent in self.answered
-                    and job.agent in self.configured and self.capacity > 0):
+                    and job.agent in self.configured and not agent.blocked and self.capacity > 0):
                 out.append(Dispatch(job.id, job.agent))
                 self.capacity -= 1
         for job in self.store.list_jobs(states=["queued"]):
             if self.stop():
                 break
+            if job.cleanup_pending:  # queued again: the server first removes its earlier attempt's dir
+                continue
             request = Request.of_spec(job.spec)
             if request is None:
                 started = self._whole_agent(job)
@@ -103,7 +111,8 @@ class DispatchRound:
             self.store.note_placement(job, NoFit("--agent auto needs resources (--gpus, --min-free-vram)").note())
             return None
         agent = self.agents.setdefault(name, _Agent())
-        if name not in self.answered or name not in self.configured or agent.kept_free or self.capacity <= 0:
+        if (name not in self.answered or name not in self.configured or agent.kept_free or agent.blocked
+                or self.capacity <= 0):
             return None
         if agent.active:
             agent.kept_free = True

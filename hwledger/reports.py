@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from hwledger.store import JOB_ACTIVE_STATES, AgentRow, JobRow, Store, age_seconds, parse_time
+from hwledger.job_runs import reason_of
+from hwledger.store import JOB_ACTIVE_STATES, AgentRow, JobRow, Store, age_seconds, parse_time, shown_spec
 
 DEFAULT_STALE_AFTER_S = 30.0
 
@@ -81,12 +82,15 @@ def job_list(store: Store, *, agent: str | None = None, states: list[str] | None
 
 
 def job_to_dict(job: JobRow) -> dict:
+    """A job as `hwledger job list --json` prints it and /api/jobs serves it. Env values never: `***` in
+    their place (docs/fleet-server.md)."""
     return {
-        "job_id": job.id, "agent": job.agent, "state": job.state, "spec": job.spec,
+        "job_id": job.id, "agent": job.agent, "state": job.state, "spec": shown_spec(job.spec),
         "created_at": job.created_at, "updated_at": job.updated_at, "dispatched_at": job.dispatched_at,
-        "started_at": job.started_at, "finished_at": job.finished_at, "attempts": job.attempts,
+        "started_at": job.started_at, "launched_at": job.launched_at, "finished_at": job.finished_at,
+        "attempts": job.attempts, "max_attempts": job.max_attempts,
         "timeout_s": job.timeout_s, "cancel_requested": job.cancel_requested, "exit_code": job.exit_code,
-        "error": job.error, "result": job.result, "remote_dir": job.remote_dir,
+        "reason": reason_of(job.error), "error": job.error, "result": job.result, "remote_dir": job.remote_dir,
         "cleanup_pending": job.cleanup_pending,
         # Where a job with `resources` was placed and why (its GPUs, their environment); why it waits.
         "placement": job.placement, "placement_note": job.placement_note,

@@ -13,8 +13,11 @@ recorded and the next tick starts at once):
 Running jobs' logs are read at every tick, in the heartbeat's exec where the transport can
 (`hwledger.job_logs`).
 
-At start-up it settles what a previous server left behind (`recover`). One server per store: `run` holds
-an flock on `<data dir>/serve.lock` for the process's life.
+At start-up it settles what a previous server left behind (`recover`): it stops the dead server's
+ansible-playbook runs and reconciles each job they were running with its host. While a job runs, its
+agent going `offline` (missed heartbeats) stops the run: the job ends `lost` (`agent_offline`) instead of
+waiting for its time limit. One server per store: `run` holds an flock on `<data dir>/serve.lock` for the
+process's life.
 """
 
 from __future__ import annotations
@@ -31,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import private_files
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema, private_files
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import Agent
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
 
-from hwledger.ansible_runs import AnsibleRuns, processes_using, terminate_processes_using
+from hwledger.ansible_runs import AnsibleRuns, terminate_processes_using
 from hwledger.display import printable
 from hwledger.errors import UserError
 from hwledger.fleet import Fleet, agent_record
@@ -49,14 +52,10 @@ from hwledger.heartbeat import (
 )
 from hwledger.job_dispatch import DispatchRound
 from hwledger.job_logs import LogFollower
-from hwledger.job_runs import (
-    AnsibleJobs,
-    JobWorkers,
-    discard_settled_results,
-    job_deadline_s,
-    settle_job,
-)
-from hwledger.store import AgentRow, StateChange, StoreError, age_seconds, parse_time
+from hwledger.job_runs import AnsibleJobs
+from hwledger.job_settle import discard_settled_results, settle_job
+from hwledger.job_workers import RECONCILE_RETRY, JobWorkers
+from hwledger.store import AgentRow, StateChange, StoreError, parse_time
 
 log = logging.getLogger("hwledger.server")
 
@@ -70,6 +69,9 @@ SERVE_LOCK_NAME = "serve.lock"
 # `hwledger fleet serve` exits with this when its store cannot be used any more (deleted, replaced,
 # read-only, disk full, damaged): nothing it does could be recorded.
 EXIT_STORE_FAILED = 4
+# A job left by a previous server whose host could not be asked this many times (on ticks at which its
+# agent answered the heartbeat) ends `lost`, its remote dir cleaned up later.
+MAX_RECONCILE_TRIES = 3
 
 
 @dataclass
@@ -110,13 +112,6 @@ class ServeCompanion(Protocol):
 
     def stop(self) -> None:
         ...
-
-
-@dataclass
-class _Orphan:
-    job_id: str
-    run_dir: str
-    deadline: float
 
 
 _DIAL_ORDER = {state: rank for rank, state in enumerate(("online", "degraded", "error", "stale", "pending", "offline"))}
@@ -177,14 +172,15 @@ class Server:
         self.logs = LogFollower(self.policy)
         self.max_parallel_jobs = max_parallel_jobs
         self._pool = ThreadPoolExecutor(max_workers=max_parallel_jobs, thread_name_prefix="hwledger-job")
-        # Work in flight: a job's worker by the job's id, an agent's remote clean-up by _cleanup_key(agent).
+        # Work in flight: a job's worker (its run or its reconcile) by the job's id, an agent's remote clean-up
+        # by _cleanup_key(agent).
         self._busy: dict[str, Future] = {}
-        self._orphans: dict[str, _Orphan] = {}
+        self._reconcile: dict[str, int] = {}  # running jobs a previous server left -> failed tries to ask
         self._agents: dict[str, Agent] = {}
         self._config_error: str | None = None
         self._config_error_logged_at: float | None = None
         self._config_signature: tuple | None = None
-        self._job_workers: dict[str, str] = {}  # job id -> the agent its worker runs it on
+        self._job_workers: dict[str, tuple[str, str]] = {}  # job id -> (its agent, "run" | "reconcile")
         self._unsettled: set[str] = set()  # jobs whose worker failed, to settle (retried each tick)
         self._lock_fd: int | None = None
         self._event_windows: dict[str, tuple[float | None, int]] = {}
@@ -318,45 +314,34 @@ class Server:
     def recover(self) -> None:
         """Settle what a previous server left behind, before the first tick.
 
-        `running` jobs: if the old run's ansible-playbook still runs (found by its private dir), wait
-        for it (it may still fetch the result); otherwise settle from the results dir. `dispatched`
-        jobs never started anything and are simply run again by the dispatcher.
+        `running` jobs: the dead server's ansible-playbook for it (found by its private dir on the command
+        line; its workers live in sessions of their own and would wait forever on the dead server) is
+        stopped; it can no longer tell this server anything. Then a result file it fetched decides; a job
+        whose playbook never started (no run dir, no remote dir, no launch) is settled at once (nothing ran:
+        another attempt); every other one is reconciled with its host at the first tick its agent answers
+        (`JobWorkers.reconcile_job`). `dispatched` jobs never started anything and are simply run.
         """
-        keep = []
         for job in self.store.list_jobs(states=["running"]):
-            if job.run_dir and processes_using(job.run_dir):
-                ran_for = age_seconds(job.started_at) or 0.0
-                remaining = max(0.0, job_deadline_s(job) - ran_for)
-                self._orphans[job.id] = _Orphan(job.id, job.run_dir, time.monotonic() + remaining)
-                keep.append(job.run_dir)
-                log.warning("job %s: the previous server's run is still going; waiting for it", job.id)
-                continue
-            why = ("the server stopped before the job's playbook started (nothing ran on the host); submit it again"
-                   if job.run_dir is None else "the server stopped while the job ran; no result was fetched")
-            state = settle_job(self.store, job, self.results_dir, None, interrupted=why)
-            log.warning("job %s was running when the previous server stopped: now %s", job.id, state)
-        removed = self.runs.sweep(keep=keep)
+            if job.run_dir:
+                terminate_processes_using(job.run_dir)
+                self.runs.remove_private_dir(Path(job.run_dir))
+                self.store.update_job(job.id, run_dir=None)
+            if job_schema.result_path(self.results_dir, job.id).exists():
+                state = settle_job(self.store, job, self.results_dir, None,
+                                   interrupted="server_stopped: the server stopped after fetching the result")
+            elif job.run_dir is None and job.remote_dir is None and job.launched_at is None:
+                state = settle_job(self.store, job, self.results_dir, None, interrupted=(
+                    "server_stopped: the server stopped before the job's playbook started (nothing ran on the host)"))
+            else:
+                self._reconcile[job.id] = 0
+                state = "to reconcile with its host"
+            log.warning("job %s was running when the previous server stopped: %s", job.id, state)
+        removed = self.runs.sweep()
         if removed:
             log.info("removed %d run dir(s) left by a previous server", len(removed))
         discarded = discard_settled_results(self.store, self.results_dir)
         if discarded:
             log.info("removed %d result file(s) already recorded in the store", discarded)
-
-    def _check_orphans(self) -> None:
-        for job_id, orphan in list(self._orphans.items()):
-            pids = processes_using(orphan.run_dir)
-            job = self.store.get_job(job_id)
-            if pids and job is not None and (job.cancel_requested or time.monotonic() > orphan.deadline):
-                terminate_processes_using(orphan.run_dir)
-                pids = processes_using(orphan.run_dir)
-            if pids:
-                continue
-            del self._orphans[job_id]
-            if job is not None and not job.terminal:
-                state = settle_job(self.store, job, self.results_dir, None,
-                                   interrupted="the previous server's run ended without a result")
-                log.info("job %s (left by the previous server) settled: %s", job_id, state)
-            self.runs.remove_private_dir(Path(orphan.run_dir))
 
     # -- one tick --------------------------------------------------------------------------
 
@@ -406,7 +391,7 @@ class Server:
     def tick(self) -> TickReport:
         report = TickReport(started=time.monotonic())
         self._reap()
-        self._check_orphans()
+        self.store.truncate_wal_if_owed()
         self._reload_agents()
         rows = {row.name: row for row in self.store.list_agents()}
         now = datetime.now(timezone.utc)
@@ -439,6 +424,8 @@ class Server:
         for change in report.changes:
             log.info("agent %s: %s -> %s%s", change.agent, change.old, change.new,
                      f" ({change.reason}: {printable(change.msg, limit=300)})" if change.reason else "")
+        if self._job_workers or self._reconcile:
+            self._stop_jobs_that_cannot_go_on()
         if report.outcomes:
             # Jobs go to agents that answered and are `online` now: not to one whose GPU fell off the bus
             # (`degraded`) nor to one that only answered another poller's busy tool.
@@ -457,22 +444,69 @@ class Server:
         for key, future in list(self._busy.items()):
             if future.done():
                 del self._busy[key]
-                agent = self._job_workers.pop(key, None)
+                agent, kind = self._job_workers.pop(key, (None, None))
                 exc = future.exception()
                 if exc is not None:
                     log.error("worker for %s failed: %s", agent or key,
                               printable(f"{type(exc).__name__}: {exc}", limit=600))
                     if agent is not None:
                         self._unsettled.add(key)
+                        self._reconcile.pop(key, None)
+                elif kind == "reconcile":
+                    self._reconciled(key, future.result())
         for job_id in list(self._unsettled):
             self._settle_failed_worker_job(job_id)
+
+    def _reconciled(self, job_id: str, verdict: str | None) -> None:
+        """A reconcile worker ended: done, or (its host could not be asked) tried again at a later tick, up to
+        MAX_RECONCILE_TRIES times; then the job is `lost` and its remote dir cleaned up later."""
+        if verdict != RECONCILE_RETRY:
+            self._reconcile.pop(job_id, None)
+            return
+        self._reconcile[job_id] = self._reconcile.get(job_id, 0) + 1
+        if self._reconcile[job_id] < MAX_RECONCILE_TRIES:
+            return
+        del self._reconcile[job_id]
+        job = self.store.get_job(job_id)
+        if job is not None and not job.terminal:
+            state = settle_job(self.store, job, self.results_dir, None, interrupted=(
+                f"reconcile_failed: the host could not be asked what became of the job ({MAX_RECONCILE_TRIES} tries)"))
+            log.warning("job %s: its host could not be asked; now %s", job_id, state)
+
+    def _stop_jobs_that_cannot_go_on(self) -> None:
+        """A job whose agent went offline (missed OFFLINE_AFTER_MISSES heartbeats) while it ran ends `lost` now,
+        not at its time limit (the job playbook would poll a dead host until then); its remote dir is cleaned
+        up when the agent answers again. A job left by a previous server that waits to be reconciled goes the
+        same way, and so does one cancelled while its agent is no longer in the agents file (no reconcile
+        will ever reach it)."""
+        offline = {row.name: row for row in self.store.list_agents() if row.state == "offline"}
+        for job_id, (name, _kind) in list(self._job_workers.items()):
+            if name in offline:
+                self.workers.abandon(job_id, _offline_reason(offline[name]))
+        busy_jobs = set(self._job_workers)
+        for job_id in list(self._reconcile):
+            job = self.store.get_job(job_id)
+            if job is None or job.terminal:
+                del self._reconcile[job_id]
+                continue
+            if job_id in busy_jobs:
+                continue
+            if job.agent in offline:
+                why: str | None = _offline_reason(offline[job.agent])
+            elif job.cancel_requested and job.agent not in self._agents:
+                why = None  # settle_job: cancelled
+            else:
+                continue
+            del self._reconcile[job_id]
+            state = settle_job(self.store, job, self.results_dir, None, interrupted=why)
+            log.warning("job %s (left by a previous server, agent %s): now %s", job_id, job.agent, state)
 
     def _settle_failed_worker_job(self, job_id: str) -> None:
         try:
             job = self.store.get_job(job_id)
             if job is not None and not job.terminal:
                 state = settle_job(self.store, job, self.results_dir, None,
-                                   interrupted="the server's job worker failed; see the server log")
+                                   interrupted="worker_failed: the server's job worker failed; see the server log")
                 log.warning("job %s: its worker failed, now %s", job_id, state)
         except Exception as exc:  # pylint: disable=broad-exception-caught
             # E.g. the store stayed busy: try again at the next tick rather than forget the job.
@@ -481,28 +515,33 @@ class Server:
         self._unsettled.discard(job_id)
 
     def _dispatch(self, answered: Sequence[str]) -> list[str]:
-        """Hand the jobs that may start now to workers (`hwledger.job_dispatch`: its own agent for a job
-        without resources, the GPUs placement picks for one with), then a pending clean-up of each agent
-        that answered."""
+        """Hand work to workers, for agents that answered this tick. First what must happen before anything
+        new runs on an agent: a job a previous server left running is reconciled with its host, and a job
+        queued again after an attempt that left its remote dir has that dir removed (its runner stopped). Then
+        the jobs that may start now (`hwledger.job_dispatch`: its own agent for a job without resources, the
+        GPUs placement picks for one with), then a pending clean-up of a finished job."""
         if self.stop_event.is_set():
             return []
+        answered = [name for name in answered if name in self._agents]
+        closed = self._prepare_agents(answered)
         started = []
         dispatches = DispatchRound(
             self.store, configured=self._agents, answered=answered, in_workers=self._job_workers,
             capacity=self.max_parallel_jobs - len(self._busy), workers_max=self.max_parallel_jobs,
-            max_age_s=PLACEMENT_MAX_AGE_INTERVALS * self.interval_s, stop=self.stop_event.is_set,
+            max_age_s=PLACEMENT_MAX_AGE_INTERVALS * self.interval_s, stop=self.stop_event.is_set, closed=closed,
         ).run()
         for dispatch in dispatches:
             log.info("job %s dispatched to %s", dispatch.job_id, dispatch.agent)
+            self.workers.handing_out(dispatch.job_id)
             self._busy[dispatch.job_id] = self._pool.submit(self.workers.run_job, dispatch.job_id,
                                                             self._agents[dispatch.agent])
-            self._job_workers[dispatch.job_id] = dispatch.agent
+            self._job_workers[dispatch.job_id] = (dispatch.agent, "run")
             started.append(dispatch.job_id)
         for name in answered:
             key = _cleanup_key(name)
             if self.stop_event.is_set() or len(self._busy) >= self.max_parallel_jobs:
                 break
-            if key in self._busy or name not in self._agents:
+            if key in self._busy:
                 continue
             pending = self.store.list_jobs(agent=name, states=["cancelled", "lost", "failed"])
             # A job whose worker still runs does its own clean-up.
@@ -511,7 +550,37 @@ class Server:
                 self._busy[key] = self._pool.submit(self.workers.clean_up, pending[0].id, self._agents[name])
         return started
 
+    def _prepare_agents(self, answered: Sequence[str]) -> dict[str, str]:
+        """Start the reconciles and the clean-ups before another attempt (see _dispatch) of the agents that
+        answered; returns the agents closed to new jobs meanwhile, with the reason (`job show` shows it)."""
+        closed: dict[str, str] = {}
+        for job_id in list(self._reconcile):
+            job = self.store.get_job(job_id)
+            if job is None or job.terminal:
+                continue  # _stop_jobs_that_cannot_go_on forgets it
+            closed[job.agent] = f"first asks its host what became of job {job_id} (left by a previous server)"
+            if job_id in self._busy or job.agent not in answered or len(self._busy) >= self.max_parallel_jobs:
+                continue
+            self.workers.handing_out(job_id)
+            self._busy[job_id] = self._pool.submit(self.workers.reconcile_job, job_id, self._agents[job.agent])
+            self._job_workers[job_id] = (job.agent, "reconcile")
+        for name in answered:
+            again = [job for job in self.store.list_jobs(agent=name, states=["queued"]) if job.cleanup_pending]
+            if not again:
+                continue
+            closed.setdefault(name, f"first removes what an earlier attempt of job {again[0].id} left on the host")
+            key = _cleanup_key(name)
+            if key not in self._busy and len(self._busy) < self.max_parallel_jobs:
+                self._busy[key] = self._pool.submit(self.workers.clean_up, again[0].id, self._agents[name])
+        return closed
+
 
 def _cleanup_key(agent: str) -> str:
     """The key of an agent's clean-up in flight among the server's work (job ids are UUIDs: no clash)."""
     return f"cleanup:{agent}"
+
+
+def _offline_reason(row: AgentRow) -> str:
+    why = f" ({row.state_reason})" if row.state_reason else ""
+    return (f"agent_offline: the agent {row.name} missed {row.consecutive_misses} heartbeats in a row{why} while "
+            "the job ran; its remote dir is cleaned up when the agent answers again")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 
@@ -15,7 +16,7 @@ from hwledger.fleet import Fleet
 from hwledger.job_follow import print_log
 from hwledger.placement import AUTO, AgentView, Request, never_fits, note_text, size_text
 from hwledger.reports import DEFAULT_JOB_LIMIT, job_list, job_to_dict
-from hwledger.store import JOB_STATES, JobRow, Store, age_seconds
+from hwledger.store import JOB_STATES, MAX_ATTEMPTS_LIMIT, JobRow, Store, age_seconds, shown_spec
 
 
 def register(subparsers) -> None:
@@ -50,6 +51,10 @@ def register(subparsers) -> None:
                              "GPU request (the default when the job asks for GPUs)")
     submit.add_argument("--file", metavar="JOB.json", help="a job spec file (job_id is generated when absent)")
     submit.add_argument("--json", action="store_true", help="print the queued job as JSON")
+    submit.add_argument("--max-attempts", type=_attempts, default=1, metavar="N",
+                        help="run it at most N times: a job lost after its command started (its host died, the "
+                             "server was stopped) is queued again while attempts remain; failures before the "
+                             "command started do not count (default 1)")
     _add_spec_arguments(submit)
     submit.set_defaults(func=cmd_submit)
 
@@ -112,7 +117,8 @@ def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, metavar="S", help="seconds before the job is killed "
                         f"(default {job_schema.DEFAULT_TIMEOUT_S})")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment variable for the command (repeatable)")
+                        help="environment variable for the command (repeatable); KEY alone takes the value of "
+                             "KEY in this environment, so a secret is not on the command line")
     parser.add_argument("--workdir", metavar="DIR",
                         help="working directory on the agent (default: the login user's HOME there)")
     gpus = parser.add_argument_group(
@@ -126,6 +132,16 @@ def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
                            "'H100*' matches 'NVIDIA H100 80GB HBM3', 'MI100*' matches '... [Instinct MI100]'")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                         help="the command and its arguments, after --")
+
+
+def _attempts(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_ATTEMPTS_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_ATTEMPTS_LIMIT}, got {value}")
+    return value
 
 
 def _store(args: argparse.Namespace) -> Store:
@@ -176,8 +192,11 @@ def build_spec(args: argparse.Namespace) -> dict:
         env = dict(spec.get("env") or {})
         for pair in args.env:
             key, sep, value = pair.partition("=")
-            if not sep or not key:
-                raise UserError(f"--env {pair!r}: write it as KEY=VALUE")
+            if not sep and key in os.environ:
+                value = os.environ[key]  # the value stays off the command line (and the shell's history)
+            elif not sep or not key:
+                raise UserError(f"--env {pair!r}: write it as KEY=VALUE, or KEY alone with KEY set in the "
+                                "environment")
             env[key] = value
         spec["env"] = env
     if args.workdir:
@@ -218,7 +237,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             if impossible:
                 raise UserError(f"{impossible}: the job could never start; ask for less (its latest GPU data: "
                                 "`hwledger fleet status`)")
-        job = store.submit_job(agent, spec, job_id=spec["job_id"], timeout_s=spec.get("timeout_s"))
+        job = store.submit_job(agent, spec, job_id=spec["job_id"], timeout_s=spec.get("timeout_s"),
+                               max_attempts=args.max_attempts)
     if args.json:
         print(dumps(job_to_dict(job)))
     else:
@@ -309,7 +329,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     if waits:
         print(f"waits    {printable(waits)}")
     _print_placement(job.placement)
-    for label, value in (("created", job.created_at), ("started", job.started_at), ("finished", job.finished_at)):
+    env = shown_spec(job.spec).get("env") or {}
+    if env:
+        print(f"env      {printable(' '.join(f'{name}={value}' for name, value in sorted(env.items())))}")
+    print(f"attempts {job.attempts} of {job.max_attempts}")
+    for label, value in (("created", job.created_at), ("started", job.started_at), ("launched", job.launched_at),
+                         ("finished", job.finished_at)):
         if value:
             print(f"{label:<8} {value}")
     if job.exit_code is not None:

@@ -13,7 +13,10 @@ Design notes (why, not what):
   transaction that re-reads the version, so two processes opening a fresh file cannot both migrate.
 - The `events` table is append-only (triggers refuse UPDATE, and DELETE of anything younger than the cut of
   `hwledger fleet prune`; see retention.py).
-- Nothing secret is stored: key *fingerprints* only, never key material.
+- Nothing secret is kept: key *fingerprints* only, never key material; a job's env values (often tokens)
+  only until no attempt of the job can need them, then its names only (`job_env`), and the -wal file is
+  truncated after each removal so no old copy lingers there (`secure_delete` zeroes the freed space in
+  the database file).
 - A job's log (what `hwledger job logs` prints) is bounded per job where it is appended: the oldest rows go
   first, in the same transaction (job_logs.py).
 """
@@ -22,8 +25,9 @@ from __future__ import annotations
 
 from hwledger.store.agents import AgentTables
 from hwledger.store.base import DEFAULT_BUSY_TIMEOUT_S, DEFAULT_SNAPSHOTS_KEPT, StoreBase, StoreError
+from hwledger.store.job_env import env_redacted, shown_spec
 from hwledger.store.job_logs import LOG_KEPT_BYTES, JobLogTables, JobLogView, LogCursor, LogEntry, RunningLog
-from hwledger.store.jobs import JobTables
+from hwledger.store.jobs import MAX_ATTEMPTS_LIMIT, JobTables
 from hwledger.store.placement import PlacementTables
 from hwledger.store.records import (
     AgentRecord,
@@ -48,7 +52,8 @@ class Store(AgentTables, JobTables, JobLogTables, PlacementTables, WatchQueries,
 
 __all__ = [
     "AGENT_STATES", "DEFAULT_BUSY_TIMEOUT_S", "DEFAULT_SNAPSHOTS_KEPT", "JOB_ACTIVE_STATES", "JOB_STATES",
-    "JOB_TERMINAL_STATES", "LOG_KEPT_BYTES", "SCHEMA_VERSION", "AgentRecord", "AgentRow", "AgentUpdate", "EventRow",
-    "JobLogView", "JobRow", "LogCursor", "LogEntry", "MemoryPoint", "PruneReport", "RunningLog", "SnapshotRow",
-    "StateChange", "Store", "StoreError", "age_seconds", "parse_time", "utc_now",
+    "JOB_TERMINAL_STATES", "LOG_KEPT_BYTES", "MAX_ATTEMPTS_LIMIT", "SCHEMA_VERSION", "AgentRecord", "AgentRow",
+    "AgentUpdate", "EventRow", "JobLogView", "JobRow", "LogCursor", "LogEntry", "MemoryPoint", "PruneReport",
+    "RunningLog", "SnapshotRow", "StateChange", "Store", "StoreError", "age_seconds", "env_redacted", "parse_time",
+    "shown_spec", "utc_now",
 ]

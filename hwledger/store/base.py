@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -19,8 +20,15 @@ from hwledger.store.records import EventRow, utc_now
 from hwledger.store.records import where as where_clause
 from hwledger.store.schema import MIGRATIONS, SCHEMA_VERSION, split_sql
 
+log = logging.getLogger("hwledger.store")
+
 DEFAULT_BUSY_TIMEOUT_S = 15.0
 DEFAULT_SNAPSHOTS_KEPT = 12  # per agent; the latest good snapshot is kept besides these
+
+# Set when a WAL checkpoint owed after removing a secret could not finish (a reader held an old snapshot
+# too long); the server's next tick tries again (`truncate_wal_if_owed`). Process-wide: whichever
+# connection removed the secret, the -wal file is the same.
+_WAL_TRUNCATE_OWED = threading.Event()
 
 
 class StoreError(UserError):
@@ -244,6 +252,28 @@ class StoreBase:
                     conn.execute(statement)
                 version += 1
                 conn.execute(f"PRAGMA user_version = {version}")
+
+    def truncate_wal(self) -> bool:
+        """Checkpoint the whole WAL into the database and truncate the -wal file to zero bytes.
+
+        Why: a row rewritten to remove a secret (a job's env values) leaves its old image in the -wal file
+        until the log is checkpointed and reset; with `secure_delete` the database file itself keeps no
+        copy. False (and retried by the server's next tick) when a reader kept the log busy."""
+        try:
+            busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error:
+            busy = 1
+        if busy:
+            log.warning("the store's WAL could not be truncated yet (another connection reads an old snapshot); "
+                        "trying again at the next tick")
+            _WAL_TRUNCATE_OWED.set()
+            return False
+        _WAL_TRUNCATE_OWED.clear()
+        return True
+
+    def truncate_wal_if_owed(self) -> bool:
+        """Retry a WAL truncation that could not finish earlier. True when none is owed any more."""
+        return self.truncate_wal() if _WAL_TRUNCATE_OWED.is_set() else True
 
     @property
     def schema_version(self) -> int:

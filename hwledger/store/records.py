@@ -150,7 +150,7 @@ class StateChange:
 
 JOB_UPDATABLE = {
     "dispatched_at", "started_at", "finished_at", "attempts", "exit_code", "result", "error", "run_dir",
-    "remote_dir", "cleanup_pending", "cancel_requested",
+    "remote_dir", "cleanup_pending", "cancel_requested", "launched_at",
 }
 
 

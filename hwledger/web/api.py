@@ -3,7 +3,9 @@
 
 Never served: key paths and job environment values. A job's `env` keeps its names with every value replaced
 by "<hidden>"; and since an ssh error can quote a key path and a job's output can echo its environment,
-every string served (messages, commands, output tails) has those values masked too. Values shorter than
+every string served (messages, commands, output tails) has those values masked too, as long as the store
+holds them: a job's env values leave the store once no attempt of it can need them (the launch of its last
+attempt, or its end; hwledger.store.job_env), and what it printed later cannot be masked by value any more. Values shorter than
 MIN_SECRET_CHARS are masked only inside `env` itself (masking "1" or "true" everywhere would garble the
 rest and protect nothing).
 """
@@ -17,7 +19,7 @@ from urllib.parse import parse_qs
 
 from hwledger.errors import UserError
 from hwledger.fleet import Fleet
-from hwledger.reports import DEFAULT_JOB_LIMIT, job_list, status_items
+from hwledger.reports import DEFAULT_JOB_LIMIT, job_to_dict, status_items
 from hwledger.store import JOB_STATES, Store
 
 HIDDEN = "<hidden>"
@@ -114,5 +116,14 @@ def job_items(store: Store, secrets: Secrets, query: str) -> list[dict]:
         if not text.isdigit() or not 1 <= int(text) <= MAX_JOB_LIMIT:
             raise BadRequest(f"limit must be a whole number from 1 to {MAX_JOB_LIMIT}")
         limit = int(text)
-    jobs = job_list(store, agent=agents[0] if agents else None, states=states or None, limit=limit)
-    return served_jobs(jobs, secrets)
+    return stored_jobs(store, secrets, agent=agents[0] if agents else None, states=states or None, limit=limit)
+
+
+def stored_jobs(store: Store, secrets: Secrets, *, agent: str | None = None, states: list[str] | None = None,
+                limit: int = DEFAULT_JOB_LIMIT) -> list[dict]:
+    """`job_list`'s jobs as served. job_to_dict shows `***` for env values: the values to mask in the other
+    strings come from the stored specs, which hold them only while an attempt of the job may still need them
+    (hwledger.store.job_env)."""
+    rows = store.list_jobs(agent=agent, states=states, newest=limit)
+    stored = Secrets(value for row in rows for value in ((row.spec or {}).get("env") or {}).values())
+    return served_jobs([job_to_dict(row) for row in rows], secrets + stored)

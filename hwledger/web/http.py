@@ -35,7 +35,7 @@ from pathlib import Path
 from hwledger.display import dumps, printable
 from hwledger.errors import UserError
 from hwledger.fleet import Fleet
-from hwledger.reports import DEFAULT_STALE_AFTER_S, job_list
+from hwledger.reports import DEFAULT_STALE_AFTER_S
 from hwledger.store import JOB_ACTIVE_STATES, Store
 from hwledger.web import api, page
 from hwledger.web.metrics import CONTENT_TYPE as METRICS_TYPE
@@ -193,8 +193,8 @@ class WatchApp:
     def _page(self, store: Store, secrets: api.Secrets) -> str:
         items = api.fleet_items(store, secrets, stale_after=self.stale_after)
         histories = {item["name"]: store.memory_history(item["name"]) for item in items}
-        active = job_list(store, states=["queued", *JOB_ACTIVE_STATES], limit=api.MAX_JOB_LIMIT)
-        return page.render(items, histories, api.served_jobs(active, secrets), now=datetime.now(timezone.utc),
+        active = api.stored_jobs(store, secrets, states=["queued", *JOB_ACTIVE_STATES], limit=api.MAX_JOB_LIMIT)
+        return page.render(items, histories, active, now=datetime.now(timezone.utc),
                            refresh_s=PAGE_REFRESH_S)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.action import ActionBase
@@ -18,6 +19,7 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema, 
 ARGUMENT_SPEC = module_doc.argument_spec(job_result_doc.DOCUMENTATION)
 
 STDERR_SHOWN_CHARS = 500  # of the remote reader's stderr, in a refusal message
+_HEX_RE = re.compile(r"^[0-9a-fA-F\s]*$")
 
 
 class RefusedResult(Exception):
@@ -26,9 +28,10 @@ class RefusedResult(Exception):
         self.reason = reason
 
 
-def result_bytes(read: dict) -> bytes:
+def result_bytes(read: dict, encoding: str = "text") -> bytes:
     """The bytes of result.json from the registered result of the task that read it on the remote with
-    `head -c RESULT_MAX_BYTES+1` (so `stdout` holds at most one byte more than the limit)."""
+    `head -c RESULT_MAX_BYTES+1` (so `stdout` holds at most one byte more than the limit), as they were
+    (`text`) or as `od -An -v -tx1` printed them (`hex`)."""
     if read.get("failed") or read.get("rc") != 0:
         why = to_text(read.get("stderr") or read.get("msg") or "no output")[:STDERR_SHOWN_CHARS]
         raise RefusedResult("result_missing", "result.json could not be read on the remote (exit code %s): %r"
@@ -36,6 +39,8 @@ def result_bytes(read: dict) -> bytes:
     text = read.get("stdout")
     if not isinstance(text, str):
         raise RefusedResult("result_missing", "the remote read of result.json returned no text")
+    if encoding == "hex":
+        return _from_hex(text)
     if len(text) > job_schema.RESULT_MAX_BYTES:
         # The reader stopped one byte past the limit: the file is bigger (or was swapped for something
         # endless, such as a symlink to /dev/zero, after it was checked).
@@ -46,6 +51,30 @@ def result_bytes(read: dict) -> bytes:
         return text.encode("ascii")
     except UnicodeEncodeError:
         raise RefusedResult("result_not_json", "result.json is not the ASCII JSON the runner writes") from None
+
+
+def _from_hex(text: str) -> bytes:
+    """The bytes `od -An -v -tx1` printed (its own output is bounded by the read: 3 characters a byte)."""
+    if len(text) > 4 * (job_schema.RESULT_MAX_BYTES + 1) or not _HEX_RE.match(text):
+        raise RefusedResult("result_not_json", "the remote read of result.json did not print the hex dump expected")
+    digits = "".join(text.split())
+    if len(digits) % 2:
+        raise RefusedResult("result_not_json", "the remote read of result.json printed an odd number of hex digits")
+    raw = bytes.fromhex(digits)
+    if len(raw) > job_schema.RESULT_MAX_BYTES:
+        raise RefusedResult("result_too_large", "result.json holds more than %d bytes (the limit); not accepted"
+                            % job_schema.RESULT_MAX_BYTES)
+    try:
+        raw.decode("ascii")
+    except UnicodeDecodeError:
+        # The runner writes ASCII only (job_schema.encode_result, ensure_ascii): anything else is not its file.
+        raise RefusedResult("result_not_json", "result.json is not the ASCII JSON the runner writes (byte %d is %#04x)"
+                            % (_first_non_ascii(raw), raw[_first_non_ascii(raw)])) from None
+    return raw
+
+
+def _first_non_ascii(raw: bytes) -> int:
+    return next(index for index, byte in enumerate(raw) if byte > 0x7F)
 
 
 def verify_and_publish(results_dir: str, job_id: str, raw: bytes, runner_stdout: str) -> dict:
@@ -89,7 +118,7 @@ class ActionModule(ActionBase):
             result.update(failed=True, reason="invalid_job", msg=str(exc))
             return result
         try:
-            raw = result_bytes(args["read"])
+            raw = result_bytes(args["read"], args["encoding"])
             published = verify_and_publish(results_dir, job_id, raw, args["sha256"])
         except RefusedResult as exc:
             result.update(failed=True, reason=exc.reason, msg="result of job %s refused (%s): %s"

@@ -4,6 +4,8 @@
 
 The job JSON and the runner travel on the exec's standard input (``in_data``), never on a command line.
 Only the directory, the pid and the runner's name come back; nothing of the job is in the result.
+A job is started at most once: an earlier start of the same job id on the remote (another private dir of it,
+or its runner still running) fails the task with reason ``job_already_started`` before anything is written.
 """
 
 from __future__ import annotations
@@ -56,7 +58,14 @@ class ActionModule(ActionBase):
             started = job_remote.parse_start(executed.get("rc"), executed.get("stdout", ""), executed.get("stderr", ""))
         except job_remote.RemoteStepError as exc:
             msg = "%s cannot run hwledger jobs: %s" % (host, exc)
-            if exc.reason == "no_runner":
+            if exc.reason == "job_already_started":
+                # A job is started at most once: the remote shows an earlier start of it, and nothing was
+                # touched there (the new private dir is removed again).
+                msg = ("job_already_started - job %s was started on %s before (%s); it is not started again. "
+                       "hwledger fleet serve follows that run instead (hwledger.fleet.job_reconcile); by hand, "
+                       "remove the old dir first (hwledger.fleet.job_cleanup) to run the job again."
+                       % (job_id, host, exc))
+            elif exc.reason == "no_runner":
                 msg += (". The job role needs python3 (>= 3.8) on the remote for the runner, or hwledger "
                         "installed there (pip install hwledger-fleet).")
             # Remote text, returned as data.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 from ansible.errors import AnsibleConnectionFailure
+from ansible.module_utils.common.text.converters import to_bytes, to_text
 from ansible.plugins.action import ActionBase
 from ansible.utils.unsafe_proxy import wrap_var
 
@@ -53,8 +54,7 @@ class ActionModule(ActionBase):
             token = job_remote.new_token()
             found = job_remote.parse_inspect(self._exec(job_remote.inspect_script(path, token))["stdout"], token)
             self._check(found, args["result_max_bytes"], host, runner_rc, state)
-            read = self._exec(job_remote.read_command(path, args["result_max_bytes"], then_remove=True),
-                              READ_DEADLINE_S)
+            read = self.read_result(path, args["result_max_bytes"])
         except job_remote.RemoteStepError as exc:
             result.update(failed=True, reason=exc.reason, msg=wrap_var(str(exc)))
             return result
@@ -62,18 +62,30 @@ class ActionModule(ActionBase):
             changed=True,
             runner_rc=runner_rc,
             runner_stdout=found["out"],
-            removed=read.get("rc") == 0,  # the read also removed the private directory
-            read={"rc": read.get("rc"), "stdout": read.get("stdout", ""), "stderr": read.get("stderr", ""),
-                  "failed": False},
-            # Up to result_max_bytes + 1 raw bytes of the remote, validated by job_result next: no callback
-            # (screen, ansible-runner/AWX events) gets them. The registered variable keeps them.
+            removed=read["rc"] == 0,  # the read also removed the private directory
+            read=read,
+            # Up to result_max_bytes + 1 raw bytes of the remote (as hex), validated by job_result next: no
+            # callback (screen, ansible-runner/AWX events) gets them. The registered variable keeps them.
             _ansible_no_log=True,
         )
         return wrap_var(result)
 
-    def _exec(self, script: str, deadline_s: float = EXEC_DEADLINE_S) -> dict:
+    def read_result(self, path: str, max_bytes: int) -> dict:
+        """The bounded read of result.json, then the removal of its dir (one exec), for job_result with
+        ``encoding: hex``: ``stdout`` holds the bytes read as hex. The exec's output is decoded with
+        surrogateescape and encoded back here, so whatever the file holds (invalid UTF-8, NUL bytes) comes
+        back exactly, as ASCII, and job_result says what is wrong with it (result_not_json), never a reason
+        hidden by a failed decode."""
+        read = self._exec(job_remote.read_command(path, max_bytes, then_remove=True), READ_DEADLINE_S,
+                          encoding_errors="surrogateescape")
+        raw = to_bytes(read.get("stdout", ""), errors="surrogateescape")
+        return {"rc": read.get("rc"), "stdout": raw.hex(), "encoding": "hex",
+                "stderr": to_text(to_bytes(read.get("stderr", ""), errors="surrogateescape"), errors="replace"),
+                "failed": False}
+
+    def _exec(self, script: str, deadline_s: float = EXEC_DEADLINE_S, **kwargs) -> dict:
         done, value = processes.call_with_deadline(
-            lambda: self._low_level_execute_command(script, sudoable=False), deadline_s)
+            lambda: self._low_level_execute_command(script, sudoable=False, **kwargs), deadline_s)
         if not done:
             raise AnsibleConnectionFailure("no answer from the host within %d s" % deadline_s)
         return value

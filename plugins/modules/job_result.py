@@ -9,12 +9,14 @@ module: job_result
 short_description: Validate an hwledger job result read from the remote and publish it on the controller
 version_added: 0.1.0
 description:
-  - Takes the registered result of the task that read C(result.json) on the remote with
-    C(head -c <limit + 1>) (O(read)), as the P(hwledger.fleet.job#role) role does, and checks the bytes
-    before anything trusts them. They must be at most 1 MiB (the reader stops one byte past the limit,
-    so a file that grew, or was swapped for a symlink to C(/dev/zero) after it was checked, costs the
-    controller at most 1 MiB + 1 byte), ASCII (the runner writes nothing else), strict JSON, a valid hwledger
-    result whose C(job_id) is O(job_id) and, when the runner printed one, have the sha256 in O(sha256).
+  - Takes the bounded read of C(result.json) on the remote (O(read)) - the C(read) result of
+    M(hwledger.fleet.job_wait) or M(hwledger.fleet.job_reconcile_find) (the bytes as hex, O(encoding=hex)), as the
+    P(hwledger.fleet.job#role) role passes it, or the registered result of a task that printed the file with
+    C(head -c <limit + 1>), and checks the bytes before anything trusts them. They must be at most 1 MiB (the
+    reader stops one byte past the limit, so a file that grew, or was swapped for a symlink to C(/dev/zero) after
+    it was checked, costs the controller at most 1 MiB + 1 byte), ASCII (the runner writes nothing else), strict
+    JSON, a valid hwledger result whose C(job_id) is O(job_id) and, when the runner printed one, have the sha256
+    in O(sha256).
   - A valid result is written to C(<results_dir>/<job_id>.json), mode V(0600), atomically (a temp file created
     with C(O_CREAT|O_EXCL|O_NOFOLLOW) and C(fchmod), then renamed over the target). A target that is a symlink
     or not a regular file, and a O(results_dir) that is not a real directory of the user writable by nobody
@@ -35,13 +37,26 @@ options:
     required: true
   read:
     description:
-      - The registered result of an M(ansible.builtin.command) task that printed C(result.json) with
+      - The RV(hwledger.fleet.job_wait#module:read) result of M(hwledger.fleet.job_wait) (or
+        RV(hwledger.fleet.job_reconcile_find#module:read)), with O(encoding=hex); or the registered result of an
+        M(ansible.builtin.command) task that printed C(result.json) with
         C(argv=[head, -c, <result_max_bytes + 1>, --, <path>]) and C(strip_empty_ends=false). Its C(rc) must be 0;
         its C(stdout) is the result.
       - Pass the whole registered variable (C("{{ read }}")), not C("{{ read.stdout }}"), which ansible-core
         2.18 would parse as a dict.
     type: dict
     required: true
+  encoding:
+    description:
+      - How C(stdout) of O(read) holds the bytes.
+      - V(text) is the file itself, as C(head) printed it. A file that is not valid UTF-8 cannot come back this
+        way from ansible-core 2.19, which refuses such a module answer (the read task then fails).
+      - V(hex) is two hex digits per byte (whitespace ignored), as M(hwledger.fleet.job_wait) returns it (or
+        C(od -An -v -tx1) prints it), so any bytes come back exactly, and a file that is not the runner's ASCII
+        JSON is refused with V(result_not_json).
+    type: str
+    choices: [text, hex]
+    default: text
   sha256:
     description:
       - What the runner printed on stdout (C(<hex>  <path>)) or a bare hex digest. When it holds a
@@ -64,21 +79,20 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: Read the result on the remote, bounded (no_log - the bytes are validated next)
-  ansible.builtin.command:
-    argv: [head, -c, "{{ (job.result_max_bytes + 1) | string }}", --, "{{ job_dir }}/result.json"]
-    strip_empty_ends: false
-  register: result_read
-  no_log: true
-  changed_when: false
-  failed_when: false
+- name: Wait for the job and read its result, bounded (the result of job_wait is no_log)
+  hwledger.fleet.job_wait:
+    path: "{{ started.path }}"
+    pid: "{{ started.pid }}"
+    timeout: "{{ job.async_s }}"
+  register: waited
 
 - name: Validate the result and publish it as <job_id>.json
   hwledger.fleet.job_result:
     results_dir: /var/lib/hwledger/results
     job_id: 0f8fad5b-d9cb-469f-a165-70867728950e
-    read: "{{ result_read }}"
-    sha256: "{{ run.stdout }}"
+    read: "{{ waited.read }}"
+    encoding: hex
+    sha256: "{{ waited.runner_stdout }}"
   register: outcome
 """
 

@@ -23,6 +23,11 @@ description:
     so that a dropped SSH connection does not stop it. The runner is told (C(HWLEDGER_JOB_LOG_DIR), not passed
     on to the job) to log the job's output as it comes in the private directory, bounded at 2 MiB, where
     C(hwledger fleet serve) reads it for C(hwledger job logs -f).
+  - Starts a job B(at most once) - before anything of the job is written, another private directory of the same
+    job id in that base directory (the connection's user's, not a symlink) or a live process of that user whose
+    argument is a C(job.json) of that job (a runner of an earlier start, still running) fails the task with
+    reason V(job_already_started); what is there is left untouched and the new directory is removed again.
+    That check reads C(/proc) (where there is none, only the directories count).
   - Returns at once with the directory and the pid of the runner's wrapper; M(hwledger.fleet.job_wait)
     follows the job to its end.
 author:
@@ -65,8 +70,8 @@ attributes:
   platform:
     support: full
     platforms: posix
-    description: The host needs a POSIX C(sh) with C(mktemp), C(find), C(ls), C(cat) and C(mv), and C(python3)
-      3.8 or newer unless C(hwledger) is installed there.
+    description: The host needs a POSIX C(sh) with C(mktemp), C(find), C(ls), C(cat), C(mv), C(tr) and C(grep), and
+      C(python3) 3.8 or newer unless C(hwledger) is installed there.
 seealso:
   - module: hwledger.fleet.job_spec
   - module: hwledger.fleet.job_wait
@@ -104,8 +109,8 @@ runner:
   type: str
   sample: staged
 reason:
-  description: On failure, V(no_runner) (no usable C(hwledger) or C(python3)), V(private_dir), V(input) or
-    V(start_failed).
+  description: On failure, V(no_runner) (no usable C(hwledger) or C(python3)), V(job_already_started) (an earlier
+    start of the job is on the host), V(private_dir), V(input) or V(start_failed).
   returned: failure
   type: str
   sample: no_runner

@@ -19,7 +19,12 @@ What they keep from the module-based role (docs/jobs.md):
   ``HWLEDGER_JOB_LOG_DIR`` tells it to log the job's output in the private dir (``job_log``);
 * ``result.json`` is inspected with ``ls -lnd`` (an lstat: no open, so a FIFO cannot block it), and read
   with ``head -c LIMIT+1 --`` (so a file swapped after the check cannot flood the controller);
-* this user's ``hwledger-job-*`` directories older than the stale age are swept (``find``: no link followed).
+* this user's ``hwledger-job-*`` directories older than the stale age are swept (``find``: no link followed);
+* a job is started at most once: before anything of it is written, another private directory of the same job
+  id (this user's, not a link) or a live process of this user whose argument is a ``job.json`` of that job
+  refuses the start (``job_already_started``), leaving what is there untouched;
+* a job whose run was cut off is found again by its id (``find_script``, for the reconcile of a restarted
+  server): its directories, its runner if it still runs, and the traces of its launch.
 
 Every value put into a script is shell-quoted here; every line read back is parsed strictly, and anything
 unexpected is an error that quotes a bounded piece of the remote's text.
@@ -38,6 +43,25 @@ RUNNER_ERR_BYTES = 2000  # the tail of its stderr, for a failure message
 SHOWN_CHARS = 300
 
 _JOB_DIR = re.compile(r"^/(?:[A-Za-z0-9._-]+/)*hwledger-job-[A-Za-z0-9._-]+$")
+_JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+START_REASONS = ("no_runner", "private_dir", "input", "job_already_started")
+# The files the runner's wrapper creates as it starts (its stdio), ends (runner.rc) and the runner's result:
+# any of them in a job's dir proves its runner was launched (job.json and runner.pyz come before the launch).
+LAUNCH_TRACES = ("runner.out", "runner.err", "runner.rc", "result.json")
+
+# sh: the runs of job $id that are still running (this user's processes with an argument DIR/job.json, DIR
+# one of the job's private dirs: the runner's wrapper and the runner), one line per run (its job.json path),
+# each once. The id is in a variable, never in the script's text next to the pattern, so no shell running this
+# script (whose command line holds it) can match. Only sh builtins besides tr and grep.
+_RUNS_OF_JOB = r"""runs_of_job() {
+  for proc in /proc/[0-9]*; do
+    [ -O "$proc" ] || continue
+    tr '\000' '\n' < "$proc/cmdline" 2>/dev/null | grep -x -- "/.*/hwledger-job-$id-[^/]*/job[.]json"
+  done | { seen=' '; while IFS= read -r run; do
+    case $seen in *" $run "*) ;; *) seen="$seen$run "; printf '%s\n' "$run" ;; esac
+  done; }
+}
+"""
 _AGE = re.compile(r"^(\d+)([smhdw]?)$")
 _AGE_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -75,6 +99,7 @@ def stale_minutes(age):
 # Start: private dir, sweep, job.json and runner.pyz from stdin, the runner detached
 
 _START = r"""umask 077
+id=@ID@
 base=@BASE@
 [ -n "$base" ] || base=${TMPDIR:-/tmp}
 want=@RUNNER@
@@ -89,12 +114,22 @@ if [ -z "$runner" ]; then
     || fail no_runner "python3 on its PATH ($py) does not run, or is older than 3.8: $why"
   runner=staged
 fi
-dir=$(mktemp -d "$base/hwledger-job-@ID@-XXXXXXXX") || { dir=; fail private_dir "cannot create a private directory in $base"; }
+dir=$(mktemp -d "$base/hwledger-job-$id-XXXXXXXX") || { dir=; fail private_dir "cannot create a private directory in $base"; }
 case $(ls -lnd -- "$dir" 2>/dev/null) in drwx------*) ;; *) fail private_dir "$dir is not a private directory" ;; esac
 [ -d "$dir" ] && [ ! -h "$dir" ] && [ -O "$dir" ] || fail private_dir "$dir is not a directory of ours"
 if [ @STALE@ -gt 0 ]; then
   find "$base/." ! -name . -prune -type d -name 'hwledger-job-*' -user "$(id -u)" -mmin +@STALE@ \
     -exec rm -rf -- {} + 2>/dev/null
+fi
+@RUNS_OF_JOB@
+earlier=0
+for other in "$base"/hwledger-job-"$id"-*; do
+  [ "$other" = "$dir" ] && continue
+  [ -d "$other" ] && [ ! -h "$other" ] && [ -O "$other" ] && earlier=$((earlier + 1))
+done
+running=$(runs_of_job | { n=0; while IFS= read -r run; do n=$((n + 1)); done; echo "$n"; })
+if [ "$earlier" -gt 0 ] || [ "$running" -gt 0 ]; then
+  fail job_already_started "$earlier other private dir(s) of it, $running runner(s) of it still running"
 fi
 IFS= read -r spec || fail input "no job spec on standard input"
 (set -C; printf '%s\n' "$spec" > "$dir/job.json") || fail private_dir "cannot write $dir/job.json"
@@ -122,11 +157,16 @@ def start_script(job_id, *, runner="auto", tmp_base="", stale_age_minutes=0):
     """The start step (stdin: ``start_input``). Prints ``START_MARK DIR PID RUNNER`` or ``ERROR_MARK ...``."""
     if runner not in ("auto", "hwledger", "staged"):
         raise ValueError("runner must be auto, hwledger or staged, not %s" % _show(runner))
-    if not re.match(r"^[0-9a-f-]{36}$", job_id):
-        raise ValueError("job_id %s is not a validated UUID" % _show(job_id))
+    _check_job_id(job_id)
     values = {"@BASE@": shlex.quote(tmp_base or ""), "@RUNNER@": runner, "@ID@": job_id,
-              "@STALE@": str(int(stale_age_minutes)), "@START@": START_MARK, "@ERROR@": ERROR_MARK}
+              "@STALE@": str(int(stale_age_minutes)), "@START@": START_MARK, "@ERROR@": ERROR_MARK,
+              "@RUNS_OF_JOB@": _RUNS_OF_JOB}
     return re.sub("|".join(values), lambda m: values[m.group(0)], _START)
+
+
+def _check_job_id(job_id):
+    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+        raise ValueError("job_id %s is not a validated UUID" % _show(job_id))
 
 
 def start_input(job_json, runner_bundle=None):
@@ -142,7 +182,7 @@ def parse_start(rc, stdout, stderr):
     for line in reversed(stdout.splitlines()):
         if line.startswith(ERROR_MARK + " "):
             reason, _sep, msg = line[len(ERROR_MARK) + 1:].partition(" ")
-            raise RemoteStepError(reason if reason in ("no_runner", "private_dir", "input") else "start_failed", msg)
+            raise RemoteStepError(reason if reason in START_REASONS else "start_failed", msg)
         if line.startswith(START_MARK + " "):
             fields = line.split(" ")
             if len(fields) == 4 and is_job_dir(fields[1]) and fields[2].isdigit() and fields[3] in ("hwledger", "staged"):
@@ -150,6 +190,59 @@ def parse_start(rc, stdout, stderr):
             break
     raise RemoteStepError("start_failed", "the job could not be started (exit code %s): %s %s"
                           % (rc, _show(stdout), _show(stderr)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Find a job whose run was cut off (reconcile)
+
+_FIND = r"""id=@ID@
+base=@BASE@
+[ -n "$base" ] || base=${TMPDIR:-/tmp}
+@RUNS_OF_JOB@
+for dir in "$base"/hwledger-job-"$id"-*; do
+  [ -d "$dir" ] && [ ! -h "$dir" ] && [ -O "$dir" ] || continue
+  printf 'dir %s\n' "$dir"
+  for name in @TRACES@; do
+    [ -e "$dir/$name" ] || [ -h "$dir/$name" ] && printf 'trace %s %s\n' "$dir" "$name"
+  done
+done
+runs_of_job | while IFS= read -r run; do printf 'run %s\n' "$run"; done
+echo end
+"""
+
+
+def find_script(job_id, *, tmp_base=""):
+    """This user's private dirs of a job (``dir PATH``), the traces of a launch in each (``trace PATH NAME``:
+    LAUNCH_TRACES present, a link counts), the job.json of each run still running (``run PATH``), ``end``.
+
+    ``tmp_base`` is where job_start made the dir (empty: the remote's ``$TMPDIR`` or ``/tmp``, as job_start)."""
+    _check_job_id(job_id)
+    values = {"@BASE@": shlex.quote(tmp_base or ""), "@ID@": job_id, "@RUNS_OF_JOB@": _RUNS_OF_JOB,
+              "@TRACES@": " ".join(LAUNCH_TRACES)}
+    return re.sub("|".join(values), lambda m: values[m.group(0)], _FIND)
+
+
+def parse_find(stdout, job_id):
+    """{"dirs": [...], "traces": {dir: [names]}, "runs": [job.json paths]} from the find step."""
+    found = {"dirs": [], "traces": {}, "runs": []}
+    prefix = "hwledger-job-%s-" % job_id
+    complete = False
+    for line in stdout.splitlines():
+        kind, _sep, rest = line.partition(" ")
+        if kind == "end" and not rest:
+            complete = True
+        elif kind == "dir" and is_job_dir(rest) and rest.rsplit("/", 1)[1].startswith(prefix):
+            found["dirs"].append(rest)
+            found["traces"][rest] = []
+        elif kind == "trace":
+            path, _sep, name = rest.rpartition(" ")
+            if path in found["traces"] and name in LAUNCH_TRACES:
+                found["traces"][path].append(name)
+        elif kind == "run" and rest.endswith("/job.json") and is_job_dir(rest[:-len("/job.json")]):
+            found["runs"].append(rest)
+    if not complete:
+        raise RemoteStepError("find_failed", "unexpected answer while looking for the job: %s" % _show(stdout))
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema, processes
 from lab import Lab, SshHost, write_agents_toml
 from lab.pinning import pinned_lines
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.processes import mentioning as _mentioning
@@ -112,8 +113,8 @@ class Run:
 
 def run_playbook(fleet: Fleet, host: SshHost, tmp_path: Path, job: dict | None = None, *, job_text: str | None = None,
                  as_dict: bool = False, timeout: float = 240, limit: str | None = None,
-                 options: tuple[str, ...] = (), **extra_vars) -> Run:
-    """ansible-playbook hwledger.fleet.job -i fleet.hwledger.yml -l HOST -e @vars.json [options]"""
+                 options: tuple[str, ...] = (), playbook: str = "hwledger.fleet.job", **extra_vars) -> Run:
+    """ansible-playbook PLAYBOOK (hwledger.fleet.job) -i fleet.hwledger.yml -l HOST -e @vars.json [options]"""
     results_dir = tmp_path / "results"
     variables = {
         "hwledger_results_dir": str(results_dir),
@@ -139,11 +140,11 @@ def run_playbook(fleet: Fleet, host: SshHost, tmp_path: Path, job: dict | None =
         "ANSIBLE_RETRY_FILES_ENABLED": "0",
     }
     proc = subprocess.run(
-        [str(ANSIBLE_BIN / "ansible-playbook"), "hwledger.fleet.job", "-i", str(fleet.inventory), "-l", limit or host.name,
+        [str(ANSIBLE_BIN / "ansible-playbook"), playbook, "-i", str(fleet.inventory), "-l", limit or host.name,
          "-e", f"@{vars_file}", *options],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
-    job_id = job.get("job_id") if isinstance(job, dict) else None
+    job_id = job.get("job_id") if isinstance(job, dict) else extra_vars.get("hwledger_job_id")
     return Run(proc, results_dir, job_id if isinstance(job_id, str) else None)
 
 
@@ -227,7 +228,7 @@ def target(request, py_host) -> SshHost:
 @pytest.fixture(autouse=True)
 def nothing_of_the_job_left_on_the_remote(fleet: Fleet):
     """After every test: no new hwledger-job-* dir in the remote temp dir, nothing left in the remote HOMEs
-    (Ansible's per-task temp dirs are removed, the async status file lived in the job dir)."""
+    (no module runs there, so no per-task temp dir or async status file is ever made)."""
     before = remote_job_dirs(fleet.tmp_base)
     yield
     assert remote_job_dirs(fleet.tmp_base) - before == set()
@@ -524,6 +525,8 @@ def hostile_case(name: str, job_id: str, tmp_path: Path) -> dict:
         "a symlink": dict(symlink_to=str(victim)),
         "bytes changed after the run": dict(payload=data, printed="%s  result.json\n" % ("0" * 64)),
         "schema violation": dict(payload=data.replace(b'"succeeded"', b'"owned"')),
+        # Issue 13: ansible-core 2.19 refused to carry these bytes back, and the reason was lost.
+        "not utf-8": dict(payload=data.replace(b"all fine", b"all \xff\xfe fine")),
     }[name]
 
 
@@ -531,7 +534,7 @@ def hostile_case(name: str, job_id: str, tmp_path: Path) -> dict:
     "case, reason",
     [("too big", "result_too_large"), ("not json", "result_not_json"), ("another job", "result_wrong_job"),
      ("a symlink", "result_not_regular_file"), ("bytes changed after the run", "result_checksum_mismatch"),
-     ("schema violation", "result_invalid")],
+     ("schema violation", "result_invalid"), ("not utf-8", "result_not_json")],
 )
 def test_hostile_results_are_refused(fleet, hostile_host, tmp_path, case, reason):
     job = job_schema.new_job(["true"], timeout_s=60)
@@ -792,3 +795,133 @@ def test_job_survives_a_dropped_ssh_connection(fleet, py_host, tmp_path):
     assert run.result["state"] == "succeeded" and run.result["stdout_tail"] == "survived\n"
     assert run.result["duration_s"] >= 6
     assert list(_mentioning(mark)) == []
+
+
+# --- a job is started at most once; a cut-off run is reconciled ---------------------------------------------
+
+
+def job_runners(job_id: str) -> set[int]:
+    """The pids of the runners of a job: an argument is the spec file inside one of the job's dirs (what the
+    role's own check looks for; the job's other processes, Ansible's modules in its dir, do not count)."""
+    pattern = re.compile(rb"^/.*/hwledger-job-" + job_id.encode() + rb"-[^/]+/job[.]json$")
+    found = set()
+    for pid in processes.table() or {}:
+        if any(pattern.match(arg) for arg in processes.cmdline(pid).split(b"\0")):
+            found.add(pid)
+    return found
+
+
+def test_a_job_is_started_at_most_once(fleet, py_host, tmp_path):
+    """I65: while a run of a job goes on, a second start of the same job_id is refused with a reason, and
+    nothing of the first run is touched; a private dir of the job left on the host refuses it too."""
+    starts = tmp_path / "starts"
+    job = job_schema.new_job(["sh", "-c", f"echo started >> {starts}; sleep 20; echo done"], timeout_s=60)
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    (tmp_path / "third").mkdir()
+    runs: dict[str, Run] = {}
+    first = threading.Thread(target=lambda: runs.update(first=run_playbook(fleet, py_host, tmp_path / "first", job)))
+    first.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not job_runners(job["job_id"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        runners = job_runners(job["job_id"])
+        assert runners, "the first run never started"
+        second = run_playbook(fleet, py_host, tmp_path / "second", job)
+        assert second.rc == 2, second.output[-3000:]
+        assert "job_already_started" in second.output, second.output[-3000:]
+        assert "1 runner(s) of it still running" in second.output, second.output[-3000:]
+        assert second.result_files() == []
+        assert job_runners(job["job_id"]) <= runners  # no second runner, ever
+    finally:
+        first.join(120)
+    assert runs["first"].rc == 0, runs["first"].output
+    assert runs["first"].result["stdout_tail"] == "done\n"
+    assert starts.read_text().splitlines() == ["started"]
+
+    # A dir of this job left behind (a run cut off before its clean-up) refuses a start too.
+    left = Path(tempfile.mkdtemp(prefix=f"hwledger-job-{job['job_id']}-", dir=fleet.tmp_base))
+    try:
+        third = run_playbook(fleet, py_host, tmp_path / "third", job)
+        assert third.rc == 2 and "job_already_started" in third.output, third.output[-3000:]
+        assert "1 other private dir(s)" in third.output, third.output[-3000:]
+        assert left.is_dir()  # not the role's to remove: a reconcile or the clean-up decides
+        assert starts.read_text().splitlines() == ["started"]
+    finally:
+        shutil.rmtree(left, ignore_errors=True)
+
+
+def _plant_job_dir(fleet: Fleet, job_id: str, result: bytes | None, *, launched: bool = True) -> Path:
+    """A private dir of the job as a run cut off after its runner ended leaves it."""
+    directory = Path(tempfile.mkdtemp(prefix=f"hwledger-job-{job_id}-", dir=fleet.tmp_base))
+    (directory / "job.json").write_text("{}")
+    if launched:
+        # What the runner's wrapper leaves as it starts and ends (job_remote.LAUNCH_TRACES).
+        for name, text in (("runner.out", ""), ("runner.err", ""), ("runner.rc", "1\n")):
+            (directory / name).write_text(text)
+    if result is not None:
+        (directory / "result.json").write_bytes(result)
+        (directory / "result.json").chmod(0o600)
+    return directory
+
+
+def reconcile(fleet: Fleet, host: SshHost, tmp_path: Path, job_id: str, **extra) -> tuple[Run, dict | None]:
+    results = tmp_path / "results"
+    results.mkdir(mode=0o700, exist_ok=True)
+    run = run_playbook(fleet, host, tmp_path, playbook="hwledger.fleet.job_reconcile", hwledger_job_id=job_id,
+                       hwledger_job_tmp_base=str(fleet.tmp_base), options=("-v",), **extra)
+    report = None
+    for line in run.output.splitlines():
+        if '"hwledger_job_reconciled"' in line:
+            report = json.loads(line.split("=> ", 1)[1])["ansible_facts"]["hwledger_job_reconciled"]
+    return run, report
+
+
+def test_reconcile_reads_the_result_a_cut_off_run_left_and_removes_its_dir(fleet, py_host, tmp_path):
+    job_id = str(uuid.uuid4())
+    data = job_schema.encode_result(job_schema.make_result(job_id, "failed", started=time.time() - 5,
+                                                           finished=time.time(), exit_code=7, stdout=b"partial\n"))
+    left = _plant_job_dir(fleet, job_id, data)
+    run, report = reconcile(fleet, py_host, tmp_path, job_id)
+    assert run.rc == 0, run.output
+    assert report is not None and report["found"] in (True, "True") and report["result"] in (True, "True")
+    assert (run.result["state"], run.result["exit_code"], run.result["stdout_tail"]) == ("failed", 7, "partial\n")
+    assert not left.exists()
+
+
+def test_reconcile_follows_a_runner_still_running_to_its_end(fleet, py_host, tmp_path):
+    job = job_schema.new_job(["sh", "-c", "sleep 4; echo followed"], timeout_s=60)
+    directory = Path(tempfile.mkdtemp(prefix=f"hwledger-job-{job['job_id']}-", dir=fleet.tmp_base))
+    (directory / "job.json").write_text(json.dumps(job))
+    (directory / "job.json").chmod(0o600)
+    # The runner as the role starts it (its argument names the job's spec file), left by a dead controller.
+    runner = subprocess.Popen([sys.executable, "-m", "hwledger.cli", "run", str(directory / "job.json"),
+                               "--output", str(directory / "result.json")], cwd=REPO, start_new_session=True,
+                              stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'collections'}"})
+    try:
+        run, report = reconcile(fleet, py_host, tmp_path, job["job_id"], hwledger_job_wait_s=60)
+        assert runner.poll() == 0  # it ended by itself, followed, not killed
+        assert run.rc == 0, run.output
+        assert report["running"] in (False, "False") and report["launched"] in (True, "True")
+        assert run.result["stdout_tail"] == "followed\n"
+        assert not directory.exists()
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_reconcile_of_a_job_that_left_nothing_says_so(fleet, py_host, tmp_path):
+    run, report = reconcile(fleet, py_host, tmp_path, str(uuid.uuid4()))
+    assert run.rc == 0, run.output
+    assert report["found"] in (False, "False") and report["launched"] in (False, "False")
+    assert run.result_files() == []
+
+
+def test_reconcile_refuses_a_result_that_is_not_the_runners(fleet, py_host, tmp_path):
+    job_id = str(uuid.uuid4())
+    left = _plant_job_dir(fleet, job_id, b'{"job_id": "\xff\xfe"}\n')
+    run, _report = reconcile(fleet, py_host, tmp_path, job_id)
+    assert run.rc == 2 and "result_not_json" in run.output, run.output
+    assert run.result_files() == [] and not left.exists()

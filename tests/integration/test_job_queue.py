@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -205,3 +206,169 @@ def test_cli_submissions_while_the_server_writes_lose_no_row(fleet_env, lab):
     finally:
         down.stop()
         up.stop()
+
+
+# -- secrets, dead hosts, attempts, hostile results (issue 13) -------------------------------------------
+
+
+# Why a run whose host died ends: the agent went offline (heartbeats), or job_wait could not reach the host.
+LOST_REASONS = ("agent_offline: ", "unreachable: ")
+
+
+def _agent_state(fleet_env, name: str) -> str:
+    with fleet_env.store() as store:
+        return store.get_agent(name).state
+
+
+def _serve_until(fleet_env, job_id, predicate, *, timeout, what):
+    return wait_for(lambda: (j := _job(fleet_env, job_id)) and predicate(j) and j, timeout=timeout, what=what)
+
+
+def _cmdlines_with(needle: bytes) -> list[str]:
+    """Every process whose command line holds `needle` (argv is readable by every local user)."""
+    hits = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if needle in handle.read():
+                        hits.append(entry)
+            except OSError:
+                continue
+    return hits
+
+
+def test_env_values_leave_the_store_and_no_file_log_or_argv_holds_them(fleet_env, python_host, tmp_path):
+    """B8: a canary env value reaches the job, and then no byte of the store (-wal and -shm included), no
+    file of the server (runs, results, logs) and no command line holds it; no command prints it."""
+    import hashlib
+    import secrets as secrets_mod
+
+    fleet_env.register(python_host)
+    canary = f"HWL-ENV-CANARY-{secrets_mod.token_hex(8)}"
+    digest = hashlib.sha256(canary.encode()).hexdigest()
+    check = f'test "$(printf %s "$TOKEN" | sha256sum)" = "{digest}  -" && sleep 8'
+    # --env TOKEN takes the value from the environment: not even the CLI's own argv holds it.
+    proc = fleet_env.hw("job", "submit", "--agent", python_host.name, "--env", "TOKEN", "--", "sh", "-c", check,
+                        extra_env={"TOKEN": canary})
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip()
+    store_files = [fleet_env.db, Path(f"{fleet_env.db}-wal"), Path(f"{fleet_env.db}-shm")]
+    assert any(canary.encode() in p.read_bytes() for p in store_files if p.exists())  # queued: still needed
+
+    server = fleet_env.serve("--interval", "1")
+    _serve_until(fleet_env, job_id, lambda j: j.launched_at is not None, timeout=60, what="the job's launch")
+    # While the job runs: no command line, and no file on this side (the run's own dir included: the spec
+    # file it was handed went as soon as the play had read it) holds the value any more.
+    argv_hits = _cmdlines_with(canary.encode())
+    runs_while_running = files_containing(fleet_env.data_dir / "runs", [canary.encode()])
+    # The row is rewritten at the launch; the WAL checkpoint that follows it a moment later (same thread)
+    # takes the old image out of fleet.db-wal.
+    store_clean = wait_for(lambda: files_containing(fleet_env.data_dir, [canary.encode()]) == [], timeout=30,
+                           what="the env value to leave the store's files")
+    running = _job(fleet_env, job_id)
+    assert running.spec["env"] == {"TOKEN": None}  # its last attempt launched: the value left the store
+    assert not running.terminal, "the job ended before it could be looked at running"
+    assert runs_while_running == [] and store_clean
+    done = _serve_until(fleet_env, job_id, lambda j: j.terminal, timeout=90, what="the job to end")
+    assert (done.state, done.exit_code) == ("succeeded", 0), done.error  # the job got the exact value
+    shown = [fleet_env.hw(*argv).stdout for argv in (("job", "show", job_id, "--json"), ("job", "show", job_id),
+                                                     ("job", "list", "--json"))]
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(10) == 0
+
+    assert argv_hits == []
+    assert not any(canary in out for out in shown) and '"TOKEN": "***"' in shown[0]
+    needles = [canary.encode()]
+    assert [str(p) for p in store_files if p.exists() and canary.encode() in p.read_bytes()] == []
+    assert files_containing(fleet_env.data_dir, needles) == []  # store, runs/, results/
+    assert files_containing(fleet_env.root, needles) == []  # the server's logs too
+
+
+def test_a_host_that_dies_during_a_job_ends_it_lost_long_before_its_timeout(fleet_env, python_host, tmp_path):
+    """Item 7: the job's host goes away (sshd and everything it ran killed) during an hour-long job: after
+    the missed heartbeats that make its agent offline, the job ends `lost`, not an hour later; its remote
+    dir is removed once the host answers again."""
+    fleet_env.register(python_host)
+    marker = tmp_path / "long.log"
+    proc = fleet_env.hw("job", "submit", "--agent", python_host.name, "--timeout", "3600", "--",
+                        "sh", "-c", f"echo started >> {marker}; sleep 3000")
+    job_id = proc.stdout.strip()
+    server = fleet_env.serve("--interval", "1")
+    try:
+        running = _serve_until(fleet_env, job_id, lambda j: j.launched_at is not None and j.remote_dir,
+                               timeout=60, what="the job's launch")
+        wait_for(marker.exists, timeout=60, what="the job to run on the host")
+        python_host.stop()
+        stopped_at = time.monotonic()
+        # "Did not hang": far less than the hour the job's timeout would have taken.
+        job = _serve_until(fleet_env, job_id, lambda j: j.terminal, timeout=180, what="the job to end")
+        assert time.monotonic() - stopped_at < 600
+        # Whichever notices first: the heartbeats (the agent goes offline, the run is stopped) or the run's own
+        # job_wait, which gives up after CONNECTION_RETRIES polls the host refused. Both end the job lost.
+        assert job.state == "lost" and job.error.startswith(LOST_REASONS), job.error
+        assert job.cleanup_pending and job.attempts == 1
+        wait_for(lambda: _agent_state(fleet_env, python_host.name) == "offline", timeout=120, what="the agent offline")
+        assert os.path.isdir(running.remote_dir)  # the host could not be cleaned yet
+
+        python_host.start()
+        _serve_until(fleet_env, job_id, lambda j: not j.cleanup_pending, timeout=600, what="the remote clean-up")
+        assert not os.path.exists(running.remote_dir)
+    finally:
+        python_host.start()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+    assert marker.read_text().splitlines() == ["started"]
+
+
+def test_max_attempts_runs_a_lost_job_again_after_cleaning_up(fleet_env, python_host, tmp_path):
+    """J72: a job lost after its launch (its host died) with attempts left is queued again; its old remote dir
+    is removed before the second attempt starts; attempts count launches only."""
+    fleet_env.register(python_host)
+    marker = tmp_path / "attempts.log"
+    go_on = tmp_path / "go-on"  # the second attempt finds it and ends at once
+    proc = fleet_env.hw("job", "submit", "--agent", python_host.name, "--max-attempts", "2", "--timeout", "3600",
+                        "--", "sh", "-c", f"echo run >> {marker}; [ -e {go_on} ] || sleep 3000; echo finished")
+    job_id = proc.stdout.strip()
+    server = fleet_env.serve("--interval", "1")
+    try:
+        first = _serve_until(fleet_env, job_id, lambda j: j.launched_at is not None and j.remote_dir,
+                             timeout=60, what="the first attempt's launch")
+        wait_for(marker.exists, timeout=60, what="the first attempt to run on the host")
+        python_host.stop()
+        requeued = _serve_until(fleet_env, job_id, lambda j: j.state == "queued", timeout=180, what="a requeue")
+        assert requeued.attempts == 1 and requeued.error.startswith(LOST_REASONS), requeued.error
+        assert "attempt 1 of 2" in requeued.error and requeued.cleanup_pending
+        go_on.touch()
+        python_host.start()
+        done = _serve_until(fleet_env, job_id, lambda j: j.terminal, timeout=600, what="the second attempt")
+    finally:
+        python_host.start()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+    assert (done.state, done.attempts, done.result["stdout_tail"]) == ("succeeded", 2, "finished\n"), done.error
+    assert not os.path.exists(first.remote_dir)  # removed before the second attempt started
+    assert marker.read_text().splitlines() == ["run", "run"]
+    shown = json.loads(fleet_env.hw("job", "show", job_id, "--json").stdout)
+    assert (shown["attempts"], shown["max_attempts"]) == (2, 2)
+    assert [e["new"] for e in shown["events"] if e["kind"] == "job_state"] == [
+        "queued", "dispatched", "running", "queued", "dispatched", "running", "succeeded"]
+
+
+def test_a_result_that_is_not_utf8_fails_the_job_with_its_reason(fleet_env, server, python_host):
+    """Item 7: the host's runner writes a result.json with invalid UTF-8 in it: the job fails with the
+    reason `result_not_json`, not an empty one."""
+    fleet_env.register(python_host)
+    fake = python_host.bin_dir / "hwledger"  # the role runs `hwledger run JOB --output RESULT` when it is there
+    fake.write_bytes(b'#!/bin/sh\nprintf \'{"job_id": "\\377\\376"}\\n\' > "$4"\n')
+    fake.chmod(0o755)
+    try:
+        job_id = _submit(fleet_env, python_host.name, "true")
+        srv = server()
+        assert srv.tick().dispatched == [job_id]
+        job = _wait_terminal(fleet_env, job_id)
+    finally:
+        fake.unlink()
+    assert job.state == "failed" and job.error.startswith("result_not_json: "), job.error
+    shown = json.loads(fleet_env.hw("job", "show", job_id, "--json").stdout)
+    assert shown["reason"] == "result_not_json"

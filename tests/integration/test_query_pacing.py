@@ -38,8 +38,8 @@ def short_data_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_the_gpu_tool_runs_at_its_own_pace_and_liveness_fills_the_ticks(lab, tmp_path, short_data_dir,
-                                                                       transport_kind):
+def test_the_gpu_tool_runs_at_its_own_pace_and_liveness_fills_the_ticks(
+        lab, tmp_path, short_data_dir, transport_kind):
     paced = lab.add_loopback_host(lab.unique_name("paced"))
     every_tick = lab.add_loopback_host(lab.unique_name("every"))
     try:

@@ -57,8 +57,8 @@ def newcomer(lab, tmp_path):
     (bin_dir / "nvidia-smi").chmod(0o755)
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("HWLEDGER_", "XDG_", "ANSIBLE_"))}
-    env.update(HOME=str(home), PATH=os.pathsep.join([str(Path(sys.executable).parent), str(bin_dir),
-                                                       "/usr/local/bin:/usr/bin:/bin"]))
+    path = [str(Path(sys.executable).parent), str(bin_dir), "/usr/local/bin:/usr/bin:/bin"]
+    env.update(HOME=str(home), PATH=os.pathsep.join(path))
     try:
         yield work, home, env
     finally:

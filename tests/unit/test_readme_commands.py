@@ -54,7 +54,7 @@ def readme_commands(text: str | None = None, *, inline: bool = True) -> list[str
             if code.endswith("\\"):
                 pending += code[:-1]
                 continue
-            found += [part for part in (pending + code).split(" ; ")]
+            found += (pending + code).split(" ; ")
             pending = ""
         elif inline:
             found += [match.group(1) for match in INLINE.finditer(line)]

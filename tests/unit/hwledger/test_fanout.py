@@ -433,6 +433,26 @@ def test_outcomes_are_classified_like_the_ansible_path_s() -> None:
     assert json.loads(json.dumps(probe.ssh_command("echo 'x'"))).startswith("exec /bin/sh -c ")
 
 
+def test_a_first_dial_that_outlives_the_tick_budget_is_reported_later(fake: FakeFleet, tmp_path: Path) -> None:
+    """The one agent's first dial takes longer than the tick's budget: it goes on between ticks, and a later
+    tick reports it (it used to stay in flight for good when no other agent was asked)."""
+    control_dir = tempfile.mkdtemp(prefix="hwlf-", dir="/tmp")
+    try:
+        policy = ssh.SshPolicy(known_hosts=str(tmp_path / "known_hosts"), control_dir=control_dir)
+        fake.host("slow.test", sleep=0.6)
+        hb = transport(fake, policy)
+        assert hb.tick([agent("slow")], cancel=never, budget_s=0.1) == {}  # still dialling
+        deadline = time.monotonic() + 10
+        answered: dict = {}
+        while not answered and time.monotonic() < deadline:
+            time.sleep(0.2)
+            answered = hb.tick([agent("slow")], cancel=never, budget_s=0.1)
+        assert answered and answered["slow"].ok
+    finally:
+        hb.close()
+        shutil.rmtree(control_dir)
+
+
 def test_a_lone_host_whose_dial_outlives_the_budget_is_heard_at_a_later_tick(fake: FakeFleet, policy) -> None:
     """A first connection slower than the tick's budget goes on between ticks and is reported by a later
     tick, even when it is the only host (no other exec keeps that tick's event loop running), and it is

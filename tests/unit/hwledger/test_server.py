@@ -18,6 +18,8 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeO
 
 from hwledger import agents_file
 from hwledger import job_runs as job_runs_mod
+from hwledger import job_workers as job_workers_mod
+from hwledger.ansible_runs import HostEvent
 from hwledger.errors import UserError
 from hwledger.fleet import Fleet, agent_record
 from hwledger.server import SERVE_LOCK_NAME, Server
@@ -165,25 +167,35 @@ def test_a_vanished_or_broken_agents_file_removes_no_agent(fleet):
         server.close()
 
 
+# What the job playbook's job_start task answers: the job's command was launched.
+LAUNCH_EVENT = HostEvent("runner_on_ok", "a", "Start the job on the remote", "hwledger.fleet.job_start",
+                         {"changed": True, "path": "/tmp/hwledger-job-x-abcd1234", "pid": 4242, "runner": "staged"})
+
+
 class _CompletingJobs:
-    """Job runs that end at once as completed (no SSH), and clean-ups that do nothing."""
+    """Job runs that launch and end at once as completed (no SSH), and clean-ups that do nothing."""
+
+    def __init__(self):
+        self.cleanups = []
 
     def run(self, job, agent, *, cancel, on_event, on_private_dir):
-        return job_runs_mod.JobRunOutcome("completed")
+        on_event(LAUNCH_EVENT)
+        return job_runs_mod.JobRunOutcome("completed", launched=True)
 
     def cleanup(self, job_id, agent, remote_dir, *, cancel):
+        self.cleanups.append(job_id)
         return job_runs_mod.JobRunOutcome("completed")
 
 
 def test_a_job_worker_that_dies_after_running_does_not_leave_the_job_running(fleet, monkeypatch):
-    real_settle = job_runs_mod.settle_job
+    real_settle = job_workers_mod.settle_job
 
     def settle_failing_in_workers(*args, **kwargs):
         if threading.current_thread().name.startswith("hwledger-job"):
             raise RuntimeError("store exploded")
         return real_settle(*args, **kwargs)
 
-    monkeypatch.setattr(job_runs_mod, "settle_job", settle_failing_in_workers)
+    monkeypatch.setattr(job_workers_mod, "settle_job", settle_failing_in_workers)
     with Store.open(fleet.db) as store:
         job_id = store.submit_job("a", jobs_schema.new_job(["true"])).id
     server = Server(fleet, interval_s=1, transport=_SlowTransport(delay=0), jobs=_CompletingJobs())
@@ -199,6 +211,124 @@ def test_a_job_worker_that_dies_after_running_does_not_leave_the_job_running(fle
     assert history == ["queued", "dispatched", "running", "lost"]
 
 
+# -- jobs a previous server left, and jobs of agents that went offline ------------------------------------
+
+
+class _ScriptedJobs(_CompletingJobs):
+    """Runs that wait for their cancel; reconciles that find a finished run with a result (exit 7)."""
+
+    def __init__(self, results_dir):
+        super().__init__()
+        self.results_dir = results_dir
+        self.calls: list[str] = []
+
+    def run(self, job, agent, *, cancel, on_event, on_private_dir):
+        self.calls.append("run")
+        on_event(LAUNCH_EVENT)
+        deadline = time.monotonic() + 30
+        while not cancel() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return job_runs_mod.JobRunOutcome("cancelled", "the run was stopped", launched=True)
+
+    def reconcile(self, job, agent, *, cancel, on_private_dir=None):
+        self.calls.append("reconcile")
+        result = jobs_schema.make_result(job.id, "failed", started=time.time() - 1, finished=time.time(), exit_code=7)
+        jobs_schema.result_path(self.results_dir, job.id).write_bytes(jobs_schema.encode_result(result))
+        return job_runs_mod.JobRunOutcome("completed", launched=True, report={
+            "found": True, "dir": "/tmp/hwledger-job-x-1", "launched": True, "running": False, "result": True})
+
+
+def test_a_restarted_server_stops_the_dead_servers_run_and_reconciles_its_job(fleet):
+    import subprocess
+    import sys
+
+    with Store.open(fleet.db) as store:
+        job_id = store.submit_job("a", jobs_schema.new_job(["true"], env={"TOKEN": "t"})).id
+        store.transition_job(job_id, ["queued"], "dispatched")
+        store.transition_job(job_id, ["dispatched"], "running")
+        run_dir = Path(fleet.runs_dir) / "run-job-left-behind"
+        run_dir.mkdir(mode=0o700)
+        store.update_job(job_id, run_dir=str(run_dir), remote_dir="/tmp/hwledger-job-x-1")
+    # The dead server's ansible-playbook: a process naming its run dir, in a session of its own.
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(run_dir)],
+                              start_new_session=True)
+    deadline = time.monotonic() + 10
+    while str(run_dir).encode() not in Path(f"/proc/{orphan.pid}/cmdline").read_bytes():  # exec'd
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    jobs = _ScriptedJobs(fleet.results_dir)
+    server = Server(fleet, interval_s=1, transport=_SlowTransport(delay=0), jobs=jobs)
+    try:
+        server.recover()
+        assert orphan.wait(5) is not None and not run_dir.exists()
+        assert server.tick().dispatched == []  # the host is asked about the old run before anything else
+        server.wait_for_workers(timeout=10)
+        server.tick()
+    finally:
+        server.close()
+        if orphan.poll() is None:
+            orphan.kill()
+    job = Store.open(fleet.db).get_job(job_id)
+    assert jobs.calls == ["reconcile"]  # never run a second time
+    assert (job.state, job.exit_code, job.attempts, job.run_dir) == ("failed", 7, 1, None)
+    assert job.spec["env"] == {"TOKEN": None}
+
+
+def test_a_job_left_before_its_playbook_started_is_run_again(fleet):
+    with Store.open(fleet.db) as store:
+        job_id = store.submit_job("a", jobs_schema.new_job(["true"])).id
+        store.transition_job(job_id, ["queued"], "dispatched")
+        store.transition_job(job_id, ["dispatched"], "running")  # killed right after this commit
+    server = Server(fleet, interval_s=1, transport=_SlowTransport(delay=0), jobs=_CompletingJobs())
+    try:
+        server.recover()
+        with Store.open(fleet.db) as store:
+            job = store.get_job(job_id)
+            assert job.state == "queued" and job.error.startswith("server_stopped: ") and job.attempts == 0
+        assert server.tick().dispatched == [job_id]
+        server.wait_for_workers(timeout=10)
+    finally:
+        server.close()
+    with Store.open(fleet.db) as store:
+        assert store.get_job(job_id).attempts == 1
+
+
+class _GoneAfter(_SlowTransport):
+    """Answers `answered` ticks, then the host is gone (connection refused)."""
+
+    def __init__(self, answered: int):
+        super().__init__(delay=0)
+        self.answered = answered
+
+    def tick(self, agents, **kw):
+        if self.answered > 0:
+            self.answered -= 1
+            return super().tick(agents, **kw)
+        return {a.name: ProbeOutcome.unreachable("ssh: connect to host 192.0.2.1 port 22: Connection refused")
+                for a in agents}
+
+
+def test_a_job_whose_agent_goes_offline_ends_lost_at_once(fleet, monkeypatch):
+    from hwledger import heartbeat
+
+    monkeypatch.setattr(heartbeat, "explain", lambda agent, outcome: outcome)  # the fixture's key file is fake
+    with Store.open(fleet.db) as store:
+        job_id = store.submit_job("a", jobs_schema.new_job(["sleep", "3000"], timeout_s=3600)).id
+    jobs = _ScriptedJobs(fleet.results_dir)
+    server = Server(fleet, interval_s=1, transport=_GoneAfter(answered=1), jobs=jobs)
+    try:
+        assert server.tick().dispatched == [job_id]
+        for _tick in range(3):  # three missed heartbeats: offline
+            server.tick()
+        server.wait_for_workers(timeout=10)
+    finally:
+        server.close()
+    with Store.open(fleet.db) as store:
+        job = store.get_job(job_id)
+        assert store.get_agent("a").state == "offline"
+    assert job.state == "lost" and job.error.startswith("agent_offline: ") and job.cleanup_pending
+
+
 def test_every_connection_that_writes_job_transitions_syncs_fully(fleet):
     """synchronous=FULL (2): a job transition that returned has reached the disk, a power cut after it
     cannot undo it (WAL's default, NORMAL, may lose the last commits). The server's tick connection and
@@ -212,6 +342,28 @@ def test_every_connection_that_writes_job_transitions_syncs_fully(fleet):
                 assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         server.close()
+
+
+def test_a_left_job_cancelled_after_its_agent_was_removed_is_not_left_running(fleet):
+    with Store.open(fleet.db) as store:
+        job_id = store.submit_job("a", jobs_schema.new_job(["true"])).id
+        store.transition_job(job_id, ["queued"], "dispatched")
+        store.transition_job(job_id, ["dispatched"], "running")
+        store.update_job(job_id, remote_dir="/tmp/hwledger-job-x-1")
+    jobs = _ScriptedJobs(fleet.results_dir)
+    server = Server(fleet, interval_s=1, transport=_SlowTransport(delay=0), jobs=jobs)
+    try:
+        server.recover()  # to be reconciled at the agent's next answer ...
+        fleet.config.write_text(agents_file.NEW_FILE_HEADER)  # ... which never comes: `fleet remove --force`
+        fleet.config.chmod(0o600)
+        with Store.open(fleet.db) as store:
+            store.request_cancel(job_id)
+        server.tick()
+    finally:
+        server.close()
+    with Store.open(fleet.db) as store:
+        job = store.get_job(job_id)
+    assert job.state == "cancelled" and jobs.calls == []
 
 
 class _Companion:

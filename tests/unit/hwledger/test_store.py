@@ -308,6 +308,80 @@ def test_list_jobs_newest_picks_the_last_n_in_sql_oldest_first(store):
     assert [j.id for j in store.list_jobs(agent="gpu1", states=["queued"], newest=1)] == [ids[3]]
 
 
+# -- attempts and env values ----------------------------------------------------------------------
+
+
+def _db_bytes(db) -> bytes:
+    return b"".join(p.read_bytes() for p in (db, db.with_name("fleet.db-wal"), db.with_name("fleet.db-shm"))
+                    if p.exists())
+
+
+def test_max_attempts_is_checked_and_attempts_count_at_launch_once(store):
+    store.upsert_agent(_agent())
+    for bad in (0, -1, 101, True, "2"):
+        with pytest.raises(UserError, match="max attempts"):
+            store.submit_job("gpu1", {"command": ["x"]}, max_attempts=bad)
+    job = store.submit_job("gpu1", {"command": ["x"]}, max_attempts=3)
+    assert (job.attempts, job.max_attempts, job.launched_at) == (0, 3, None)
+    assert store.record_launch(job.id) is False  # not running
+    store.transition_job(job.id, ["queued"], "dispatched")
+    store.transition_job(job.id, ["dispatched"], "running")
+    assert store.get_job(job.id).attempts == 0  # started is not launched: nothing ran on the host yet
+    assert store.record_launch(job.id) is True
+    assert store.record_launch(job.id) is False  # one launch per attempt
+    launched = store.get_job(job.id)
+    assert launched.attempts == 1 and launched.launched_at is not None
+    assert [e.detail["attempt"] for e in store.list_events(job_id=job.id, kind="job_launched")] == [1]
+
+
+def test_requeue_is_compare_and_set_and_resets_the_attempt(store):
+    store.upsert_agent(_agent())
+    job = store.submit_job("gpu1", {"command": ["x"]}, max_attempts=2)
+    assert store.requeue_job(job.id, error="e", before_start=True, cleanup_pending=False) is False  # queued
+    store.transition_job(job.id, ["queued"], "dispatched")
+    store.transition_job(job.id, ["dispatched"], "running", started_at="2026-01-01T00:00:00.000+00:00")
+    store.update_job(job.id, run_dir="/r", remote_dir="/tmp/hwledger-job-x")
+    store.record_launch(job.id)
+    assert store.requeue_job(job.id, error="agent_offline: x", before_start=False, cleanup_pending=True)
+    again = store.get_job(job.id)
+    assert (again.state, again.attempts, again.started_at, again.launched_at, again.run_dir) == (
+        "queued", 1, None, None, None)
+    assert again.remote_dir == "/tmp/hwledger-job-x" and again.cleanup_pending  # cleaned before it runs again
+    assert store.start_failures(job.id) == 0
+    assert store.next_queued_job("gpu1").id == job.id
+
+
+@pytest.mark.parametrize("how", ["terminal", "last launch", "cancel while queued"])
+def test_env_values_leave_the_store_files_when_no_attempt_needs_them(db, how):
+    canary = f"HWL-CANARY-{uuid.uuid4().hex}"
+    with Store.open(db) as store, Store.open(db) as reader:
+        store.upsert_agent(_agent())
+        job = store.submit_job("gpu1", {"command": ["x"], "env": {"TOKEN": canary, "MODE": "fast"}})
+        reader.list_jobs()  # another connection has read the store (as the CLI does)
+        assert canary.encode() in _db_bytes(db)  # queued: the value is needed
+        if how == "cancel while queued":
+            store.request_cancel(job.id)
+        else:
+            store.transition_job(job.id, ["queued"], "dispatched")
+            store.transition_job(job.id, ["dispatched"], "running")
+            if how == "last launch":
+                store.record_launch(job.id)  # max_attempts 1: no later attempt can need the value
+            else:
+                store.transition_job(job.id, ["running"], "lost", error="gone")
+        assert store.get_job(job.id).spec["env"] == {"TOKEN": None, "MODE": None}  # the names stay
+        assert canary.encode() not in _db_bytes(db)
+        assert store.truncate_wal_if_owed() is True
+
+
+def test_env_values_stay_while_another_attempt_may_need_them(store):
+    store.upsert_agent(_agent())
+    job = store.submit_job("gpu1", {"command": ["x"], "env": {"TOKEN": "t"}}, max_attempts=2)
+    store.transition_job(job.id, ["queued"], "dispatched")
+    store.transition_job(job.id, ["dispatched"], "running")
+    store.record_launch(job.id)  # attempt 1 of 2
+    assert store.get_job(job.id).spec["env"] == {"TOKEN": "t"}
+
+
 HOSTILE = "caf\udcc3 \udcff\udcfe \x1b[31m\x00 \ud800 NVML"  # undecodable bytes, a lone surrogate, ESC, NUL
 
 

@@ -34,11 +34,13 @@ def test_submit_a_command_after_double_dash(db, capsys):
     job = _submit(capsys, "--agent", "gpu1", "--timeout", "30", "--env", "A=1", "--", "echo", "--not-an-option")
     assert job["state"] == "queued" and job["agent"] == "gpu1"
     assert job["spec"]["command"] == ["echo", "--not-an-option"]
-    assert job["spec"]["timeout_s"] == 30 and job["spec"]["env"] == {"A": "1"}
+    assert job["spec"]["timeout_s"] == 30 and job["spec"]["env"] == {"A": "***"}  # values are never printed
+    assert (job["attempts"], job["max_attempts"]) == (0, 1)
     uuid.UUID(job["job_id"])
     assert job["spec"]["job_id"] == job["job_id"]
     with Store.open(db) as store:
-        assert store.get_job(job["job_id"]).state == "queued"
+        stored = store.get_job(job["job_id"])
+        assert stored.state == "queued" and stored.spec["env"] == {"A": "1"}  # kept until an attempt needs it
 
 
 def test_submit_a_job_file_keeps_its_values_literally(db, tmp_path, capsys):
@@ -140,6 +142,42 @@ def test_a_file_error_is_a_message_not_a_traceback(db, capsys, monkeypatch):
     assert main(["job", "list"]) == 1
     err = capsys.readouterr().err
     assert err.strip() == "hwledger: error: Permission denied (/srv/hwledger/results)"
+
+
+def test_no_command_prints_an_env_value(db, capsys, monkeypatch):
+    monkeypatch.setenv("HWL_TEST_TOKEN", "from-the-environment-value")
+    job = _submit(capsys, "--agent", "gpu1", "--max-attempts", "2", "--env", "PLAIN=typed-value",
+                  "--env", "HWL_TEST_TOKEN", "--", "true")
+    with Store.open(db) as store:  # kept while an attempt may need them; --env NAME took the environment's value
+        assert store.get_job(job["job_id"]).spec["env"] == {"PLAIN": "typed-value", "HWL_TEST_TOKEN": "from-the-environment-value"}
+    outputs = [json.dumps(job)]
+    for argv in (["job", "show", job["job_id"], "--json"], ["job", "show", job["job_id"]], ["job", "list", "--json"],
+                 ["job", "list"]):
+        assert main(argv) == 0
+        outputs.append(capsys.readouterr().out)
+    assert not any("typed-value" in out or "from-the-environment-value" in out for out in outputs)
+    shown = json.loads(outputs[1])
+    assert shown["spec"]["env"] == {"PLAIN": "***", "HWL_TEST_TOKEN": "***"}
+    assert (shown["attempts"], shown["max_attempts"]) == (0, 2)
+    assert "env      HWL_TEST_TOKEN=*** PLAIN=***" in outputs[2] and "attempts 0 of 2" in outputs[2]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-attempts", "0"], "must be from 1 to 100"),
+        (["--max-attempts", "many"], "is not a whole number"),
+        (["--env", "HWL_TEST_SURELY_UNSET_VARIABLE"], "KEY alone with KEY set in the environment"),
+    ],
+)
+def test_attempts_and_env_names_are_checked(db, capsys, argv, message):
+    try:
+        code = main(["job", "submit", "--agent", "gpu1", *argv, "--", "true"])
+    except SystemExit as exc:  # argparse's own usage error
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_json_calls_the_id_job_id_everywhere(db, capsys):

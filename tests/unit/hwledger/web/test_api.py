@@ -27,16 +27,28 @@ def test_fleet_is_the_status_json_without_key_paths(fleet_store, tmp_path):
 
 def test_jobs_hide_env_values_everywhere_and_keep_the_rest(fleet_store, tmp_path):
     token = "hf_SuperSecretValue42"
-    job = fleet_store.submit_job("h200", {"command": ["sh", "-c", "env"], "env": {"HF_TOKEN": token, "MODE": "1"}})
+    job = fleet_store.submit_job("h200", {"command": ["sh", "-c", "env"], "env": {"HF_TOKEN": token, "MODE": "1"}},
+                                 max_attempts=2)
     fleet_store.transition_job(job.id, ["queued"], "dispatched")
-    fleet_store.transition_job(job.id, ["dispatched"], "running")
-    fleet_store.transition_job(job.id, ["running"], "succeeded", result={"stdout_tail": f"HF_TOKEN={token}\nMODE=1\n"})
-    served = api.job_items(fleet_store, api.key_paths(_fleet(fleet_store, tmp_path), fleet_store), "")
+    # A run that failed before its launch, quoting the job's environment: the job may run again, so the store
+    # still holds its env values, and every string served has them masked.
+    fleet_store.transition_job(job.id, ["dispatched"], "queued", error=f"task_failed: HF_TOKEN={token} MODE=1")
+    secrets = api.key_paths(_fleet(fleet_store, tmp_path), fleet_store)
+    served = api.job_items(fleet_store, secrets, "")
     assert token not in json.dumps(served)
     assert served[0]["spec"]["env"] == {"HF_TOKEN": "<hidden>", "MODE": "<hidden>"}
-    assert served[0]["result"]["stdout_tail"] == "HF_TOKEN=<hidden>\nMODE=1\n"  # a short value only in env
+    assert served[0]["error"] == "task_failed: HF_TOKEN=<hidden> MODE=1"  # a short value only in env
     plain = job_list(fleet_store)
     assert set(served[0]) == set(plain[0]) and served[0]["job_id"] == plain[0]["job_id"]
+    assert plain[0]["spec"]["env"] == {"HF_TOKEN": "***", "MODE": "***"}  # job_list itself shows no env value
+    # Once the job has ended its values leave the store (hwledger.store.job_env): nothing can serve them from
+    # the spec, and output that echoed them can no longer be masked by value (docs/fleet-server.md).
+    fleet_store.transition_job(job.id, ["queued"], "dispatched")
+    fleet_store.transition_job(job.id, ["dispatched"], "running")
+    fleet_store.transition_job(job.id, ["running"], "succeeded", result={"stdout_tail": "MODE=1\n"})
+    assert fleet_store.get_job(job.id).spec["env"] == {"HF_TOKEN": None, "MODE": None}
+    served = api.job_items(fleet_store, secrets, "")
+    assert served[0]["spec"]["env"] == {"HF_TOKEN": "<hidden>", "MODE": "<hidden>"}
 
 
 @pytest.mark.parametrize(("query", "message"), [

@@ -126,3 +126,54 @@ def test_results_dir_that_became_group_writable_is_refused_at_publish(results_di
     error = publish_refusal(results_dir, read_of(job_schema.encode_result(result())))
     assert error.reason == "results_dir_unsafe" and "writable by its group" in str(error)
     assert list(results_dir.iterdir()) == []
+
+
+# -- the role reads result.json as hex (od -An -v -tx1): any bytes come back exactly ---------------------
+
+
+def od_of(data: bytes) -> str:
+    """What `od -An -v -tx1` prints for `data` (16 bytes a line, each as " xx")."""
+    return "".join("".join(f" {byte:02x}" for byte in data[i:i + 16]) + "\n" for i in range(0, len(data), 16))
+
+
+def publish_hex(results_dir: Path, data: bytes, printed: str = "") -> dict:
+    raw = job_result.result_bytes(read_of(od_of(data)), "hex")
+    return job_result.verify_and_publish(str(results_dir), JOB_ID, raw, printed)
+
+
+def test_a_hex_read_publishes_the_exact_bytes(results_dir):
+    data = job_schema.encode_result(result())
+    published = publish_hex(results_dir, data, printed=f"{hashlib.sha256(data).hexdigest()}  result.json\n")
+    assert (results_dir / f"{JOB_ID}.json").read_bytes() == data and published["result"]["state"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason", "says"),
+    [
+        # Invalid UTF-8 inside a string of an otherwise valid result (ansible-core 2.19 cannot carry it as text).
+        (job_schema.encode_result(result()).replace(b"GPU 0", b"GPU \xff\xfe"), "result_not_json", "byte"),
+        (b"\x00\x00{}", "result_not_json", ""),
+        (b"", "result_not_json", ""),
+        (b" " * (job_schema.RESULT_MAX_BYTES + 1), "result_too_large", "more than"),
+    ],
+    ids=["invalid utf-8", "nul bytes", "empty", "too large"],
+)
+def test_a_hex_read_refuses_what_the_runner_never_writes(results_dir, data, reason, says):
+    with pytest.raises(job_result.RefusedResult) as info:
+        publish_hex(results_dir, data)
+    assert info.value.reason == reason and says in str(info.value)
+    assert list(results_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("printed", ["not hex at all {{ x }}", " 7b 2", "7" * (4 * job_schema.RESULT_MAX_BYTES + 8)])
+def test_a_hex_read_that_is_not_a_hex_dump_is_refused(printed):
+    with pytest.raises(job_result.RefusedResult) as info:
+        job_result.result_bytes(read_of(printed), "hex")
+    assert info.value.reason == "result_not_json"
+
+
+def test_the_role_reads_as_many_bytes_as_the_schema_allows():
+    import yaml
+
+    role_vars = yaml.safe_load((Path(job_result.__file__).parents[2] / "roles" / "job" / "vars" / "main.yml").read_text())
+    assert role_vars["__job_result_max_bytes"] == job_schema.RESULT_MAX_BYTES

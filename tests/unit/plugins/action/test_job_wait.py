@@ -26,7 +26,11 @@ class LocalShell:
             raise AnsibleConnectionFailure("Connection closed by remote host")
         proc = subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, timeout=60, check=False,
                               env={"PATH": "/usr/bin:/bin"})
-        return {"rc": proc.returncode, "stdout": proc.stdout.decode(), "stderr": proc.stderr.decode()}
+        # As ActionBase._low_level_execute_command decodes the connection's bytes.
+        errors = kwargs.get("encoding_errors", "surrogate_then_replace")
+        errors = "replace" if errors == "surrogate_then_replace" else errors
+        return {"rc": proc.returncode, "stdout": proc.stdout.decode(errors=errors),
+                "stderr": proc.stderr.decode(errors=errors)}
 
 
 def make_action(args: dict, shell) -> job_wait.ActionModule:
@@ -67,8 +71,22 @@ def test_a_finished_job_is_read_and_the_result_hidden_from_callbacks(job_dir):
     result = wait(job_dir)
     assert result.get("failed") is not True, result
     assert result["runner_rc"] == 0 and result["runner_stdout"] == "abc  x"
-    assert result["read"] == {"rc": 0, "stdout": '{"ok": 1}', "stderr": "", "failed": False}
+    assert result["read"] == {"rc": 0, "stdout": b'{"ok": 1}'.hex(), "encoding": "hex", "stderr": "", "failed": False}
     assert result["_ansible_no_log"] is True
+
+
+def test_any_bytes_come_back_exactly_and_job_result_says_result_not_json(job_dir):
+    """Invalid UTF-8 and NUL bytes: read exactly (as hex), so job_result refuses them with a reason."""
+    from ansible_collections.hwledger.fleet.plugins.action import job_result
+
+    raw = b'{"job_id": "\xff\xfe\x00"}\n'
+    finished(job_dir, result=raw)
+    result = wait(job_dir)
+    assert result.get("failed") is not True, result
+    assert bytes.fromhex(result["read"]["stdout"]) == raw
+    with pytest.raises(job_result.RefusedResult) as refused:
+        job_result.result_bytes(result["read"], "hex")
+    assert refused.value.reason == "result_not_json"
 
 
 def test_polls_until_the_runner_ends(job_dir):

@@ -135,6 +135,7 @@ def test_runner_hwledger_without_hwledger_is_an_error(remote):
 
 def test_env_values_are_on_no_command_line(remote):
     """The job JSON travels on stdin: the start script's text holds nothing of it."""
+    remote.add_python3()
     spec = job()
     script = job_remote.start_script(spec["job_id"], tmp_base=str(remote.base))
     assert "s3cret-value" not in script and spec["job_id"] in script
@@ -230,3 +231,95 @@ def test_the_read_can_remove_the_directory_in_the_same_exec(remote):
     (path / "result.json").write_bytes(b"x" * 50)
     proc = remote.run(job_remote.read_command(str(path), 10, then_remove=True))
     assert proc.stdout == b"x" * 11 and proc.returncode == 0 and not path.exists()
+
+
+# --- a job is started at most once; a cut-off run is found again -------------------------------------------
+
+
+def test_an_earlier_dir_of_the_job_refuses_the_start_and_is_left_alone(remote):
+    remote.add_python3()
+    spec = job()
+    left = remote.base / ("hwledger-job-%s-earlier1" % spec["job_id"])
+    left.mkdir(mode=0o700)
+    (left / "keep").write_text("x")
+    with pytest.raises(job_remote.RemoteStepError) as refused:
+        start(remote, spec)
+    assert refused.value.reason == "job_already_started"
+    assert "1 other private dir(s) of it, 0 runner(s) of it still running" in str(refused.value)
+    assert sorted(p.name for p in remote.base.iterdir()) == [left.name]  # the new dir went, the old one stays
+    assert (left / "keep").read_text() == "x"
+
+
+def test_a_link_or_another_jobs_dir_does_not_refuse_the_start(remote, tmp_path):
+    remote.add_python3()
+    spec = job()
+    (remote.base / ("hwledger-job-%s-alink123" % spec["job_id"])).symlink_to(tmp_path)
+    (remote.base / ("hwledger-job-%s-other123" % job()["job_id"])).mkdir()
+    started = start(remote, spec)
+    assert wait_done(remote, started) == 0
+
+
+def test_a_running_runner_of_the_job_refuses_the_start(remote, tmp_path):
+    remote.add_python3()
+    spec = job()
+    elsewhere = tmp_path / "gone" / ("hwledger-job-%s-runs1234" % spec["job_id"])  # its dir is not in base
+    elsewhere.mkdir(parents=True)
+    # How a runner's argv names it (python3 runner.pyz run DIR/job.json ...).
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(elsewhere / "job.json")])
+    try:
+        with pytest.raises(job_remote.RemoteStepError) as refused:
+            start(remote, spec)
+        assert refused.value.reason == "job_already_started"
+        assert "0 other private dir(s) of it, 1 runner(s) of it still running" in str(refused.value)
+        assert list(remote.base.iterdir()) == []
+        assert runner.poll() is None  # untouched
+    finally:
+        runner.kill()
+        runner.wait()
+
+
+def test_the_start_script_cannot_match_its_own_command_line(remote):
+    """The start script's text is on the command line of the shells running it: it must not count as a runner."""
+    remote.add_python3()
+    spec = job()
+    script = job_remote.start_script(spec["job_id"], tmp_base=str(remote.base))
+    assert "hwledger-job-%s" % spec["job_id"] not in script
+    assert wait_done(remote, start(remote, spec)) == 0
+
+
+def find(remote, job_id: str) -> dict:
+    return job_remote.parse_find(remote.run(job_remote.find_script(job_id, tmp_base=str(remote.base))).stdout.decode(),
+                                 job_id)
+
+
+def test_find_sees_the_dir_of_a_started_job_its_runner_and_the_traces_of_its_launch(remote):
+    remote.add_python3()
+    spec = job(command=["sleep", "2"])
+    started = start(remote, spec)
+    running = find(remote, spec["job_id"])
+    assert running["dirs"] == [started["path"]] and running["runs"] == [started["path"] + "/job.json"]
+    assert wait_done(remote, started) == 0
+    ended = find(remote, spec["job_id"])
+    assert ended["runs"] == []
+    assert set(ended["traces"][started["path"]]) == set(job_remote.LAUNCH_TRACES)
+
+
+def test_find_of_a_dir_without_a_launch_and_of_nothing(remote, tmp_path):
+    spec = job()
+    before_launch = remote.base / ("hwledger-job-%s-unlaunch" % spec["job_id"])
+    before_launch.mkdir()
+    (before_launch / "job.json").write_text("{}")
+    (remote.base / ("hwledger-job-%s-linked12" % spec["job_id"])).symlink_to(tmp_path)
+    assert find(remote, spec["job_id"]) == {"dirs": [str(before_launch)], "traces": {str(before_launch): []},
+                                            "runs": []}
+    assert find(remote, job()["job_id"]) == {"dirs": [], "traces": {}, "runs": []}
+
+
+@pytest.mark.parametrize("stdout", ["", "dir /etc\nend\n", "dir /tmp/hwledger-job-x-1\n"])
+def test_find_answers_that_are_not_ours_are_refused_or_ignored(stdout):
+    job_id = job()["job_id"]
+    if "end" not in stdout:
+        with pytest.raises(job_remote.RemoteStepError):
+            job_remote.parse_find(stdout, job_id)
+    else:
+        assert job_remote.parse_find(stdout, job_id)["dirs"] == []
