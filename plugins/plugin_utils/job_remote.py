@@ -199,6 +199,9 @@ _FIND = r"""id=@ID@
 base=@BASE@
 [ -n "$base" ] || base=${TMPDIR:-/tmp}
 @RUNS_OF_JOB@
+# The runs first, the files after: a runner that ends between the two has written its result before it
+# ended, so the answer is "running" (looked at again) or "ended, with its result", never "ended, no result".
+runs_of_job | while IFS= read -r run; do printf 'run %s\n' "$run"; done
 for dir in "$base"/hwledger-job-"$id"-*; do
   [ -d "$dir" ] && [ ! -h "$dir" ] && [ -O "$dir" ] || continue
   printf 'dir %s\n' "$dir"
@@ -206,7 +209,6 @@ for dir in "$base"/hwledger-job-"$id"-*; do
     [ -e "$dir/$name" ] || [ -h "$dir/$name" ] && printf 'trace %s %s\n' "$dir" "$name"
   done
 done
-runs_of_job | while IFS= read -r run; do printf 'run %s\n' "$run"; done
 echo end
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from unittest.mock import MagicMock
@@ -38,6 +39,15 @@ def reconcile(base: Path, job_id: str, **kw) -> dict:
 @pytest.fixture
 def job_id() -> str:
     return str(uuid.uuid4())
+
+
+def wait_for_exec(pid: int, argument: str) -> None:
+    """Until the child runs its program (between fork and exec its command line is still pytest's, and a
+    reconcile looking then would find no runner)."""
+    deadline = time.monotonic() + 60
+    while argument.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+        assert time.monotonic() < deadline, "the runner never started"
+        time.sleep(0.01)
 
 
 def plant(base: Path, job_id: str, suffix: str = "abcd1234", **files: bytes) -> Path:
@@ -94,6 +104,7 @@ def test_a_runner_is_followed_to_its_end(tmp_path, job_id):
     runner = subprocess.Popen([sys.executable, "-c", "import time, sys; time.sleep(1); open(sys.argv[2], 'w').write"
                                "('{\"ok\": 2}')", str(left / "job.json"), str(left / "result.json")])
     try:
+        wait_for_exec(runner.pid, str(left / "job.json"))
         result = reconcile(tmp_path, job_id, wait_s=30)
         assert not result["reconciled"]["running"] and result["reconciled"]["result"], result
         assert bytes.fromhex(result["read"]["stdout"]) == b'{"ok": 2}' and not left.exists()
