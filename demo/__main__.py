@@ -10,7 +10,9 @@ commands a user would type:
   3. `ansible-playbook hwledger.fleet.heartbeat` (GPU telemetry as facts);
   4. `ansible-playbook hwledger.fleet.job` (one agentless job, result fetched to the controller);
   5. `hwledger job submit` + `hwledger fleet serve` for a few ticks + `hwledger fleet status`;
-  6. `hwledger fleet serve --http`: /metrics, /api/fleet and a screenshot of the status page (.demo/fleet.png).
+  6. `hwledger fleet serve --http`: /metrics, /api/fleet and a screenshot of the status page (.demo/fleet.png);
+  7. `hwledger job submit --agent auto --min-free-vram 40GiB`: a job placed on a GPU with that much free memory,
+     followed with `hwledger job logs -f` while `serve` runs it, then `hwledger job show` says where and why.
 
 Everything lives under .demo/ (or --dir). With --keep (`make demo`) the fleet stays up afterwards and the
 demo prints the lines to paste to go on with it; `python -m demo --down` (`make demo-down`) stops it.
@@ -175,6 +177,9 @@ def tour(state: fleet.FleetState, directory: Path, env: dict[str, str]) -> None:
     step("7. Watch the fleet: serve --http (Prometheus /metrics, the status page, the JSON API)")
     watch(env, directory)
 
+    step("8. Place a job where 40 GiB of GPU memory is free, and follow its output as it runs")
+    place_and_follow(env, directory)
+
 
 def check_directory(directory: Path) -> None:
     """Only a demo directory is emptied, as --dir could name any directory: the checkout's .demo, one the
@@ -243,6 +248,33 @@ def demo(args: argparse.Namespace, directory: Path) -> int:
           "~/.local/share/hwledger). `hwledger fleet serve` without --once keeps serving until Ctrl-C. "
           "make demo-down stops the hosts, their network namespaces and login accounts.")
     return 0
+
+
+# Prints a line a second with the GPU it was given (placement sets CUDA_VISIBLE_DEVICES to it).
+FOLLOWED_JOB = ["sh", "-c", 'for i in 1 2 3 4 5; do echo "step $i of 5 on GPU $CUDA_VISIBLE_DEVICES"; sleep 1; done']
+
+
+def place_and_follow(env: dict[str, str], directory: Path) -> None:
+    """`job submit --agent auto --min-free-vram 40GiB`, `serve` in the background, `job logs -f` until the
+    job ends (its exit code is the command's), then `job show` (where and why it was placed)."""
+    argv = [BIN / "hwledger", "job", "submit", "--agent", "auto", "--min-free-vram", "40GiB", "--", *FOLLOWED_JOB]
+    print("$ " + shlex.join(str(a) for a in argv), flush=True)
+    submitted = subprocess.run([str(a) for a in argv], env=env, cwd=REPO, capture_output=True, text=True,
+                               check=False)
+    sys.stdout.write(submitted.stdout + submitted.stderr)
+    if submitted.returncode != 0:
+        raise SystemExit(f"demo: the command above failed with exit code {submitted.returncode}")
+    job_id = submitted.stdout.split()[0]
+    argv = [BIN / "hwledger", "fleet", "serve", "--interval", "1"]
+    print("$ " + shlex.join(str(a) for a in argv) + " &", flush=True)
+    with open(directory / "serve-follow.log", "wb") as log:
+        server = subprocess.Popen([str(a) for a in argv], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        run([BIN / "hwledger", "job", "logs", "-f", job_id], env=env)
+        run([BIN / "hwledger", "job", "show", job_id], env=env)
+    finally:
+        server.terminate()
+        server.wait(60)
 
 
 def watch(env: dict[str, str], directory: Path) -> None:

@@ -109,7 +109,7 @@ def start_hosts(lab: Lab) -> list:
     """The demo's GPU hosts: an A800 box and an MI100 box on loopback, and a GPU host reachable only
     through a bastion when network namespaces are available."""
     hosts = [
-        lab.add_loopback_host("a800-box", capture=A800_CAPTURE),
+        lab.add_loopback_host("a800-box", capture=A800_CAPTURE, python=True),
         lab.add_loopback_host("mi100-box", tool="rocm-smi", capture=MI100_CAPTURE, python=True),
     ]
     hosts[0].gpu_query_cmd = A800_CMD

@@ -18,7 +18,8 @@ Bounds, whatever the hosts do:
 - a per-host deadline, `probe.controller_deadline(query_timeout)` by default (the remote watchdog's
   timeout plus the connection grace): then the child's process group is SIGKILLed and the host gets
   the exec-timeout failure, so a hung tool or a black-holed address never stretches a tick further;
-- at most `MAX_STDOUT_BYTES` / `MAX_STDERR_BYTES` read per host;
+- at most `MAX_STDOUT_BYTES` / `MAX_STDERR_BYTES` read per host (plus the bounded log reads of its running
+  jobs, `job_log_read.max_output_bytes`, when the server asks for them: `log_reads`);
 - every child is reaped before `tick` returns: nothing is left behind but the ControlPersist masters
   (which ssh daemonises out of our process group and which expire on their own, or on `close`).
 """
@@ -33,10 +34,10 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, ssh
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_log_read, probe, ssh
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import Agent
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
 
@@ -93,6 +94,8 @@ class _Exec:
     too_large: bool = False     # killed for printing too much
     ended: float = 0.0
     query: bool = True          # False: a liveness check (the GPU tool was not run)
+    reads: tuple = ()           # the job logs this exec reads (job_log_read.LogRead)
+    max_stdout: int = MAX_STDOUT_BYTES
 
 
 class SshFanoutHeartbeat:
@@ -101,6 +104,9 @@ class SshFanoutHeartbeat:
     Resident: create it once per server and keep it; the ssh masters it (or the Ansible path) opened
     stay warm between ticks for `policy.control_persist_s`. Not thread-safe: one tick at a time.
     """
+
+    # The new bytes of running jobs' logs are read in each host's heartbeat exec (`log_reads`).
+    reads_job_logs = True
 
     def __init__(
         self,
@@ -137,6 +143,7 @@ class SshFanoutHeartbeat:
         # The execs still in flight between ticks (new connections or hung tools that outlived a tick's budget).
         self._loop: _FanoutLoop | None = None
         self._liveness: set[str] = set()  # this tick's agents that get the liveness check
+        self._log_reads: dict[str, tuple] = {}  # this tick's job logs to read, by agent
         self._retiring: list[tuple[subprocess.Popen, float]] = []  # `ssh -O exit` runs, and when to give up
         ssh.prepare_control_dir(policy)
 
@@ -144,11 +151,13 @@ class SshFanoutHeartbeat:
 
     def tick(self, agents: Sequence[Agent], *, cancel: Callable[[], bool], on_outcome: OnOutcome | None = None,
              on_progress: Callable[[], None] | None = None, budget_s: float | None = None,
-             liveness: Collection[str] = ()) -> dict[str, ProbeOutcome]:
+             liveness: Collection[str] = (), log_reads: Mapping[str, Sequence] | None = None) -> dict[str, ProbeOutcome]:
         """One heartbeat over `agents`. Hosts missing from the answer were not asked (cancelled, or
         the controller could not start their ssh) and keep their state. `on_outcome` sees each outcome as
         it arrives; `on_progress` is called about every POLL_S while hosts are still out. The agents named
         in `liveness` get the liveness check instead of the GPU query (their minimum interval has not passed).
+        `log_reads` ({agent name: [job_log_read.LogRead]}): running jobs' logs read in the same exec; what
+        came back is in each outcome's `job_logs`.
 
         `budget_s`: how long the tick waits for answers. A host without a master (it has not answered
         lately: a dead host, a silent listener, a black-holed address) costs up to ConnectTimeout to dial,
@@ -164,6 +173,7 @@ class SshFanoutHeartbeat:
         if not agents and self._loop is None:
             return {}
         self._liveness = set(liveness)
+        self._log_reads = {name: _valid_reads(reads) for name, reads in (log_reads or {}).items()}
         return self.run_probes(agents, cancel=cancel, on_outcome=on_outcome, on_progress=on_progress,
                                budget_s=budget_s)
 
@@ -237,9 +247,13 @@ class SshFanoutHeartbeat:
     def wants_query(self, agent: Agent) -> bool:
         return agent.name not in self._liveness
 
+    def reads_for(self, agent: Agent) -> tuple:
+        return self._log_reads.get(agent.name, ())
+
     def script(self, agent: Agent) -> str:
         return probe.remote_script(agent.gpu_query_cmd, timeout_s=self.timeout_for(agent),
-                                   host_metrics=self.host_metrics, query=self.wants_query(agent))
+                                   host_metrics=self.host_metrics, query=self.wants_query(agent),
+                                   log_reads=self.reads_for(agent))
 
     def evaluate(self, ex: _Exec, stdout: bytes) -> ProbeOutcome:
         """The outcome of one finished exec (the one parser: probe.evaluate)."""
@@ -248,7 +262,7 @@ class SshFanoutHeartbeat:
         if ex.too_large:
             return ProbeOutcome.failure(
                 "output_too_large",
-                f"the exec sent more than {MAX_STDOUT_BYTES} bytes, more than the probe ever prints; the remote "
+                f"the exec sent more than {ex.max_stdout} bytes, more than the probe ever prints; the remote "
                 "shell or its start-up files print too much",
                 agent=ex.agent.name)
         rc = ex.proc.returncode
@@ -263,6 +277,7 @@ class SshFanoutHeartbeat:
             ended=ex.ended,
             host_metrics=self.host_metrics,
             query=ex.query,
+            log_reads=ex.reads,
         )
 
     # -- shutdown ------------------------------------------------------------------------------
@@ -439,8 +454,10 @@ class _FanoutLoop:
             self.spawn_errors.append(f"{type(exc).__name__}: {exc}")
             log.error("agent %s: cannot start ssh: %s", agent.name, exc)
             return
+        reads = self.t.reads_for(agent)
         ex = _Exec(agent, proc, time.time(), time.monotonic() + self.t.deadline_for(agent), _pidfd(proc.pid),
-                   cold=cold, query=self.t.wants_query(agent))
+                   cold=cold, query=self.t.wants_query(agent), reads=reads,
+                   max_stdout=MAX_STDOUT_BYTES + job_log_read.max_output_bytes(len(reads)))
         self.running[proc.pid] = ex
         for pipe, kind in ((proc.stdout, "o"), (proc.stderr, "e")):
             os.set_blocking(pipe.fileno(), False)
@@ -476,7 +493,7 @@ class _FanoutLoop:
             return
         if kind == "o":
             ex.stdout_size += len(data)
-            if ex.stdout_size > MAX_STDOUT_BYTES:
+            if ex.stdout_size > ex.max_stdout:
                 ex.too_large = True
                 self._kill(ex)
                 return
@@ -564,6 +581,18 @@ class _FanoutLoop:
             ex.proc.wait()
             self._release(ex)
         self.sel.close()
+
+
+def _valid_reads(reads: Sequence) -> tuple:
+    """The reads that can go into a script (at most job_log_read.MAX_READS): a bad one must not cost the
+    host its heartbeat, so it is left out (and said) rather than failing the script."""
+    valid = []
+    for read in reads:
+        try:
+            valid.append(job_log_read.check_read(read))
+        except ValueError as exc:
+            log.warning("job log read left out: %s", exc)
+    return tuple(valid[:job_log_read.MAX_READS])
 
 
 def _read(fd: int) -> bytes | None:

@@ -24,6 +24,7 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils import hostvars, jo
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import Agent
 
 from hwledger.ansible_runs import AnsibleRuns, HostEvent, PlaybookRun
+from hwledger.placement import launch_spec
 from hwledger.store import JobRow, age_seconds
 
 JOB_PLAYBOOK = "hwledger.fleet.job"
@@ -103,7 +104,8 @@ class AnsibleJobs:
         def extravars(private_dir: Path) -> dict:
             # The spec goes by file: the role reads it as data. As a variable, its strings would be
             # templated once by Ansible (a "{{ ... }}" in a job argument would run on the controller).
-            spec_files.append(AnsibleRuns.write_private_json(private_dir / "job.json", job.spec))
+            # With the GPUs placement chose for it shown to it (hwledger.placement.launch_spec).
+            spec_files.append(AnsibleRuns.write_private_json(private_dir / "job.json", launch_spec(job.spec, job.placement)))
             return {"hwledger_job_file": str(spec_files[0]), "hwledger_results_dir": str(self.results_dir),
                     # The result file says how the job went; the run fails only when it could not run it.
                     "hwledger_job_fail_on_error": False}

@@ -20,13 +20,17 @@ Job errors read `reason: message`; the reasons are listed in docs/fleet-server.m
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema
 
+from hwledger.job_logs import finish_log
 from hwledger.job_runs import JobRunOutcome, reason_of
-from hwledger.store import JOB_ACTIVE_STATES, JobRow, Store, env_redacted
+from hwledger.store import JOB_ACTIVE_STATES, JobRow, Store, StoreError, env_redacted
+
+log = logging.getLogger("hwledger.jobs")
 
 # A job that keeps failing before its command starts is given up after this many tries (each on a tick at
 # which its agent answered, so a dead host is not dialled for it: the agent's own backoff applies).
@@ -95,6 +99,11 @@ def _settle_from_result(store: Store, job: JobRow, result: dict, results_dir: Pa
         error = f"{result['error']['reason']}: {result['error']['message']}"
     elif state == "timed_out":
         error = "timed_out: the job ran past its timeout and was killed on the host"
+    try:
+        # Before the state: a follower (`hwledger job logs -f`) that sees the job ended has all of its output.
+        finish_log(store, job.id, result)
+    except (StoreError, ValueError) as exc:
+        log.warning("job %s: the end of its output was not added to its log: %s", job.id, exc)
     ok = store.transition_job(job.id, JOB_ACTIVE_STATES, state, result=result,
                               exit_code=result.get("exit_code"), error=error)
     if ok:

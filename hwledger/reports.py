@@ -92,4 +92,6 @@ def job_to_dict(job: JobRow) -> dict:
         "timeout_s": job.timeout_s, "cancel_requested": job.cancel_requested, "exit_code": job.exit_code,
         "reason": reason_of(job.error), "error": job.error, "result": job.result, "remote_dir": job.remote_dir,
         "cleanup_pending": job.cleanup_pending,
+        # Where a job with `resources` was placed and why (its GPUs, their environment); why it waits.
+        "placement": job.placement, "placement_note": job.placement_note,
     }

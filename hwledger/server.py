@@ -6,8 +6,12 @@ recorded and the next tick starts at once):
 2. run one heartbeat over every agent that is not blocked (`host_key_changed`) through the heartbeat
    transport (`hwledger.heartbeat`: the resident fan-out by default, or the Ansible playbook), writing
    each host's outcome and new state to the store as it arrives;
-3. hand queued jobs of agents that answered to the job workers (`hwledger.job_runs`; threads, so
-   heartbeats keep their cadence; one job per agent at a time), and pending remote clean-ups likewise.
+3. hand queued jobs to the job workers (`hwledger.job_runs`; threads, so heartbeats keep their cadence):
+   `hwledger.job_dispatch` decides which go and where (a job without `resources` holds its whole agent, one
+   with `resources` only the GPUs `hwledger.placement` chose for it), and pending remote clean-ups likewise.
+
+Running jobs' logs are read at every tick, in the heartbeat's exec where the transport can
+(`hwledger.job_logs`).
 
 At start-up it settles what a previous server left behind (`recover`): it stops the dead server's
 ansible-playbook runs and reconciles each job they were running with its host. While a job runs, its
@@ -46,10 +50,12 @@ from hwledger.heartbeat import (
     QueryPacing,
     TickRecorder,
 )
-from hwledger.job_runs import AnsibleJobs, crash_point
+from hwledger.job_dispatch import DispatchRound
+from hwledger.job_logs import LogFollower
+from hwledger.job_runs import AnsibleJobs
 from hwledger.job_settle import discard_settled_results, settle_job
 from hwledger.job_workers import RECONCILE_RETRY, JobWorkers
-from hwledger.store import AgentRow, StateChange, StoreError, parse_time, utc_now
+from hwledger.store import AgentRow, StateChange, StoreError, parse_time
 
 log = logging.getLogger("hwledger.server")
 
@@ -57,6 +63,8 @@ DEFAULT_INTERVAL_S = 5.0
 DEFAULT_MAX_PARALLEL_JOBS = 4
 STOP_GRACE_S = 1.5
 EVENT_THROTTLE_S = 60.0
+# A job with resources is placed only on agents whose latest snapshot is younger than this many intervals.
+PLACEMENT_MAX_AGE_INTERVALS = 2
 SERVE_LOCK_NAME = "serve.lock"
 # `hwledger fleet serve` exits with this when its store cannot be used any more (deleted, replaced,
 # read-only, disk full, damaged): nothing it does could be recorded.
@@ -161,15 +169,18 @@ class Server:
         self.stop_event = threading.Event()
         self.workers = JobWorkers(fleet.open_store, self.jobs, self.results_dir, self.stop_event)
         self._pacing = QueryPacing()
+        self.logs = LogFollower(self.policy)
         self.max_parallel_jobs = max_parallel_jobs
         self._pool = ThreadPoolExecutor(max_workers=max_parallel_jobs, thread_name_prefix="hwledger-job")
-        self._busy: dict[str, Future] = {}  # agent name -> its job or clean-up in flight
+        # Work in flight: a job's worker (its run or its reconcile) by the job's id, an agent's remote clean-up
+        # by _cleanup_key(agent).
+        self._busy: dict[str, Future] = {}
         self._reconcile: dict[str, int] = {}  # running jobs a previous server left -> failed tries to ask
         self._agents: dict[str, Agent] = {}
         self._config_error: str | None = None
         self._config_error_logged_at: float | None = None
         self._config_signature: tuple | None = None
-        self._job_workers: dict[str, tuple[str, str]] = {}  # agent name -> (job id, "run" | "reconcile")
+        self._job_workers: dict[str, tuple[str, str]] = {}  # job id -> (its agent, "run" | "reconcile")
         self._unsettled: set[str] = set()  # jobs whose worker failed, to settle (retried each tick)
         self._lock_fd: int | None = None
         self._event_windows: dict[str, tuple[float | None, int]] = {}
@@ -193,6 +204,7 @@ class Server:
         stop_in_flight = getattr(self.transport, "stop_in_flight", None)
         if stop_in_flight is not None:
             stop_in_flight()  # execs of new connections still in flight go too (masters stay, ControlPersist)
+        self.logs.close()
         try:
             for kind, (_last, count) in self._event_windows.items():
                 if count:  # occurrences not recorded yet
@@ -390,11 +402,13 @@ class Server:
         report.asked = len(targets)
         recorder = TickRecorder(self.store, {agent.name: agent for agent in targets})
         liveness = self._pacing.liveness_only(targets)
+        log_reads = self.logs.reads(self.store, [agent.name for agent in targets])
+        same_exec = bool(getattr(self.transport, "reads_job_logs", False))
         outcomes: dict = {}
         try:
             outcomes = self.transport.tick(targets, cancel=self.stop_event.is_set, on_outcome=recorder.on_outcome,
                                            on_progress=recorder.on_progress, budget_s=self.interval_s,
-                                           liveness=liveness)
+                                           liveness=liveness, **({"log_reads": log_reads} if same_exec else {}))
             self._pacing.note(outcomes, liveness)
         except HeartbeatRunError as exc:
             report.error = str(exc)
@@ -404,6 +418,8 @@ class Server:
             report.duration_s = time.monotonic() - report.started
             return report
         report.outcomes = recorder.finish(outcomes, self.policy)
+        self.logs.record(self.store, outcomes, log_reads, agents=self._agents, same_exec=same_exec,
+                         cancel=self.stop_event.is_set)
         report.changes = recorder.changes
         for change in report.changes:
             log.info("agent %s: %s -> %s%s", change.agent, change.old, change.new,
@@ -425,18 +441,19 @@ class Server:
         """Forget finished workers. A job worker that died of an exception may have left its job active,
         with no run behind it: such a job is settled here (its result file, if one was fetched, else
         `lost` with its remote clean-up pending), so no job stays `running` forever."""
-        for name, future in list(self._busy.items()):
+        for key, future in list(self._busy.items()):
             if future.done():
-                del self._busy[name]
-                job_id, kind = self._job_workers.pop(name, (None, None))
+                del self._busy[key]
+                agent, kind = self._job_workers.pop(key, (None, None))
                 exc = future.exception()
                 if exc is not None:
-                    log.error("worker for %s failed: %s", name, printable(f"{type(exc).__name__}: {exc}", limit=600))
-                    if job_id is not None:
-                        self._unsettled.add(job_id)
-                        self._reconcile.pop(job_id, None)
-                elif kind == "reconcile" and job_id is not None:
-                    self._reconciled(job_id, future.result())
+                    log.error("worker for %s failed: %s", agent or key,
+                              printable(f"{type(exc).__name__}: {exc}", limit=600))
+                    if agent is not None:
+                        self._unsettled.add(key)
+                        self._reconcile.pop(key, None)
+                elif kind == "reconcile":
+                    self._reconciled(key, future.result())
         for job_id in list(self._unsettled):
             self._settle_failed_worker_job(job_id)
 
@@ -463,10 +480,10 @@ class Server:
         same way, and so does one cancelled while its agent is no longer in the agents file (no reconcile
         will ever reach it)."""
         offline = {row.name: row for row in self.store.list_agents() if row.state == "offline"}
-        for name, (job_id, _kind) in list(self._job_workers.items()):
+        for job_id, (name, _kind) in list(self._job_workers.items()):
             if name in offline:
                 self.workers.abandon(job_id, _offline_reason(offline[name]))
-        busy_jobs = {job_id for job_id, _kind in self._job_workers.values()}
+        busy_jobs = set(self._job_workers)
         for job_id in list(self._reconcile):
             job = self.store.get_job(job_id)
             if job is None or job.terminal:
@@ -498,46 +515,69 @@ class Server:
         self._unsettled.discard(job_id)
 
     def _dispatch(self, answered: Sequence[str]) -> list[str]:
-        """Hand the next job (or a pending clean-up) of each agent that answered to a worker."""
+        """Hand work to workers, for agents that answered this tick. First what must happen before anything
+        new runs on an agent: a job a previous server left running is reconciled with its host, and a job
+        queued again after an attempt that left its remote dir has that dir removed (its runner stopped). Then
+        the jobs that may start now (`hwledger.job_dispatch`: its own agent for a job without resources, the
+        GPUs placement picks for one with), then a pending clean-up of a finished job."""
+        if self.stop_event.is_set():
+            return []
+        answered = [name for name in answered if name in self._agents]
+        closed = self._prepare_agents(answered)
         started = []
+        dispatches = DispatchRound(
+            self.store, configured=self._agents, answered=answered, in_workers=self._job_workers,
+            capacity=self.max_parallel_jobs - len(self._busy), workers_max=self.max_parallel_jobs,
+            max_age_s=PLACEMENT_MAX_AGE_INTERVALS * self.interval_s, stop=self.stop_event.is_set, closed=closed,
+        ).run()
+        for dispatch in dispatches:
+            log.info("job %s dispatched to %s", dispatch.job_id, dispatch.agent)
+            self.workers.handing_out(dispatch.job_id)
+            self._busy[dispatch.job_id] = self._pool.submit(self.workers.run_job, dispatch.job_id,
+                                                            self._agents[dispatch.agent])
+            self._job_workers[dispatch.job_id] = (dispatch.agent, "run")
+            started.append(dispatch.job_id)
         for name in answered:
+            key = _cleanup_key(name)
             if self.stop_event.is_set() or len(self._busy) >= self.max_parallel_jobs:
                 break
-            if name in self._busy or name not in self._agents:
-                continue
-            agent = self._agents[name]
-            active = self.store.list_jobs(agent=name, states=["dispatched", "running"])
-            left = [job for job in active if job.id in self._reconcile]
-            if left:
-                # A previous server's job: ask the host what became of it before anything else runs there.
-                self.workers.handing_out(left[0].id)
-                self._busy[name] = self._pool.submit(self.workers.reconcile_job, left[0].id, agent)
-                self._job_workers[name] = (left[0].id, "reconcile")
-                continue
-            if any(job.state == "running" for job in active):
-                continue  # being settled (a worker that failed: see _reap)
-            job = active[0] if active else self.store.next_queued_job(name)
-            if job is not None and job.state == "queued" and job.cleanup_pending:
-                # Queued again after an attempt that left its remote dir: remove it (and stop its runner, if
-                # the host still runs one) before the job is started again.
-                self._busy[name] = self._pool.submit(self.workers.clean_up, job.id, agent)
-                continue
-            if job is not None:
-                if job.state == "queued":
-                    if not self.store.transition_job(job.id, ["queued"], "dispatched", dispatched_at=utc_now()):
-                        continue  # cancelled meanwhile
-                    crash_point("dispatched")
-                log.info("job %s dispatched to %s", job.id, name)
-                self.workers.handing_out(job.id)
-                self._busy[name] = self._pool.submit(self.workers.run_job, job.id, agent)
-                self._job_workers[name] = (job.id, "run")
-                started.append(job.id)
+            if key in self._busy:
                 continue
             pending = self.store.list_jobs(agent=name, states=["cancelled", "lost", "failed"])
-            pending = [j for j in pending if j.cleanup_pending]
+            # A job whose worker still runs does its own clean-up.
+            pending = [j for j in pending if j.cleanup_pending and j.id not in self._job_workers]
             if pending:
-                self._busy[name] = self._pool.submit(self.workers.clean_up, pending[0].id, agent)
+                self._busy[key] = self._pool.submit(self.workers.clean_up, pending[0].id, self._agents[name])
         return started
+
+    def _prepare_agents(self, answered: Sequence[str]) -> dict[str, str]:
+        """Start the reconciles and the clean-ups before another attempt (see _dispatch) of the agents that
+        answered; returns the agents closed to new jobs meanwhile, with the reason (`job show` shows it)."""
+        closed: dict[str, str] = {}
+        for job_id in list(self._reconcile):
+            job = self.store.get_job(job_id)
+            if job is None or job.terminal:
+                continue  # _stop_jobs_that_cannot_go_on forgets it
+            closed[job.agent] = f"first asks its host what became of job {job_id} (left by a previous server)"
+            if job_id in self._busy or job.agent not in answered or len(self._busy) >= self.max_parallel_jobs:
+                continue
+            self.workers.handing_out(job_id)
+            self._busy[job_id] = self._pool.submit(self.workers.reconcile_job, job_id, self._agents[job.agent])
+            self._job_workers[job_id] = (job.agent, "reconcile")
+        for name in answered:
+            again = [job for job in self.store.list_jobs(agent=name, states=["queued"]) if job.cleanup_pending]
+            if not again:
+                continue
+            closed.setdefault(name, f"first removes what an earlier attempt of job {again[0].id} left on the host")
+            key = _cleanup_key(name)
+            if key not in self._busy and len(self._busy) < self.max_parallel_jobs:
+                self._busy[key] = self._pool.submit(self.workers.clean_up, again[0].id, self._agents[name])
+        return closed
+
+
+def _cleanup_key(agent: str) -> str:
+    """The key of an agent's clean-up in flight among the server's work (job ids are UUIDs: no clash)."""
+    return f"cleanup:{agent}"
 
 
 def _offline_reason(row: AgentRow) -> str:

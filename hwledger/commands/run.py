@@ -17,7 +17,9 @@ The job file is JSON (schema_version, job_id, command as an argv list, env, work
 model_ref, metadata). The command runs without a shell in its own session with a minimal environment
 plus the job's env; at timeout_s it gets SIGTERM, then SIGKILL; when it ends, every process it left
 behind is killed. The result (state, exit code, signal, times, the last 64 KiB of stdout and stderr)
-is written atomically with mode 0600; an output path that is a symlink is refused.
+is written atomically with mode 0600; an output path that is a symlink is refused. With --log-dir
+(or $HWLEDGER_JOB_LOG_DIR) stdout and stderr are also logged there as they come, bounded, for
+`hwledger job logs -f` on the controller.
 """
 
 
@@ -34,4 +36,4 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return job_runner.run_job_file(args.job, args.output)
+    return job_runner.run_job_file(args.job, args.output, log_dir=args.log_dir)

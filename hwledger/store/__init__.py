@@ -17,6 +17,8 @@ Design notes (why, not what):
   only until no attempt of the job can need them, then its names only (`job_env`), and the -wal file is
   truncated after each removal so no old copy lingers there (`secure_delete` zeroes the freed space in
   the database file).
+- A job's log (what `hwledger job logs` prints) is bounded per job where it is appended: the oldest rows go
+  first, in the same transaction (job_logs.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from __future__ import annotations
 from hwledger.store.agents import AgentTables
 from hwledger.store.base import DEFAULT_BUSY_TIMEOUT_S, DEFAULT_SNAPSHOTS_KEPT, StoreBase, StoreError
 from hwledger.store.job_env import env_redacted, shown_spec
+from hwledger.store.job_logs import LOG_KEPT_BYTES, JobLogTables, JobLogView, LogCursor, LogEntry, RunningLog
 from hwledger.store.jobs import MAX_ATTEMPTS_LIMIT, JobTables
+from hwledger.store.placement import PlacementTables
 from hwledger.store.records import (
     AgentRecord,
     AgentRow,
@@ -42,13 +46,14 @@ from hwledger.store.schema import AGENT_STATES, JOB_ACTIVE_STATES, JOB_STATES, J
 from hwledger.store.watch import MemoryPoint, WatchQueries
 
 
-class Store(AgentTables, JobTables, WatchQueries, Retention, StoreBase):
+class Store(AgentTables, JobTables, JobLogTables, PlacementTables, WatchQueries, Retention, StoreBase):
     """One connection to the store. Use one per thread (sqlite3 connections are not shared)."""
 
 
 __all__ = [
     "AGENT_STATES", "DEFAULT_BUSY_TIMEOUT_S", "DEFAULT_SNAPSHOTS_KEPT", "JOB_ACTIVE_STATES", "JOB_STATES",
-    "JOB_TERMINAL_STATES", "MAX_ATTEMPTS_LIMIT", "SCHEMA_VERSION", "AgentRecord", "AgentRow", "AgentUpdate",
-    "EventRow", "JobRow", "MemoryPoint", "PruneReport", "SnapshotRow", "StateChange", "Store", "StoreError",
-    "age_seconds", "env_redacted", "parse_time", "shown_spec", "utc_now",
+    "JOB_TERMINAL_STATES", "LOG_KEPT_BYTES", "MAX_ATTEMPTS_LIMIT", "SCHEMA_VERSION", "AgentRecord", "AgentRow",
+    "AgentUpdate", "EventRow", "JobLogView", "JobRow", "LogCursor", "LogEntry", "MemoryPoint", "PruneReport",
+    "RunningLog", "SnapshotRow", "StateChange", "Store", "StoreError", "age_seconds", "env_redacted", "parse_time",
+    "shown_spec", "utc_now",
 ]

@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.agent_values import RESERVED_AGENT_NAME
+
 from hwledger.errors import UserError
 from hwledger.store.job_env import redacted_spec_json
 from hwledger.store.records import JOB_COLUMNS, JOB_UPDATABLE, JobRow, job_row, job_value, utc_now
@@ -34,7 +36,7 @@ class JobTables:
         now = utc_now()
         with self._write() as conn:
             known = conn.execute("SELECT state FROM agents WHERE name = ?", (agent,)).fetchone()
-            if known is None or known[0] == "removed":
+            if agent != RESERVED_AGENT_NAME and (known is None or known[0] == "removed"):  # auto: placed at dispatch
                 raise UserError(f"no registered agent named {agent!r}; see `hwledger fleet list`")
             try:
                 conn.execute(
@@ -75,9 +77,10 @@ class JobTables:
             where += (" AND " if where else " WHERE ") + f"state IN ({', '.join('?' * len(states))})"
             params += states
         if newest is None:
-            sql = f"SELECT {JOB_COLUMNS} FROM jobs{where} ORDER BY created_at, id"
+            # rowid breaks ties of the millisecond in submission order (first come, first served).
+            sql = f"SELECT {JOB_COLUMNS} FROM jobs{where} ORDER BY created_at, rowid"
             return [job_row(r) for r in self._conn.execute(sql, params)]
-        sql = f"SELECT {JOB_COLUMNS} FROM jobs{where} ORDER BY created_at DESC, id DESC LIMIT ?"
+        sql = f"SELECT {JOB_COLUMNS} FROM jobs{where} ORDER BY created_at DESC, rowid DESC LIMIT ?"
         return [job_row(r) for r in reversed(self._conn.execute(sql, [*params, int(newest)]).fetchall())]
 
     def transition_job(self, job_id: str, from_states: Iterable[str], to_state: str, **fields: Any) -> bool:

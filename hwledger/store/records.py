@@ -97,6 +97,8 @@ class JobRow:
     cleanup_pending: bool
     max_attempts: int = 1
     launched_at: str | None = None
+    placement: dict | None = None              # where the job was placed and why; its GPU claim while active
+    placement_note: dict | None = None         # why a queued job is not placed yet
 
     @property
     def terminal(self) -> bool:
@@ -165,6 +167,8 @@ def job_row(row: Sequence[Any]) -> JobRow:
     values = dict(zip(JOB_FIELDS, row))
     values["spec"] = json.loads(values["spec"])
     values["result"] = json.loads(values["result"]) if values["result"] else None
+    for key in ("placement", "placement_note"):
+        values[key] = json.loads(values[key]) if values.get(key) else None
     values["cancel_requested"] = bool(values["cancel_requested"])
     values["cleanup_pending"] = bool(values["cleanup_pending"])
     return JobRow(**values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 
 # `degraded`: the host answers, but a GPU it had is missing (fell off the bus).
 AGENT_STATES = ("pending", "online", "degraded", "stale", "offline", "error", "host_key_changed", "removed")
@@ -204,6 +204,49 @@ MIGRATIONS: tuple[str, ...] = (
             DELETE FROM gpu_memory_history WHERE agent = new.agent
                 AND minute < strftime('%Y-%m-%dT%H:%M', new.recorded_at, '-{HISTORY_MINUTES} minutes');
         END;
+    """,
+    # v4: placement (`hwledger job submit --agent auto --min-free-vram ...`, hwledger.placement).
+    #
+    # `placement`: where a job with `resources` was placed and why (JSON: agent, backend, gpus [{index, uuid,
+    # name, free_bytes}], env, why, snapshot_at, request), written in the same transaction as its queued ->
+    # dispatched step. While the job is dispatched or running it is the job's claim on those GPUs: a
+    # restarted server reads the claims back from here, and a claim ends when the job leaves those states
+    # (no row to delete, so no path that ends a job can forget it). NULL for a job without resources (it
+    # holds its whole agent).
+    # `placement_note`: why a queued job is not placed yet (JSON: text, agent of the best candidate),
+    # written only when it changes.
+    """
+    ALTER TABLE jobs ADD COLUMN placement TEXT CHECK (placement IS NULL OR json_valid(placement));
+    ALTER TABLE jobs ADD COLUMN placement_note TEXT CHECK (placement_note IS NULL OR json_valid(placement_note));
+    """,
+    # v5: running jobs' logs (`hwledger job logs -f`; hwledger/job_logs.py). `job_logs` holds what the heartbeats
+    # read of each job's output, in order (`seq`), as raw bytes per stream, plus hwledger's own notes (bytes
+    # lost to the host's log rotation, output dropped here). It is bounded per job by the writer (the oldest
+    # rows go first; `job_log_cursors.dropped_*` says how much and up to where). `job_log_cursors` is where the
+    # reading of the job's log on its host stands: the private dir it belongs to, the file generation and
+    # offset, and how many bytes of each stream are in hand; durable, so a restarted server reads on. Both go
+    # with their job (pruning, `ON DELETE CASCADE`).
+    """
+    CREATE TABLE job_logs (
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        seq    INTEGER NOT NULL,
+        stream TEXT NOT NULL CHECK (stream IN ('stdout', 'stderr', 'note')),
+        at     TEXT NOT NULL,
+        data   BLOB NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    );
+    CREATE TABLE job_log_cursors (
+        job_id         TEXT PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE,
+        remote_dir     TEXT NOT NULL,
+        generation     INTEGER NOT NULL DEFAULT 0,
+        log_offset     INTEGER NOT NULL DEFAULT 0,
+        stdout_pos     INTEGER NOT NULL DEFAULT 0,
+        stderr_pos     INTEGER NOT NULL DEFAULT 0,
+        next_seq       INTEGER NOT NULL DEFAULT 1,
+        kept_bytes     INTEGER NOT NULL DEFAULT 0,
+        dropped_bytes  INTEGER NOT NULL DEFAULT 0,
+        dropped_to_seq INTEGER NOT NULL DEFAULT 0
+    );
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION

@@ -23,8 +23,10 @@ description:
   - "The job spec: C(schema_version) (1), C(job_id) (a UUID; nothing path-like is accepted),
     C(command) (argv list of strings, never a shell string), C(env) (string to string),
     C(workdir) (absolute path on the remote), C(timeout_s) (positive number, default 3600, at most a week),
-    C(model_ref) (string), C(metadata) (JSON object of at most 16 KiB). Unknown keys are errors that name the
-    nearest valid key."
+    C(model_ref) (string), C(metadata) (JSON object of at most 16 KiB), C(resources) (optional GPU request for
+    C(hwledger fleet serve): C(gpus) 1-64, C(min_free_vram) such as V(40GiB) or bytes, C(gpu_name) glob; the
+    runner ignores it, and a spec with it may not set C(CUDA_VISIBLE_DEVICES), C(HIP_VISIBLE_DEVICES) or
+    C(ROCR_VISIBLE_DEVICES) in C(env)). Unknown keys are errors that name the nearest valid key."
 author:
   - hwledger-fleet developers (!UNKNOWN)
 options:

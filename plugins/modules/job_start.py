@@ -20,7 +20,9 @@ description:
     directories older than O(stale_age) in the same base directory, writes the job JSON (0600) and, for the
     staged runner, C(runner.pyz) (0600) into it from the command's B(standard input) (so no value of the job is
     on any command line), and starts the runner detached (C(setsid) when present; its output goes to files),
-    so that a dropped SSH connection does not stop it.
+    so that a dropped SSH connection does not stop it. The runner is told (C(HWLEDGER_JOB_LOG_DIR), not passed
+    on to the job) to log the job's output as it comes in the private directory, bounded at 2 MiB, where
+    C(hwledger fleet serve) reads it for C(hwledger job logs -f).
   - Starts a job B(at most once) - before anything of the job is written, another private directory of the same
     job id in that base directory (the connection's user's, not a symlink) or a live process of that user whose
     argument is a C(job.json) of that job (a runner of an earlier start, still running) fails the task with

@@ -180,12 +180,19 @@ def validate_key_path(value: Any) -> str:
     return validate_path(value, "the private key")
 
 
+# `--agent auto` (hwledger job submit) asks the server to place the job: no agent may be called that.
+RESERVED_AGENT_NAME = "auto"
+
+
 def validate_name(value: Any) -> str:
     """An agent name: it becomes an Ansible inventory hostname and a file name elsewhere."""
     name = _require_str(value, "a unique agent name such as \"gpu-box-1\"")
     if len(name) > MAX_NAME_LENGTH or not _NAME.match(name) or ".." in name:
         raise ValueError(f"{show(name)} is not a valid agent name: use 1-{MAX_NAME_LENGTH} letters, digits, "
                          "'.', '_' and '-', starting with a letter or digit, without '..' (no spaces or '/')")
+    if name == RESERVED_AGENT_NAME:
+        raise ValueError(f"{show(name)} is reserved: `hwledger job submit --agent auto` places a job on whichever "
+                         "agent has the GPUs it asks for; give this agent another name")
     return name
 
 

@@ -16,6 +16,7 @@ What they keep from the module-based role (docs/jobs.md):
   ``cat`` under ``set -C`` (never through an existing file), so the job's env values are in no argv;
 * the runner is started detached (``setsid`` when present, stdio on files), so a dropped SSH connection
   does not stop it; a small sh wrapper writes its exit status to ``runner.rc`` (atomically, by rename);
+  ``HWLEDGER_JOB_LOG_DIR`` tells it to log the job's output in the private dir (``job_log``);
 * ``result.json`` is inspected with ``ls -lnd`` (an lstat: no open, so a FIFO cannot block it), and read
   with ``head -c LIMIT+1 --`` (so a file swapped after the check cannot flood the controller);
 * this user's ``hwledger-job-*`` directories older than the stale age are swept (``find``: no link followed);
@@ -143,6 +144,9 @@ fi
 cd "$dir" || fail private_dir "cannot enter $dir"
 detach=
 command -v setsid >/dev/null 2>&1 && detach=setsid
+# The runner logs the job's output as it comes into the private dir (job_log), where the heartbeat reads it.
+HWLEDGER_JOB_LOG_DIR=$dir
+export HWLEDGER_JOB_LOG_DIR
 $detach sh -c 'd=$1; shift; "$@" >"$d/runner.out" 2>"$d/runner.err"; echo "$?" >"$d/runner.rc.tmp" && mv -f "$d/runner.rc.tmp" "$d/runner.rc"' \
   hwledger-job "$dir" "$@" </dev/null >/dev/null 2>&1 &
 printf '%s %s %s %s\n' @START@ "$dir" "$!" "$runner"

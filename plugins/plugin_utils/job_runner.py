@@ -12,7 +12,9 @@ What the runner guarantees (see docs/jobs.md):
 * the argv runs without a shell, stdin from /dev/null, in a new session (its own process group), with a
   minimal environment (PATH, HOME, LANG, ... from the runner's own environment) plus the job's env;
 * stdout and stderr are read through pipes into ring buffers: at most 64 KiB of each is kept, however
-  much the job prints, and nothing is written to disk;
+  much the job prints; with a log directory (``--log-dir``, or ``HWLEDGER_JOB_LOG_DIR`` as the job role
+  sets it) both are also written, as they come, to a bounded rotating log there (``job_log``: at most
+  2 MiB on disk) that the controller follows;
 * at ``timeout_s`` the job gets SIGTERM, then SIGKILL after a grace period;
 * when the job ends (exit, signal or timeout) every process it left behind is killed: its process group
   always; on Linux also every other descendant, including ones that called setsid() or double-forked,
@@ -38,7 +40,7 @@ import threading
 import time
 import zipfile
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import private_files, processes
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_log, private_files, processes
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.job_schema import (
     DEFAULT_TIMEOUT_S,
     TAIL_BYTES,
@@ -86,13 +88,18 @@ _EXIT_BY_REASON = {
     "runner_error": EXIT_RUNNER_ERROR,
 }
 
+# Where the job role tells the runner to write the job's log (the private dir). An environment variable
+# rather than only the flag: an older `hwledger` installed on a host ignores it (and writes no log) where
+# it would refuse an unknown flag and fail the job. Never passed on to the job (BASE_ENV_KEYS).
+LOG_DIR_ENV = "HWLEDGER_JOB_LOG_DIR"
+
 # Copied from the runner's own environment into the job's (when set); the job's env comes on top.
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "USER", "LOGNAME", "SHELL", "TMPDIR", "TZ")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 # The modules the staged bundle holds: this one and what it imports (all standard library only).
-BUNDLED_MODULES = ("job_runner", "job_schema", "private_files", "processes")
+BUNDLED_MODULES = ("job_runner", "job_schema", "job_log", "private_files", "processes")
 BUNDLE_PACKAGE = "ansible_collections/hwledger/fleet/plugins/plugin_utils"
 
 
@@ -209,12 +216,14 @@ class _Tail:
 
 
 class _Output:
-    """Reads the job's stdout and stderr pipes without blocking into two bounded tails."""
+    """Reads the job's stdout and stderr pipes without blocking into two bounded tails (and the log)."""
 
-    def __init__(self, proc):
+    def __init__(self, proc, log=None):
         self.proc = proc
+        self.log = log
         self.selector = selectors.DefaultSelector()
         self.tails = {}
+        self.streams = {proc.stdout.fileno(): "o", proc.stderr.fileno(): "e"}
         for stream in (proc.stdout, proc.stderr):
             os.set_blocking(stream.fileno(), False)
             self.tails[stream.fileno()] = _Tail()
@@ -242,6 +251,8 @@ class _Output:
                     self.selector.unregister(key.fd)
                     break
                 self.tails[key.fd].feed(data)
+                if self.log is not None:
+                    self.log.write(self.streams[key.fd], data)
 
     def drain(self, seconds):
         deadline = time.monotonic() + seconds
@@ -351,19 +362,21 @@ def _supervise(job, proc, tree, output, interrupts, grace):
     return how
 
 
-def _execute(job, grace):
+def _execute(job, grace, log_dir=None):
     """Run the validated job and return the outcome as result fields (state, codes, output...)."""
     env = job_environment(job)
     cwd = job["workdir"] or env.get("HOME") or "/"
     started = time.time()
     tree = _JobTree()
+    log = None
     try:
         with _Interrupts() as interrupts:
             proc, error = _start(job, env, cwd)
             if proc is None:
                 return make_result(job["job_id"], "error", started=started, finished=time.time(), error=error)
             tree.started(proc.pid)
-            output = _Output(proc)
+            log = job_log.LogWriter(log_dir) if log_dir else None
+            output = _Output(proc, log)
             try:
                 how = _supervise(job, proc, tree, output, interrupts, grace)
             finally:
@@ -372,6 +385,8 @@ def _execute(job, grace):
                 output.close()
     finally:
         tree.close()
+        if log is not None:
+            log.close()
     return _outcome(job, proc.returncode, how, interrupts, output, started)
 
 
@@ -422,9 +437,10 @@ def _deliver(result, output, stdout, stderr):
     return exit_code_for(result)
 
 
-def run_job(spec, output, *, kill_grace_s=KILL_GRACE_S, stdout=None, stderr=None):
+def run_job(spec, output, *, kill_grace_s=KILL_GRACE_S, stdout=None, stderr=None, log_dir=None):
     """Run a job spec (validated here) and write its result to `output`; return the runner's exit code
-    (EXIT_* above).  Prints "<sha256>  <output>" on stdout once the result is written."""
+    (EXIT_* above).  Prints "<sha256>  <output>" on stdout once the result is written.  With `log_dir`
+    (a private directory), the job's output is also logged there as it comes (`job_log`)."""
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
     now = time.time()
@@ -435,7 +451,7 @@ def run_job(spec, output, *, kill_grace_s=KILL_GRACE_S, stdout=None, stderr=None
                              error={"reason": "invalid_job", "message": str(exc)})
         return _deliver(result, output, stdout, stderr)
     try:
-        result = _execute(job, kill_grace_s)
+        result = _execute(job, kill_grace_s, log_dir)
     except Exception as exc:  # pylint: disable=broad-exception-caught  # the result must still be written
         result = make_result(job["job_id"], "error", started=now, finished=time.time(),
                              error={"reason": "runner_error", "message": "%s: %s" % (type(exc).__name__, exc)})
@@ -462,6 +478,10 @@ def add_run_arguments(parser):
     parser.add_argument("job", metavar="JOB.json", help="the job spec (JSON)")
     parser.add_argument("--output", "-o", metavar="RESULT.json", required=True,
                         help="where to write the result (atomically, mode 0600; a symlink is refused)")
+    parser.add_argument("--log-dir", metavar="DIR", default=os.environ.get(LOG_DIR_ENV) or None,
+                        help="also write the job's stdout and stderr, as they come, to a bounded rotating log "
+                             "in this private directory (at most %d MiB; the controller follows it) [$%s]"
+                             % (job_log.KEEP_FILES * job_log.ROTATE_BYTES // (1024 * 1024), LOG_DIR_ENV))
 
 
 def _parse_env_pairs(pairs):
@@ -498,7 +518,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.action == "run":
-        return run_job_file(args.job, args.output)
+        return run_job_file(args.job, args.output, log_dir=args.log_dir)
     try:
         if args.action == "validate":
             job = validate_job(load_job_file(args.job))

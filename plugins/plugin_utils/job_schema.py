@@ -41,7 +41,16 @@ ERROR_MESSAGE_MAX_CHARS = 4096  # result["error"]["message"]
 # async_wrapper (which would kill only the runner), always ends the job.
 RUNNER_OVERHEAD_S = 120
 
-JOB_KEYS = ("schema_version", "job_id", "command", "env", "workdir", "timeout_s", "model_ref", "metadata")
+JOB_KEYS = ("schema_version", "job_id", "command", "env", "workdir", "timeout_s", "model_ref", "metadata",
+            "resources")
+# `resources`: what a job needs of the GPUs it is placed on (`hwledger fleet serve` reads it; the runner
+# accepts it and ignores it). See _check_resources.
+RESOURCE_KEYS = ("gpus", "min_free_vram", "gpu_name")
+MAX_GPUS = 64
+MAX_VRAM_BYTES = 1 << 50  # 1 PiB: anything above is a typo
+GPU_NAME_MAX_CHARS = 128
+# What the server sets for a job with `resources` (the GPUs it chose); a job's own env must not set them.
+VISIBLE_DEVICES_VARS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL")
 RESULT_KEYS = (
     "schema_version", "job_id", "state", "exit_code", "signal", "started_at", "finished_at",
     "duration_s", "stdout_tail", "stderr_tail", "stdout_bytes", "stderr_bytes", "host", "error",
@@ -219,6 +228,73 @@ def _check_metadata(value, errors):
     return value
 
 
+_SIZE_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?) ?([A-Za-z]*)$")
+# Binary for K/M/G/T with or without "iB" (as nvidia-smi's MiB, and docker's 40g); the SI units KB/MB/GB/TB
+# are decimal, as they are everywhere else.
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
+    "t": 1 << 40, "tib": 1 << 40,
+    "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+}
+
+
+def parse_size(value):
+    """A memory size in bytes (int) from 42949672960, "42949672960", "40GiB", "40 GiB", "40G", "1.5TiB" or
+    "40GB". K, M, G, T and KiB, MiB, GiB, TiB are powers of 1024 (40G = 40GiB = 42949672960); KB, MB, GB, TB
+    are powers of 1000. Case does not matter. Raises ValueError saying what is accepted."""
+    example = "\"40GiB\" (= \"40G\" = 42949672960 bytes) or \"512MiB\""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("must be a size such as %s, got %s" % (example, _show(value)))
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_RE.match(value.strip())
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _SIZE_UNITS or len(value) > 40:
+            raise ValueError("%s is not a size: write a number and a unit (B, KiB, MiB, GiB, TiB; K, M, G, T are "
+                             "the same; KB, MB, GB, TB are powers of 1000), e.g. %s" % (_show(value), example))
+        number = match.group(1)
+        size = int(number) * _SIZE_UNITS[unit] if "." not in number else int(float(number) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError("must be more than 0 bytes, got %s" % _show(value))
+    if size > MAX_VRAM_BYTES:
+        raise ValueError("%s is more memory than any GPU has (at most 1 PiB); e.g. %s" % (_show(value), example))
+    return size
+
+
+def _check_resources(value, errors, env):
+    """The job's GPU request, normalised: {gpus, min_free_vram (bytes or None), gpu_name (or None)}; None
+    when the spec has none (then the key stays out of the normalised spec, which an older runner reads)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        errors.append(("resources", "must be a mapping such as {\"gpus\": 1, \"min_free_vram\": \"40GiB\", "
+                                    "\"gpu_name\": \"H100*\"}, got %s" % _show(value)))
+        return None
+    errors.extend(("resources.%s" % key, msg) for key, msg in _unknown_key_errors(value, RESOURCE_KEYS, "resources"))
+    gpus = value.get("gpus", 1)
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= MAX_GPUS:
+        errors.append(("resources.gpus", "must be a whole number of GPUs from 1 to %d, got %s" % (MAX_GPUS, _show(gpus))))
+    min_free = value.get("min_free_vram")
+    if min_free is not None:
+        try:
+            min_free = parse_size(min_free)
+        except ValueError as exc:
+            errors.append(("resources.min_free_vram", str(exc)))
+    name = value.get("gpu_name")
+    if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > GPU_NAME_MAX_CHARS
+                             or _CONTROL_RE.search(name)):
+        errors.append(("resources.gpu_name", "must be a glob of at most %d printable characters matched against the "
+                                             "GPU's name, e.g. \"H100*\" or \"*MI100*\", got %s"
+                       % (GPU_NAME_MAX_CHARS, _show(name))))
+    for var in VISIBLE_DEVICES_VARS:
+        if isinstance(env, dict) and var in env:
+            errors.append(("env.%s" % var, "is set by hwledger to the GPUs it places a job with resources on: remove it "
+                                           "from env (or remove resources and choose the GPUs yourself)"))
+    return {"gpus": gpus, "min_free_vram": min_free, "gpu_name": name}
+
+
 def _unknown_key_errors(obj, valid_keys, what):
     errors = []
     for key in obj:
@@ -231,8 +307,9 @@ def _unknown_key_errors(obj, valid_keys, what):
 
 
 def validate_job(obj):
-    """Validate a job spec (a dict, e.g. parsed JSON) and return it normalised: every key present,
-    defaults filled, job_id canonical.  Raises JobSpecError naming each bad field."""
+    """Validate a job spec (a dict, e.g. parsed JSON) and return it normalised: every key present (but
+    `resources`, present only when given), defaults filled, job_id canonical, sizes in bytes.  Raises
+    JobSpecError naming each bad field."""
     if not isinstance(obj, dict):
         raise JobSpecError([("job", "must be a JSON object (mapping) with at least job_id and command, got %s"
                              % type(obj).__name__)])
@@ -254,6 +331,9 @@ def validate_job(obj):
     job["timeout_s"] = _check_timeout(obj.get("timeout_s"), errors)
     job["model_ref"] = _check_model_ref(obj.get("model_ref"), errors)
     job["metadata"] = _check_metadata(obj.get("metadata"), errors)
+    resources = _check_resources(obj.get("resources"), errors, obj.get("env"))
+    if resources is not None:
+        job["resources"] = resources
     if errors:
         raise JobSpecError(errors)
     job["command"] = list(job["command"])
@@ -261,7 +341,8 @@ def validate_job(obj):
 
 
 def new_job(command, **kw):
-    """A new, validated job spec with a fresh job_id (kw: env, workdir, timeout_s, model_ref, metadata)."""
+    """A new, validated job spec with a fresh job_id (kw: env, workdir, timeout_s, model_ref, metadata,
+    resources)."""
     spec = dict(kw)
     spec.setdefault("job_id", str(uuid.uuid4()))
     spec["schema_version"] = JOB_SCHEMA_VERSION

@@ -37,6 +37,7 @@ Frames (``T`` is the token; an empty line comes before the header)::
     T meminfo - / <MemTotal and MemAvailable lines> / T end
     T cpus <online CPU count, or empty>
     T done
+    T log <job_id> ...         # after "done", only when asked: running jobs' logs (job_log_read)
 
 The remote is not trusted: everything parsed here is bounded and treated as data. The token is not a
 secret from the remote host (it can read its own process list); it only protects against accidental
@@ -45,13 +46,14 @@ collisions, which is all a host that controls its own output could be protected 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 import secrets
 import shlex
 from dataclasses import dataclass
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import telemetry
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_log_read, telemetry
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.tool_parsing import clean_text
 
 PROBE_VERSION = 1
@@ -243,13 +245,15 @@ def check_timeout(timeout_s: float) -> float:
 
 
 def remote_script(cmd: str, *, timeout_s: float, host_metrics: bool, token: str | None = None,
-                  query: bool = True) -> str:
+                  query: bool = True, log_reads=()) -> str:
     """The POSIX-sh probe for ONE exec: run ``cmd`` under a watchdog, frame its output, add host metrics.
 
     ``cmd`` is the operator-configured query command; it is passed to ``/bin/sh -c`` as it is (quoted
     here as one word), never combined with anything that came from a remote host. ``token`` is for tests
     only; by default every script gets a fresh random one. ``query=False`` makes a liveness check: the
     same exec without the GPU tool (an agent's ``min_query_interval_s`` has not passed yet).
+    ``log_reads`` (``job_log_read.LogRead``): running jobs whose new log bytes this exec also reads, after
+    the probe's frames (see ``job_log_read``).
     """
     if not isinstance(cmd, str) or not cmd.strip():
         raise ValueError("the GPU query command is empty; set gpu_query_cmd (or the cmd option)")
@@ -273,10 +277,11 @@ def remote_script(cmd: str, *, timeout_s: float, host_metrics: bool, token: str 
     }
     # The command goes in last so that nothing in it can be mistaken for a placeholder. No newline at
     # the end: ansible may append " && sleep 0" to the script, which must stay on its last line.
-    script = _SCRIPT.rstrip("\n")
+    script = _SCRIPT
     for placeholder, value in replacements.items():
         if placeholder != "@CMD@":
             script = script.replace(placeholder, value)
+    script = (script + job_log_read.script_piece(log_reads)).rstrip("\n")
     return script.replace("@CMD@", replacements["@CMD@"], 1)
 
 
@@ -306,6 +311,9 @@ class Frames:
         self.content: dict[str, str] = {}
         self.values: dict[str, str] = {}
         self.complete = False
+        self.token = ""
+        self.end = 0  # where the text after the "done" line starts (complete frames only)
+        self.crlf = False  # the exec went through a pseudo-terminal (the text was changed back)
 
 
 def split_frames(text: str) -> Frames | None:
@@ -314,13 +322,16 @@ def split_frames(text: str) -> Frames | None:
     if header is None:
         return None
     token = header.group(1)
-    if header.group(0).endswith("\r"):
+    crlf = header.group(0).endswith("\r")
+    if crlf:
         # The exec went through a pseudo-terminal, which turned every LF into CRLF; undo it.
         text = text.replace("\r\n", "\n")
         header = _TOKEN_RE.search(text)
         if header is None:  # pragma: no cover - the replacement cannot remove the header
             return None
     frames = Frames()
+    frames.token = token
+    frames.crlf = crlf
     end_marker = "\n" + token + " end\n"
     pos = header.end() + 1
     while pos < len(text):
@@ -339,6 +350,7 @@ def split_frames(text: str) -> Frames | None:
             pos = match.end()
             if name == "done":
                 frames.complete = True
+                frames.end = pos
                 break
         else:
             break
@@ -409,6 +421,8 @@ class ProbeOutcome:
     ``answered`` is False when the host did not run the probe: it could not be reached (or its host key
     was refused), or the exec did not come back before the controller's deadline. ``host`` carries the
     host metrics that came back with a failure. Every string is clean text (``tool_parsing.clean_text``).
+    ``job_logs``: what the exec read of running jobs' logs when it was asked to (``job_log_read.LogChunk``,
+    raw bytes: the job's output is data for the job log, never for a message).
     """
 
     ok: bool
@@ -419,6 +433,7 @@ class ProbeOutcome:
     output_head: str = ""
     host: dict | None = None
     answered: bool = True
+    job_logs: tuple = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "msg", clean_text(self.msg))
@@ -601,8 +616,9 @@ def _busy(agent: str, cmd: str, holder: str, host: dict | None) -> ProbeOutcome:
 
 
 def evaluate(*, agent: str, cmd: str, backend: str, exec_stdout: str, exec_stderr: str, exec_rc: int,
-             started: float, ended: float, host_metrics: bool, query: bool = True) -> ProbeOutcome:
-    """Turn the exec of ``remote_script`` into the host's outcome.
+             started: float, ended: float, host_metrics: bool, query: bool = True, log_reads=()) -> ProbeOutcome:
+    """Turn the exec of ``remote_script`` into the host's outcome (with ``job_logs`` when ``log_reads`` were
+    asked for: the same reads as were given to ``remote_script``).
 
     For a liveness check (``query=False``) a complete answer is an ``ok`` outcome without a snapshot
     (the host is there; its GPUs were not asked), with the host metrics in ``host``.
@@ -614,6 +630,19 @@ def evaluate(*, agent: str, cmd: str, backend: str, exec_stdout: str, exec_stder
     exec_stdout = exec_stdout or ""
     exec_stderr = exec_stderr or ""
     frames = split_frames(exec_stdout)
+    outcome = _outcome(frames, agent=agent, cmd=cmd, backend=backend, exec_stdout=exec_stdout,
+                       exec_stderr=exec_stderr, exec_rc=exec_rc, started=started, ended=ended,
+                       host_metrics=host_metrics, query=query)
+    if log_reads and frames is not None and frames.complete and not frames.crlf:
+        # The text was decoded with surrogateescape: encoding it the same way gives the exact bytes back.
+        region = exec_stdout[frames.end:].encode("utf-8", "surrogateescape")
+        chunks = job_log_read.parse(region, frames.token, log_reads)
+        outcome = dataclasses.replace(outcome, job_logs=tuple(c for found in chunks.values() for c in found))
+    return outcome
+
+
+def _outcome(frames: Frames | None, *, agent: str, cmd: str, backend: str, exec_stdout: str, exec_stderr: str,
+             exec_rc: int, started: float, ended: float, host_metrics: bool, query: bool) -> ProbeOutcome:
     if frames is None:
         if exec_rc == 255:
             return _ssh_failure(agent, exec_rc, exec_stdout, exec_stderr)

@@ -498,3 +498,25 @@ def test_no_answer_over_a_warm_connection_retires_its_master(fake: FakeFleet, po
         hb.close()
         shutil.rmtree(control_dir, ignore_errors=True)
     assert leftover_processes(str(fake.root)) == []
+
+
+# -- running jobs' logs, read in the heartbeat's exec ------------------------------------------------------
+
+
+def test_job_logs_are_read_in_the_same_exec_and_a_bad_read_costs_nothing(fake: FakeFleet, policy, tmp_path) -> None:
+    import uuid
+
+    from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_log
+    from ansible_collections.hwledger.fleet.plugins.plugin_utils.job_log_read import LogRead
+
+    job_id = str(uuid.uuid4())
+    job_dir = tmp_path / f"hwledger-job-{job_id}-Ab12Cd"
+    job_dir.mkdir(mode=0o700)
+    record = job_log.encode_record("o", 0, b"progress 1\n")
+    (job_dir / job_log.file_name(0)).write_bytes(record)
+    fake.host("ok-1.test")
+    reads = [LogRead(job_id, str(job_dir)), LogRead(job_id, "/etc; reboot")]
+    outcomes = transport(fake, policy).tick([agent("ok-1")], cancel=never, log_reads={"ok-1": reads})
+    outcome = outcomes["ok-1"]
+    assert outcome.ok and outcome.snapshot["gpus"]
+    assert [(c.job_id, c.kind, c.data) for c in outcome.job_logs] == [(job_id, "data", record)]

@@ -205,3 +205,34 @@ def test_read_only_commands_create_no_store(tmp_path, monkeypatch, capsys, argv)
         assert rc == 0 and captured.out.strip() in ("no jobs", "[]")
     else:
         assert rc == 2 and "no job '0f8fad5b'" in captured.err
+
+
+# --- logs --------------------------------------------------------------------------------------------
+
+
+def test_logs_prints_a_finished_job_s_output_and_bad_input_is_a_clear_message(db, capsys):
+    from hwledger.store import LogCursor
+
+    job = _submit(capsys, "--agent", "gpu1", "--", "echo", "hi")
+    assert main(["job", "logs", job["job_id"]]) == UserError.exit_code
+    assert "has not started" in capsys.readouterr().err
+    with Store.open(db) as store:
+        store.transition_job(job["job_id"], ["queued"], "running", remote_dir="/tmp/hwledger-job-x")
+        store.append_job_log(job["job_id"], None, LogCursor("/tmp/hwledger-job-x"),
+                             [("stdout", b"hi \x1b[31mred\n"), ("stderr", b"warn\n")])
+        store.transition_job(job["job_id"], ["running"], "failed", exit_code=4)
+    assert main(["job", "logs", job["job_id"][:8]]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == "hi \\x1b[31mred\n" and printed.err.startswith("warn\n")
+    assert main(["job", "logs", "--stderr", "-f", job["job_id"]]) == 4
+    printed = capsys.readouterr()
+    assert printed.out == "" and "failed (exit code 4)" in printed.err
+    assert main(["job", "logs", str(uuid.uuid4())]) == UserError.exit_code
+    assert "no job" in capsys.readouterr().err
+
+
+def test_logs_help_has_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["job", "logs", "--help"])
+    text = capsys.readouterr().out
+    assert "hwledger job logs -f" in text and "--stderr" in text

@@ -227,7 +227,7 @@ def test_injection_characters_are_refused(field, case):
 @pytest.mark.parametrize("name, expected", [
     ("../etc", "is not a valid agent name"), ("a/b", "is not a valid agent name"),
     ("a b", "is not a valid agent name"),
-    ("-a", "is not a valid agent name"), ("a..b", "without '..'"), ("", "is empty"),
+    ("-a", "is not a valid agent name"), ("auto", "is reserved"), ("a..b", "without '..'"), ("", "is empty"),
     ("a\nb", "contains a newline"), ("x" * 65, "use 1-64 letters"),
 ])
 def test_bad_agent_names(name, expected):

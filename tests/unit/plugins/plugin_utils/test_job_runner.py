@@ -464,3 +464,33 @@ def test_bundle_validate_reports_bad_fields(tmp_path, runner_pyz):
     assert proc.returncode == job_runner.EXIT_INVALID
     assert "command: must be a list of arguments" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --- the job's log (job_log), for `hwledger job logs -f` -------------------------------------------------
+
+
+def _log_records(directory: Path) -> list:
+    from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_log
+    records = []
+    for name in sorted(os.listdir(directory)):
+        records.extend(job_log.parse_records((directory / name).read_bytes())[0])
+    return records
+
+
+def test_with_a_log_dir_the_output_is_logged_as_it_comes_and_the_variable_stays_out_of_the_job(tmp_path, out):
+    log_dir = tmp_path / "hwledger-job-x"
+    log_dir.mkdir(mode=0o700)
+    job = spec(["sh", "-c", "echo one; echo two >&2; echo \"[${HWLEDGER_JOB_LOG_DIR-unset}]\""], env={"TOKEN": "s3cret"})
+    rc, result, _printed, _err = run(job, out, log_dir=str(log_dir))
+    assert rc == 0 and result["state"] == "succeeded"
+    records = _log_records(log_dir)
+    stdout = b"".join(r.data for r in records if r.stream == "o")
+    stderr = b"".join(r.data for r in records if r.stream == "e")
+    assert stdout == b"one\n[unset]\n" and stderr == b"two\n"
+    assert not any(b"s3cret" in (log_dir / name).read_bytes() for name in os.listdir(log_dir))
+
+
+def test_the_run_action_takes_the_log_dir_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(job_runner.LOG_DIR_ENV, str(tmp_path))
+    args = job_runner.build_parser().parse_args(["run", "job.json", "--output", "r.json"])
+    assert args.log_dir == str(tmp_path)

@@ -1,0 +1,96 @@
+"""The job's output log on the host (job_log): its framing, and the bounded rotating writer, on real files."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_log
+
+
+def _private(tmp_path):
+    path = tmp_path / "hwledger-job-x"
+    path.mkdir(mode=0o700)
+    return path
+
+
+def _read_all(directory) -> list[job_log.Record]:
+    records = []
+    for name in sorted(os.listdir(directory)):
+        data = (directory / name).read_bytes()
+        found, consumed, damaged = job_log.parse_records(data)
+        assert consumed == len(data) and not damaged
+        records.extend(found)
+    return records
+
+
+def test_records_round_trip_whatever_the_payload_holds():
+    # A payload that looks like framing (a header, NULs, a newline, invalid UTF-8) is taken as bytes.
+    evil = b"o 0 5\nhello\x00\xff\x1b[2J\n"
+    data = job_log.encode_record("o", 0, evil) + job_log.encode_record("e", 7, b"err")
+    records, consumed, damaged = job_log.parse_records(data)
+    assert records == [job_log.Record("o", 0, evil), job_log.Record("e", 7, b"err")]
+    assert consumed == len(data) and not damaged
+
+
+def test_a_cut_record_is_left_for_the_next_read_and_junk_is_damage():
+    whole = job_log.encode_record("o", 0, b"abc")
+    cut = whole + job_log.encode_record("o", 3, b"defgh")[:-2]
+    records, consumed, damaged = job_log.parse_records(cut)
+    assert records == [job_log.Record("o", 0, b"abc")] and consumed == len(whole) and not damaged
+    records, consumed, damaged = job_log.parse_records(whole + b"not a header at all, and long enough\n")
+    assert len(records) == 1 and consumed == len(whole) and damaged
+
+
+def test_the_writer_keeps_each_stream_in_order_with_positions(tmp_path):
+    directory = _private(tmp_path)
+    writer = job_log.LogWriter(directory)
+    writer.write("o", b"one\n")
+    writer.write("e", b"oops\n")
+    writer.write("o", b"x" * (job_log.MAX_RECORD_BYTES + 10))
+    writer.close()
+    records = _read_all(directory)
+    assert [(r.stream, r.position, len(r.data)) for r in records] == [
+        ("o", 0, 4), ("e", 0, 5), ("o", 4, job_log.MAX_RECORD_BYTES), ("o", 4 + job_log.MAX_RECORD_BYTES, 10)]
+    name = job_log.file_name(0)
+    assert stat.S_IMODE(os.stat(directory / name).st_mode) == 0o600
+
+
+def test_rotation_bounds_the_disk_whatever_the_job_prints(tmp_path):
+    directory = _private(tmp_path)
+    writer = job_log.LogWriter(directory, rotate_bytes=64 * 1024, keep_files=2, min_free_bytes=0)
+    chunk = b"y" * 4000
+    for _ in range(1000):  # ~4 MB through a log bounded at 2 x 64 KiB
+        writer.write("o", chunk)
+    writer.close()
+    names = sorted(os.listdir(directory))
+    assert len(names) <= 2
+    total = sum((directory / name).stat().st_size for name in names)
+    assert total <= 2 * 64 * 1024 + job_log.MAX_RECORD_BYTES + job_log.MAX_HEADER_BYTES
+    # What is left is the newest output, self-placing: its positions say what was rotated away.
+    records = _read_all(directory)
+    assert records[-1].position + len(records[-1].data) == 1000 * 4000
+    assert names[-1] == job_log.file_name(writer.generation)
+
+
+def test_a_log_that_cannot_be_kept_stops_with_a_note_and_never_raises(tmp_path):
+    directory = _private(tmp_path)
+    writer = job_log.LogWriter(directory, rotate_bytes=100, min_free_bytes=0)
+    writer.min_free_bytes = 1 << 62  # from now on no disk is free enough
+    writer.write("o", b"z" * 200)  # fills the first file; the next is refused for want of space
+    writer.write("o", b"more")
+    writer.close()
+    assert writer.stopped and "free" in writer.stopped
+    records = _read_all(directory)
+    assert records[-1].stream == "n" and b"stopped" in records[-1].data
+    assert writer.positions["o"] == 204  # still counted
+
+
+def test_a_directory_that_is_not_private_gets_no_log(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    writer = job_log.LogWriter(shared)
+    writer.write("o", b"secret")
+    writer.close()
+    assert writer.stopped and os.listdir(shared) == []
