@@ -365,8 +365,9 @@ def _print_placement(placement: dict | None) -> None:
     if not isinstance(placement, dict):
         return
     for gpu in placement.get("gpus") or []:
-        print(f"gpu      {printable(gpu.get('index'))}: {printable(gpu.get('name') or '?')} "
-              f"{printable(gpu.get('uuid') or '')} ({size_text(gpu.get('free_bytes'))} free at placement)")
+        uuid = f" {printable(gpu['uuid'])}" if gpu.get("uuid") else ""
+        print(f"gpu      {printable(gpu.get('index'))}: {printable(gpu.get('name') or '?')}{uuid} "
+              f"({size_text(gpu.get('free_bytes'))} free at placement)")
     for key, value in sorted((placement.get("env") or {}).items()):
         print(f"env      {printable(key)}={printable(value)}")
     if placement.get("why"):

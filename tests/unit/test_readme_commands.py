@@ -42,10 +42,12 @@ def readme_commands(text: str | None = None, *, inline: bool = True) -> list[str
     with inline=False those of its ```sh blocks only."""
     text = README.read_text(encoding="utf-8") if text is None else text
     found: list[str] = []
-    in_sh, pending = False, ""
+    in_sh, pending = False, ""  # in a ```sh block; a line ending in a backslash so far
+    in_fence = False
     for line in text.splitlines():
         if line.startswith("```"):
-            in_sh = not in_sh and line.strip() == "```sh"
+            in_fence = not in_fence
+            in_sh = in_fence and line.strip() == "```sh"
             continue
         if in_sh:
             code = re.split(r"\s{2,}# ", line, maxsplit=1)[0].rstrip()
@@ -56,7 +58,7 @@ def readme_commands(text: str | None = None, *, inline: bool = True) -> list[str
                 continue
             found += (pending + code).split(" ; ")
             pending = ""
-        elif inline:
+        elif inline and not in_fence:  # a transcript's output is not a command to run
             found += [match.group(1) for match in INLINE.finditer(line)]
     commands: list[str] = []
     for command in (" ".join(part.split()) for part in found):
