@@ -5,9 +5,12 @@ Never served: key paths and job environment values. A job's `env` keeps its name
 by "<hidden>"; and since an ssh error can quote a key path and a job's output can echo its environment,
 every string served (messages, commands, output tails) has those values masked too, as long as the store
 holds them: a job's env values leave the store once no attempt of it can need them (the launch of its last
-attempt, or its end; hwledger.store.job_env), and what it printed later cannot be masked by value any more. Values shorter than
-MIN_SECRET_CHARS are masked only inside `env` itself (masking "1" or "true" everywhere would garble the
-rest and protect nothing).
+attempt, or its end; hwledger.store.job_env). What the job printed is masked at its source first: the
+runner puts `***` in place of the values in its output tails, its log and its error messages
+(job_runner.masked_values), so what reaches the store holds none; this masking is the second layer (for
+strings that did not come through the runner, such as a failed launch quoting the environment). Values
+shorter than MIN_SECRET_CHARS are masked only inside `env` itself (masking "1" or "true" everywhere would
+garble the rest and protect nothing).
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema
+
 from hwledger.errors import UserError
 from hwledger.fleet import Fleet
 from hwledger.reports import DEFAULT_JOB_LIMIT, job_to_dict, status_items
 from hwledger.store import JOB_STATES, Store
 
 HIDDEN = "<hidden>"
-MIN_SECRET_CHARS = 6
+MIN_SECRET_CHARS = job_schema.MIN_SECRET_CHARS  # the runner's limit too: one rule for both layers
 MAX_JOB_LIMIT = 1000  # a job can carry two 64 KiB output tails: keep one answer bounded
 
 

@@ -26,6 +26,10 @@ ROTATE_BYTES the next one is created and the one before the previous is removed,
 files exist: the log never takes more than KEEP_FILES * ROTATE_BYTES (plus one record) of the host's disk,
 however much the job prints. Files are created 0600 with O_EXCL|O_NOFOLLOW in the private directory.
 
+**Env values masked.** The runner masks the job's env values in what it logs and keeps (``Masker``): the log
+and the result's tails hold the stream *as masked*, and every position and byte count is one of that stream,
+so the tails and the records always agree (the controller appends the tails past what it read of the log).
+
 **Never at the job's expense.** A log that cannot be written (the disk is full or below MIN_FREE_BYTES, the
 directory is not private) stops, with a note record when one still fits; the job runs on and its result
 is unaffected.
@@ -95,6 +99,110 @@ def parse_records(data):
         records.append(Record(match.group(1).decode("ascii"), int(match.group(2)), bytes(data[start:start + length])))
         pos = start + length
     return records, pos, False
+
+
+class Masker:
+    """Masks values (bytes) in one stream that comes in pieces: every byte covered by an occurrence of any of
+    them (overlapping and adjacent occurrences too) is gone, and each run of covered bytes becomes one
+    MASK. The result is the same however the stream was cut into pieces.
+
+    ``feed`` returns the bytes that are final; it keeps back the end of the stream that may still be the
+    start of a value (at most the longest value's length - 1 bytes), until more data or ``flush`` (the end
+    of the stream) says what it is.
+    """
+
+    MASK = b"***"
+    # How many places at the end of the stream a value is checked as possibly starting at (each a memcmp of
+    # at most its length): past them the rest is kept back whole, which is always safe.
+    _MAX_CANDIDATES = 64
+
+    def __init__(self, values):
+        self.values = sorted({bytes(v) for v in values if v}, key=len, reverse=True)
+        self.longest = len(self.values[0]) if self.values else 0
+        self.pending = b""  # kept back: the raw stream from `base` on
+        self.base = 0
+        self.cover_end = 0  # the pending bytes before it are covered by an occurrence that started earlier
+        self.in_run = False  # the byte before `base` was covered (its run's MASK is already out)
+
+    def held(self):
+        """How many bytes are kept back now."""
+        return len(self.pending)
+
+    def feed(self, data):
+        if not self.values:
+            return bytes(data)
+        if not data:
+            return b""
+        return self._step(self.pending + bytes(data), final=False)
+
+    def flush(self):
+        """The rest of the stream, at its end (the masker can go on with a new stream after it)."""
+        out = self._step(self.pending, final=True) if self.pending else b""
+        self.cover_end = self.base
+        self.in_run = False
+        return out
+
+    def _step(self, buf, final):
+        base = self.base
+        end = base + len(buf)
+        runs = []
+        if self.cover_end > base:
+            runs.append((base, self.cover_end))
+        for value in self.values:
+            found = buf.find(value)
+            while found >= 0:
+                runs.append((base + found, base + found + len(value)))
+                found = buf.find(value, found + 1)
+        runs.sort()
+        merged = []
+        for start, stop in runs:
+            if merged and start <= merged[-1][1]:
+                if stop > merged[-1][1]:
+                    merged[-1][1] = stop
+            else:
+                merged.append([start, stop])
+        cut = end if final else self._first_open_start(buf, base)
+        out = []
+        at = base
+        for start, stop in merged:
+            if start >= cut:
+                break
+            out.append(buf[at - base:start - base])
+            if not (start == base and self.in_run):
+                out.append(self.MASK)
+            at = min(stop, cut)
+        if at < cut:
+            out.append(buf[at - base:cut - base])
+        if cut > base:  # else nothing went out: what is known of the byte before `base` still holds
+            crossing = [stop for start, stop in merged if start < cut <= stop]
+            self.in_run = bool(crossing)
+            self.cover_end = crossing[0] if crossing else cut
+        self.pending = buf[cut - base:]
+        self.base = cut
+        return b"".join(out)
+
+    def _first_open_start(self, buf, base):
+        """Where the earliest occurrence that the bytes still to come could complete may start (the end of
+        ``buf`` when none): its start is the start of a suffix of ``buf`` that is a proper prefix of a value."""
+        size = len(buf)
+        cut = size
+        for value in self.values:
+            first = max(0, size - len(value) + 1)
+            at = buf.find(value[:1], first)
+            tried = 0
+            while 0 <= at < cut:
+                tried += 1
+                if tried > self._MAX_CANDIDATES or value.startswith(buf[at:]):
+                    cut = at
+                    break
+                at = buf.find(value[:1], at + 1)
+        return base + cut
+
+
+def mask(data, values):
+    """``data`` (bytes) with every occurrence of the ``values`` masked (``Masker`` on the whole of it)."""
+    masker = Masker(values)
+    return masker.feed(data) + masker.flush()
 
 
 class LogWriter:

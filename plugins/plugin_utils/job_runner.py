@@ -12,7 +12,9 @@ What the runner guarantees (see docs/jobs.md):
 * the argv runs without a shell, stdin from /dev/null, in a new session (its own process group), with a
   minimal environment (PATH, HOME, LANG, ... from the runner's own environment) plus the job's env;
 * stdout and stderr are read through pipes into ring buffers: at most 64 KiB of each is kept, however
-  much the job prints; with a log directory (``--log-dir``, or ``HWLEDGER_JOB_LOG_DIR`` as the job role
+  much the job prints; the job's env values (those of MIN_SECRET_CHARS characters or more, but the GPU
+  selection variables) are masked in them as they come (``masked_values``, ``job_log.Masker``), so neither
+  the result nor the log holds them; with a log directory (``--log-dir``, or ``HWLEDGER_JOB_LOG_DIR`` as the job role
   sets it) both are also written, as they come, to a bounded rotating log there (``job_log``: at most
   2 MiB on disk) that the controller follows;
 * at ``timeout_s`` the job gets SIGTERM, then SIGKILL after a grace period;
@@ -43,7 +45,9 @@ import zipfile
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_log, private_files, processes
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.job_schema import (
     DEFAULT_TIMEOUT_S,
+    MIN_SECRET_CHARS,
     TAIL_BYTES,
+    VISIBLE_DEVICES_VARS,
     JobSpecError,
     encode_result,
     load_job_file,
@@ -101,6 +105,44 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 # The modules the staged bundle holds: this one and what it imports (all standard library only).
 BUNDLED_MODULES = ("job_runner", "job_schema", "job_log", "private_files", "processes")
 BUNDLE_PACKAGE = "ansible_collections/hwledger/fleet/plugins/plugin_utils"
+
+
+# Env variables whose values are never masked: the GPU selection that hwledger's placement adds to the job's
+# env (hwledger.placement.launch_spec: CUDA_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES) and its kin. They are
+# not secrets, and their values (GPU UUIDs, long enough to be masked) are what a job's output names its GPUs
+# by: masking them would hide which GPUs the job used.
+UNMASKED_ENV = frozenset(VISIBLE_DEVICES_VARS)
+
+
+def masked_values(job):
+    """The values the runner masks in what the job prints: every env value of MIN_SECRET_CHARS characters or
+    more but those of UNMASKED_ENV, as bytes: as the job's environment holds them (os.fsencode, which
+    subprocess uses) and in UTF-8 (the same on a UTF-8 host)."""
+    values = set()
+    for name, value in sorted(job["env"].items()):
+        if name in UNMASKED_ENV or len(value) < MIN_SECRET_CHARS:
+            continue
+        values.add(value.encode("utf-8", "surrogatepass"))
+        try:
+            values.add(os.fsencode(value))
+        except UnicodeError:
+            pass  # not in the environment either: Popen refuses it
+    return sorted(values, key=len, reverse=True)
+
+
+def mask_text(text, values):
+    """A message (str) with the values (bytes, UTF-8) masked."""
+    if not values:
+        return text
+    return job_log.mask(text.encode("utf-8", "surrogatepass"), values).decode("utf-8", "surrogatepass")
+
+
+def _masked_error(error, values):
+    """An error dict whose message may quote the job's env (PATH, its argv, an exception): masked before
+    make_result cuts it to its size limit, so no part of a value is left at the cut."""
+    if error is None or not values:
+        return error
+    return dict(error, message=mask_text(error["message"], values))
 
 
 def _show(value, limit=80):
@@ -216,17 +258,23 @@ class _Tail:
 
 
 class _Output:
-    """Reads the job's stdout and stderr pipes without blocking into two bounded tails (and the log)."""
+    """Reads the job's stdout and stderr pipes without blocking into two bounded tails (and the log), with
+    the job's env values masked (`values`: bytes). Each stream goes through its own masker, and what comes
+    out of it is what the tail keeps, what the log gets and what the byte counts count; the few bytes a
+    masker keeps back (the end of a read that may be the start of a value) come out with the next read or
+    at the stream's end."""
 
-    def __init__(self, proc, log=None):
+    def __init__(self, proc, log=None, values=()):
         self.proc = proc
         self.log = log
         self.selector = selectors.DefaultSelector()
         self.tails = {}
+        self.maskers = {}
         self.streams = {proc.stdout.fileno(): "o", proc.stderr.fileno(): "e"}
         for stream in (proc.stdout, proc.stderr):
             os.set_blocking(stream.fileno(), False)
             self.tails[stream.fileno()] = _Tail()
+            self.maskers[stream.fileno()] = job_log.Masker(values)
             self.selector.register(stream.fileno(), selectors.EVENT_READ)
         self.stdout = self.tails[proc.stdout.fileno()]
         self.stderr = self.tails[proc.stderr.fileno()]
@@ -249,10 +297,16 @@ class _Output:
                     data = b""
                 if not data:
                     self.selector.unregister(key.fd)
+                    self._keep(key.fd, self.maskers[key.fd].flush())
                     break
-                self.tails[key.fd].feed(data)
-                if self.log is not None:
-                    self.log.write(self.streams[key.fd], data)
+                self._keep(key.fd, self.maskers[key.fd].feed(data))
+
+    def _keep(self, fd, masked):
+        if not masked:
+            return
+        self.tails[fd].feed(masked)
+        if self.log is not None:
+            self.log.write(self.streams[fd], masked)
 
     def drain(self, seconds):
         deadline = time.monotonic() + seconds
@@ -260,6 +314,8 @@ class _Output:
             self.pump(min(0.1, deadline - time.monotonic()))
 
     def close(self):
+        for fd, masker in self.maskers.items():  # a stream still open (a process holds it): its end is now
+            self._keep(fd, masker.flush())
         self.selector.close()
         self.proc.stdout.close()
         self.proc.stderr.close()
@@ -364,6 +420,7 @@ def _supervise(job, proc, tree, output, interrupts, grace):
 
 def _execute(job, grace, log_dir=None):
     """Run the validated job and return the outcome as result fields (state, codes, output...)."""
+    values = masked_values(job)
     env = job_environment(job)
     cwd = job["workdir"] or env.get("HOME") or "/"
     started = time.time()
@@ -373,10 +430,11 @@ def _execute(job, grace, log_dir=None):
         with _Interrupts() as interrupts:
             proc, error = _start(job, env, cwd)
             if proc is None:
-                return make_result(job["job_id"], "error", started=started, finished=time.time(), error=error)
+                return make_result(job["job_id"], "error", started=started, finished=time.time(),
+                                   error=_masked_error(error, values))
             tree.started(proc.pid)
             log = job_log.LogWriter(log_dir) if log_dir else None
-            output = _Output(proc, log)
+            output = _Output(proc, log, values)
             try:
                 how = _supervise(job, proc, tree, output, interrupts, grace)
             finally:
@@ -453,8 +511,9 @@ def run_job(spec, output, *, kill_grace_s=KILL_GRACE_S, stdout=None, stderr=None
     try:
         result = _execute(job, kill_grace_s, log_dir)
     except Exception as exc:  # pylint: disable=broad-exception-caught  # the result must still be written
+        error = {"reason": "runner_error", "message": "%s: %s" % (type(exc).__name__, exc)}
         result = make_result(job["job_id"], "error", started=now, finished=time.time(),
-                             error={"reason": "runner_error", "message": "%s: %s" % (type(exc).__name__, exc)})
+                             error=_masked_error(error, masked_values(job)))
     return _deliver(result, output, stdout, stderr)
 
 

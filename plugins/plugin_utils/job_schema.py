@@ -51,6 +51,10 @@ MAX_VRAM_BYTES = 1 << 50  # 1 PiB: anything above is a typo
 GPU_NAME_MAX_CHARS = 128
 # What the server sets for a job with `resources` (the GPUs it chose); a job's own env must not set them.
 VISIBLE_DEVICES_VARS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL")
+# Env values at least this long are masked in what a job prints (the runner, job_runner.masked_values) and in
+# every string `/api/jobs` serves (hwledger.web.api). Shorter ones ("1", "true", "fast") are not: masking them
+# everywhere would garble the output and protect nothing.
+MIN_SECRET_CHARS = 6
 RESULT_KEYS = (
     "schema_version", "job_id", "state", "exit_code", "signal", "started_at", "finished_at",
     "duration_s", "stdout_tail", "stderr_tail", "stdout_bytes", "stderr_bytes", "host", "error",

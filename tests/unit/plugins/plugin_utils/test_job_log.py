@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import stat
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_log
@@ -94,3 +95,89 @@ def test_a_directory_that_is_not_private_gets_no_log(tmp_path):
     writer.write("o", b"secret")
     writer.close()
     assert writer.stopped and os.listdir(shared) == []
+
+
+# --- masking the job's env values as the stream comes (Masker: what the runner feeds the log and the tails) ---
+
+
+def _masked_whole(data: bytes, values: list[bytes]) -> bytes:
+    """The reference: every byte inside an occurrence of a value is covered; each run of covered bytes is one
+    mask. Written plainly, byte by byte, to check the streaming masker against."""
+    covered = [False] * len(data)
+    for value in values:
+        for start in range(len(data) - len(value) + 1):
+            if data[start:start + len(value)] == value:
+                covered[start:start + len(value)] = [True] * len(value)
+    out = bytearray()
+    for index, byte in enumerate(data):
+        if not covered[index]:
+            out.append(byte)
+        elif index == 0 or not covered[index - 1]:
+            out += job_log.Masker.MASK
+    return bytes(out)
+
+
+def _through(masker: job_log.Masker, pieces) -> bytes:
+    return b"".join(masker.feed(piece) for piece in pieces) + masker.flush()
+
+
+def test_a_value_split_across_writes_is_masked_and_only_its_possible_start_is_kept_back():
+    masker = job_log.Masker([b"hf_secret42"])
+    assert masker.feed(b"token: hf_sec") == b"token: "  # "hf_sec" may be the start of the value: kept back
+    assert masker.held() == len("hf_sec")
+    assert masker.feed(b"ret42 done\n") == b"*** done\n"
+    assert masker.held() == 0  # nothing at the end can start the value: nothing waits for more output
+    assert masker.feed(b"hf_se") == b"" and masker.flush() == b"hf_se"  # the end of the stream: it was not
+
+
+def test_overlapping_and_adjacent_values_are_all_masked_whatever_the_pieces():
+    values = [b"abcdef", b"defghi", b"xyz123"]
+    data = b"<abcdefghi><xyz123abcdef><abcde>"
+    expected = b"<***><***><abcde>"
+    assert _masked_whole(data, values) == expected
+    for size in range(1, len(data) + 1):  # the same output whatever the pieces the stream came in
+        assert _through(job_log.Masker(values), [data[i:i + size] for i in range(0, len(data), size)]) == expected
+
+
+def test_the_masker_agrees_with_the_whole_stream_and_keeps_back_less_than_the_longest_value():
+    rng = random.Random(1313)
+    for _trial in range(3000):
+        alphabet = rng.choice([b"ab", b"abc", b"ab\xff"])
+        values = [bytes(rng.choice(alphabet) for _ in range(rng.randint(2, 7))) for _ in range(rng.randint(1, 3))]
+        data = bytes(rng.choice(alphabet + b"x") for _ in range(rng.randint(0, 60)))
+        masker = job_log.Masker(values)
+        pieces, out, at = [], b"", 0
+        while at < len(data):
+            size = rng.randint(1, 9)
+            pieces.append(data[at:at + size])
+            at += size
+        for piece in pieces:
+            out += masker.feed(piece)
+            assert masker.held() <= max(len(v) for v in values) - 1
+        out += masker.flush()
+        assert out == _masked_whole(data, values) == job_log.mask(data, values), (values, pieces)
+
+
+def test_a_log_fed_through_the_masker_keeps_valid_records_positions_and_rotation(tmp_path):
+    directory = _private(tmp_path)
+    secret = b"hf_" + b"S" * 40
+    writer = job_log.LogWriter(directory, rotate_bytes=64 * 1024, keep_files=2, min_free_bytes=0)
+    masker = job_log.Masker([secret])
+    stream = (b"x" * (job_log.MAX_RECORD_BYTES - 10) + secret + b"\n") * 20  # values across record bounds
+    sent = 0
+    for start in range(0, len(stream), 7001):  # and across the pieces
+        piece = masker.feed(stream[start:start + 7001])
+        writer.write("o", piece)
+        sent += len(piece)
+    rest = masker.flush()
+    writer.write("o", rest)
+    writer.close()
+    expected = job_log.mask(stream, [secret])
+    assert sent + len(rest) == len(expected) == writer.positions["o"]
+    records = _read_all(directory)  # every file is whole records (asserted there)
+    data = b"".join(r.data for r in records)
+    assert secret not in data and b"hf_" not in data
+    for before, after in zip(records, records[1:]):  # contiguous: nothing lost or repeated but the rotated part
+        assert after.position == before.position + len(before.data)
+    assert records[-1].position + len(records[-1].data) == len(expected)
+    assert expected.endswith(data)

@@ -137,9 +137,10 @@ def test_command_not_found_gets_a_result(out):
     assert "hwledger-no-such-command-x" in result["error"]["message"] and "command_not_found" in err
 
 
-def test_error_messages_stay_within_the_result_schema(out):
+def test_error_messages_stay_within_the_result_schema(out, monkeypatch):
     long_path = ":".join("/nonexistent/%05d" % i for i in range(5000))  # 95 KB, named in the message
-    job = spec(["hwledger-no-such-command-x"], env={"PATH": long_path})
+    monkeypatch.setenv("PATH", long_path)  # the runner's own PATH (a job env value would be masked)
+    job = spec(["hwledger-no-such-command-x"])
     rc, result, _printed, _err = run(job, out)
     assert rc == job_runner.EXIT_NOT_STARTED
     assert len(result["error"]["message"]) == job_schema.ERROR_MESSAGE_MAX_CHARS
@@ -494,3 +495,95 @@ def test_the_run_action_takes_the_log_dir_from_the_environment(tmp_path, monkeyp
     monkeypatch.setenv(job_runner.LOG_DIR_ENV, str(tmp_path))
     args = job_runner.build_parser().parse_args(["run", "job.json", "--output", "r.json"])
     assert args.log_dir == str(tmp_path)
+
+
+# --- the job's env values are masked in what it prints (tails, log, error messages) ---------------------
+
+
+def _token() -> str:
+    return "hf_" + secrets.token_hex(12)
+
+
+def _everything_written(out: Path, log_dir: Path) -> bytes:
+    return out.read_bytes() + b"".join((log_dir / name).read_bytes() for name in sorted(os.listdir(log_dir)))
+
+
+def _log_dir(tmp_path: Path) -> Path:
+    log_dir = tmp_path / "hwledger-job-log"
+    log_dir.mkdir(mode=0o700)
+    return log_dir
+
+
+def test_env_values_the_job_prints_are_masked_in_the_tails_and_the_log_even_split_across_writes(tmp_path, out):
+    token, other = _token(), _token()
+    gpu = "GPU-0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"
+    # The token printed whole, then in two writes 0.3 s apart (two reads of the pipe, two log records if it
+    # were not kept back), on both streams; a short value (under MIN_SECRET_CHARS) and the GPU selection
+    # (never masked, by name) are printed too.
+    script = ('echo "start $TOKEN end"; printf %s "${TOKEN%????}"; sleep 0.3; printf "%s|\\n" "${TOKEN#${TOKEN%????}}"; '
+              'printf %s "${OTHER%??????????}" >&2; sleep 0.3; echo "${OTHER#${OTHER%??????????}} mode=$MODE" >&2; '
+              'echo "gpus=$CUDA_VISIBLE_DEVICES"')
+    job = spec(["sh", "-c", script], env={"TOKEN": token, "OTHER": other, "MODE": "fast", "CUDA_VISIBLE_DEVICES": gpu})
+    log_dir = _log_dir(tmp_path)
+    rc, result, _printed, _err = run(job, out, log_dir=log_dir)
+    assert rc == 0
+    assert result["stdout_tail"] == "start *** end\n***|\ngpus=%s\n" % gpu
+    assert result["stderr_tail"] == "*** mode=fast\n"
+    written = _everything_written(out, log_dir)
+    for value in (token, other):
+        assert value.encode() not in written
+        assert value[:-4].encode() not in written and value[-10:].encode() not in written  # no part either
+    records = _log_records(log_dir)
+    stdout = b"".join(r.data for r in records if r.stream == "o")
+    stderr = b"".join(r.data for r in records if r.stream == "e")
+    assert stdout == result["stdout_tail"].encode() and stderr == result["stderr_tail"].encode()
+    # The counts and the log's positions are those of the masked streams, so they agree with the tails.
+    assert result["stdout_bytes"] == len(stdout) and result["stderr_bytes"] == len(stderr)
+    for stream in ("o", "e"):
+        position = 0
+        for record in (r for r in records if r.stream == stream):
+            assert record.position == position
+            position += len(record.data)
+
+
+def test_masking_keeps_invalid_utf8_around_a_value_byte_exact(tmp_path, out):
+    token = _token()
+    job = spec(["sh", "-c", 'printf "\\377\\376"; printf %s "$TOKEN"; printf "\\200end %s\\376" "${TOKEN%?}"'],
+               env={"TOKEN": token})
+    log_dir = _log_dir(tmp_path)
+    rc, result, _printed, _err = run(job, out, log_dir=log_dir)
+    assert rc == 0
+    logged = b"".join(r.data for r in _log_records(log_dir) if r.stream == "o")
+    # Only the whole value is masked: its prefix alone is not the value.
+    assert logged == b"\xff\xfe***\x80end " + token[:-1].encode() + b"\xfe"
+    assert result["stdout_tail"] == logged.decode("utf-8", "replace")
+    assert token.encode() not in _everything_written(out, log_dir)
+
+
+def test_short_values_are_not_masked(out):
+    short = "a" * (job_schema.MIN_SECRET_CHARS - 1)
+    job = spec(["sh", "-c", 'echo "[$SHORT] [$LONG]"'], env={"SHORT": short, "LONG": short + "b"})
+    rc, result, _printed, _err = run(job, out)
+    assert rc == 0 and result["stdout_tail"] == "[%s] [***]\n" % short
+
+
+def test_error_messages_mask_the_job_s_env_values(out):
+    path = "/opt/secret-%s/bin" % secrets.token_hex(8)
+    job = spec(["hwledger-no-such-command-x"], env={"PATH": path})
+    rc, result, _printed, err = run(job, out)
+    assert rc == job_runner.EXIT_NOT_STARTED
+    assert result["error"]["message"] == "command not found: 'hwledger-no-such-command-x' (PATH=***)"
+    assert path not in out.read_text() and path not in err
+
+
+def test_the_staged_bundle_masks_too(tmp_path, out, runner_pyz):
+    token = _token()
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(spec(["sh", "-c", 'printf %s "${TOKEN%???}"; sleep 0.3; echo "${TOKEN#${TOKEN%???}}"'],
+                                        env={"TOKEN": token})))
+    log_dir = _log_dir(tmp_path)
+    proc = subprocess.run([sys.executable, str(runner_pyz), "run", str(job_file), "--output", str(out),
+                           "--log-dir", str(log_dir)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["stdout_tail"] == "***\n"
+    assert token.encode() not in _everything_written(out, log_dir)
