@@ -231,7 +231,7 @@ def _exit_ssh_masters(directory: Path) -> None:
     anyway; asking first ends them at once and cleanly."""
     # Imported here: the app is only needed when there is a fleet whose masters to end.
     from hwledger.errors import UserError  # pylint: disable=import-outside-toplevel
-    from hwledger.fanout import exit_control_masters  # pylint: disable=import-outside-toplevel
+    from hwledger.ssh_masters import exit_control_masters  # pylint: disable=import-outside-toplevel
     from hwledger.fleet import Fleet  # pylint: disable=import-outside-toplevel
 
     fleet = Fleet(directory / "ssh-agents.toml", directory / "known_hosts", directory / "fleet.db")

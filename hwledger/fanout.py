@@ -31,17 +31,17 @@ import logging
 import os
 import resource
 import selectors
-import signal
 import subprocess
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_log_read, probe, ssh
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import Agent
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome
 
 from hwledger.heartbeat import DEFAULT_QUERY_TIMEOUT_S, HeartbeatRunError, OnOutcome
+from hwledger.ssh_masters import MasterRetirer, exit_control_masters, kill_group
 
 log = logging.getLogger("hwledger.fanout")
 
@@ -61,7 +61,6 @@ POLL_S = 0.1
 # Open files one child needs here: stdout and stderr pipes and its pidfd, plus one spare.
 FDS_PER_CHILD = 4
 FDS_RESERVED = 64
-CLOSE_EXIT_TIMEOUT_S = 5.0
 _HEADER = probe.HEADER_PREFIX.encode()
 
 
@@ -144,7 +143,7 @@ class SshFanoutHeartbeat:
         self._loop: _FanoutLoop | None = None
         self._liveness: set[str] = set()  # this tick's agents that get the liveness check
         self._log_reads: dict[str, tuple] = {}  # this tick's job logs to read, by agent
-        self._retiring: list[tuple[subprocess.Popen, float]] = []  # `ssh -O exit` runs, and when to give up
+        self._retirer = MasterRetirer(policy, ssh_binary=ssh_binary)
         ssh.prepare_control_dir(policy)
 
     # -- the protocol ------------------------------------------------------------------------
@@ -283,35 +282,10 @@ class SshFanoutHeartbeat:
     # -- shutdown ------------------------------------------------------------------------------
 
     def retire_master(self, agent: Agent) -> None:
-        """Ask the agent's ssh master to exit (`ssh -O exit`, not waited for): an exec over a connection
-        believed warm got no answer by its deadline. A master whose connection died (a network drop, a
-        suspended laptop) can still accept new sessions, which then hang; without it, the next dial makes a
-        fresh connection instead of feeding the dead one until the host counts as offline."""
+        """Ask the agent's ssh master to exit: an exec over a connection believed warm got no answer by its
+        deadline (`ssh_masters.MasterRetirer`)."""
         self._answered.pop(agent.name, None)
-        self._reap_retiring()
-        if self.policy.control_dir is None:
-            return
-        argv = ssh.ssh_argv(agent, self.policy, ssh_binary=self.ssh_binary, control_operation="exit")
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
-        except OSError as exc:
-            log.warning("agent %s: ssh -O exit could not start: %s", agent.name, exc)
-            return
-        self._retiring.append((proc, time.monotonic() + CLOSE_EXIT_TIMEOUT_S))
-
-    def _reap_retiring(self, *, all_now: bool = False) -> None:
-        """Reap the `ssh -O exit` runs that ended; kill those past their time (or all, when closing)."""
-        left = []
-        for proc, give_up in self._retiring:
-            if proc.poll() is not None:
-                continue
-            if all_now or time.monotonic() > give_up:
-                _kill_group(proc)
-                proc.wait()
-            else:
-                left.append((proc, give_up))
-        self._retiring = left
+        self._retirer.retire(agent)
 
     def close(self, *, exit_masters: bool = False) -> None:
         """Forget the agents; with `exit_masters`, ask each agent's ssh master to exit now.
@@ -321,49 +295,9 @@ class SshFanoutHeartbeat:
         agents = list(self._seen.values())
         self._seen.clear()
         self.stop_in_flight()
-        self._reap_retiring(all_now=True)
+        self._retirer.close()
         if exit_masters:
             exit_control_masters(agents, self.policy, ssh_binary=self.ssh_binary, max_parallel=self.max_parallel)
-
-
-def exit_control_masters(agents: Iterable[Agent], policy: ssh.SshPolicy, *,
-                         ssh_binary: str = ssh.SSH, max_parallel: int = DEFAULT_MAX_PARALLEL) -> int:
-    """`ssh -O exit` for every agent (no master: ssh says so and exits); returns how many exited."""
-    if policy.control_dir is None:
-        return 0
-    pending = list(agents)
-    running: list[subprocess.Popen] = []
-    exited = 0
-    deadline = time.monotonic() + CLOSE_EXIT_TIMEOUT_S
-    while pending or running:
-        while pending and len(running) < max_parallel:
-            argv = ssh.ssh_argv(pending.pop(), policy, ssh_binary=ssh_binary, control_operation="exit")
-            try:
-                running.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.DEVNULL, close_fds=True,
-                                                start_new_session=True))
-            except OSError as exc:
-                log.warning("ssh -O exit could not start: %s", exc)
-                pending.clear()
-        proc = running.pop(0)
-        try:
-            exited += proc.wait(timeout=max(0.05, deadline - time.monotonic())) == 0
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.wait()
-    return exited
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the child's process group (it leads one: start_new_session), i.e. the ssh client and,
-    for a first connection through a bastion, its ProxyCommand. A master that ssh already daemonised
-    has its own session and is not touched."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    except PermissionError:  # pragma: no cover - the group is ours; kill the leader at least
-        proc.kill()
 
 
 class _FanoutLoop:
@@ -568,7 +502,7 @@ class _FanoutLoop:
                 self.t.retire_master(ex.agent)
 
     def _kill(self, ex: _Exec) -> None:
-        _kill_group(ex.proc)
+        kill_group(ex.proc)
         ex.proc.wait()  # SIGKILL cannot be caught: this reaps at once, so nothing is left behind
         ex.exited = True
         self._complete(ex)
@@ -577,7 +511,7 @@ class _FanoutLoop:
         """Kill and reap every child still running (cancel, or an exception in the loop); their hosts
         are left out of the answer."""
         for ex in list(self.running.values()):
-            _kill_group(ex.proc)
+            kill_group(ex.proc)
             ex.proc.wait()
             self._release(ex)
         self.sel.close()

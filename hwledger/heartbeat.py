@@ -1,6 +1,6 @@
 """Heartbeats: the transport protocol, the Ansible transport, agent states, and recording outcomes.
 
-A transport runs one heartbeat over a set of agents and answers with each host's ``probe.ProbeOutcome``
+A transport runs one heartbeat over a set of agents and answers with each host's ``probe_outcome.ProbeOutcome``
 (the one outcome type, whichever way the host was asked). Two transports exist: ``SshFanoutHeartbeat``
 (``hwledger.fanout``, the default: the probe over reused OpenSSH masters, all hosts at once) and
 ``AnsibleHeartbeat`` here (the ``hwledger.fleet.heartbeat_facts`` playbook through ansible-runner). Either
@@ -24,7 +24,7 @@ from typing import Protocol
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents, hostvars, ssh
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import Agent
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome
 
 from hwledger import hostkeys
 from hwledger.ansible_runs import AnsibleRuns, PlaybookRun

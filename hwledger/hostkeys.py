@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import private_files, probe, ssh
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import private_files, probe_outcome, ssh
 
 from hwledger.errors import UserError
 
@@ -273,7 +273,7 @@ def check_host_key(target: ssh.Target, policy: ssh.SshPolicy, *, timeout_s: floa
     except subprocess.TimeoutExpired:
         return "unreachable", f"no answer within {timeout_s:.0f} s"
     said = proc.stderr or ""
-    reason = probe.classify_ssh_failure(said)
+    reason = probe_outcome.classify_ssh_failure(said)
     if reason is not None:
         return reason, said
     if "Permission denied" in said or "No more authentication methods" in said:

@@ -31,7 +31,7 @@ from dataclasses import replace
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_log, job_log_read, ssh
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import Agent
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.job_log_read import LogChunk, LogRead
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome
 
 from hwledger.fanout import SshFanoutHeartbeat
 from hwledger.store import LogCursor, Store, StoreError

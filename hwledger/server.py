@@ -36,7 +36,7 @@ from typing import Protocol
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema, private_files
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.agents import Agent
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome
 
 from hwledger.ansible_runs import AnsibleRuns, terminate_processes_using
 from hwledger.display import printable

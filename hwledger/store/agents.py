@@ -7,7 +7,7 @@ import sqlite3
 from datetime import timedelta
 from collections.abc import Callable, Mapping
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.tool_parsing import clean_text, clean_tree
 
 from hwledger.store.records import (

@@ -16,7 +16,7 @@ from ansible.utils.display import Display
 from ansible.utils.unsafe_proxy import wrap_var
 
 from ansible_collections.hwledger.fleet.plugins.modules import gpu_query as gpu_query_doc
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import hostvars, module_doc, probe, processes
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import hostvars, module_doc, probe, probe_outcome, processes
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.nvidia_smi import DEFAULT_GPU_QUERY_CMD
 
 display = Display()
@@ -26,13 +26,13 @@ ARGUMENT_SPEC = module_doc.argument_spec(gpu_query_doc.DOCUMENTATION)
 DEFAULT_TIMEOUT_S = 10
 
 
-def summary(host: str, outcome: probe.ProbeOutcome) -> str:
+def summary(host: str, outcome: probe_outcome.ProbeOutcome) -> str:
     """The one line the heartbeat playbook prints for a host that answered (or failed to)."""
     if not outcome.ok:
         msg = outcome.msg or "no message"
         if msg.startswith(host + ": "):
             msg = msg[len(host) + 2:]
-        reason = "timeout" if outcome.reason == probe.NO_ANSWER else (outcome.reason or "error")
+        reason = "timeout" if outcome.reason == probe_outcome.NO_ANSWER else (outcome.reason or "error")
         return "%s: FAILED (%s): %s" % (host, reason, msg)
     snapshot = outcome.snapshot
     if snapshot is None:  # a liveness check: the host answered; its GPU tool was not run this time

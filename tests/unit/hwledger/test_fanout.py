@@ -22,7 +22,7 @@ import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import probe, ssh
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome
 
 from hwledger import fanout
 from hwledger.heartbeat import HeartbeatRunError

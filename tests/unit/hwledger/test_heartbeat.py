@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome
 
 from hwledger.heartbeat import (
     BACKOFF_FIRST_S,

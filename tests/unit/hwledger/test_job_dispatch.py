@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome
 from hwledger.job_dispatch import Dispatch, DispatchRound
 from hwledger.store import AgentRecord, AgentUpdate, Store, parse_time
 from tests.unit.hwledger.placement_captures import A800, GIB, LAPTOP, MI100_4, snapshot

@@ -14,7 +14,7 @@ import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_schema as jobs_schema
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome
 
 from hwledger import agents_file
 from hwledger import job_runs as job_runs_mod

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from hwledger.errors import UserError
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome
 
 from hwledger.store import (
     SCHEMA_VERSION,

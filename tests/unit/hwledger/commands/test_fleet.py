@@ -12,7 +12,7 @@ import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import agents as agents_schema
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import ssh
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome
 from hwledger import agents_file, hostkeys
 from hwledger.cli import main
 from hwledger.fleet import Fleet, agent_record

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome
 from hwledger.cli import main
 from hwledger.job_dispatch import DispatchRound
 from hwledger.store import AgentRecord, AgentUpdate, Store

@@ -124,7 +124,7 @@ def test_the_readme_lists_every_hwledger_metric(fleet_store):
 
 
 def test_the_tick_report_of_the_server_feeds_the_series(fleet_store):
-    from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome  # noqa: PLC0415
+    from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome  # noqa: PLC0415
     from hwledger.web.http import HttpOptions, WatchServer  # noqa: PLC0415
 
     metrics = FleetMetrics(lambda: nullcontext(fleet_store))

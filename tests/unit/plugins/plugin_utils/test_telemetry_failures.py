@@ -11,7 +11,7 @@ import yaml
 
 from ansible_collections.hwledger.fleet.plugins.modules import gpu_query as gpu_query_doc
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import telemetry
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome
 
 DEFAULT_CMD = "nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader"
 SPEC_ROCM_CMD = "rocm-smi --showtemp --showmeminfo --csv"

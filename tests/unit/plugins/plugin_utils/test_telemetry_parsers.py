@@ -8,7 +8,7 @@ import time
 import pytest
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import telemetry, tool_parsing
-from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe import ProbeOutcome
+from ansible_collections.hwledger.fleet.plugins.plugin_utils.probe_outcome import ProbeOutcome
 
 MIB = 1048576
 DEFAULT_CMD = "nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader"
