@@ -118,7 +118,7 @@ class Masker:
 
     def __init__(self, values):
         self.values = sorted({bytes(v) for v in values if v}, key=len, reverse=True)
-        self.longest = len(self.values[0]) if self.values else 0
+        self.periods = [_smallest_period(value) for value in self.values]
         self.pending = b""  # kept back: the raw stream from `base` on
         self.base = 0
         self.cover_end = 0  # the pending bytes before it are covered by an occurrence that started earlier
@@ -148,11 +148,19 @@ class Masker:
         runs = []
         if self.cover_end > base:
             runs.append((base, self.cover_end))
-        for value in self.values:
+        for value, period in zip(self.values, self.periods):
+            size = len(value)
             found = buf.find(value)
             while found >= 0:
-                runs.append((base + found, base + found + len(value)))
-                found = buf.find(value, found + 1)
+                # Occurrences that overlap this one are `period` apart (p, the smallest period of the value,
+                # divides every shift below size - p; longer shifts reach past the chain): the chain of them
+                # is where buf keeps that period, found with memcmps rather than one search per byte.
+                last = found
+                if period < size:
+                    same = _common_prefix(buf, found + period, found, size - period)
+                    last = found + (period + same - size) // period * period
+                runs.append((base + found, base + last + size))
+                found = buf.find(value, last + 1)
         runs.sort()
         merged = []
         for start, stop in runs:
@@ -197,6 +205,37 @@ class Masker:
                     break
                 at = buf.find(value[:1], at + 1)
         return base + cut
+
+
+def _smallest_period(value):
+    """The smallest p > 0 with value[i] == value[i + p] for every i (its length when there is none shorter):
+    the length minus its longest proper border (Knuth-Morris-Pratt)."""
+    border = [0] * len(value)
+    k = 0
+    for i in range(1, len(value)):
+        while k and value[i] != value[k]:
+            k = border[k - 1]
+        if value[i] == value[k]:
+            k += 1
+        border[i] = k
+    return len(value) - (border[-1] if value else 0)
+
+
+def _common_prefix(buf, a, b, known):
+    """The largest k with buf[a:a + k] == buf[b:b + k] (b < a), given that it is at least ``known``."""
+    low, high = known, len(buf) - a
+    step = max(1, known)
+    while low + step <= high and buf[a + low:a + low + step] == buf[b + low:b + low + step]:
+        low += step
+        step *= 2
+    high = min(high, low + step - 1)
+    while low < high:  # buf[a:a + low] matches; buf[a:a + high + 1] does not (or is past the end)
+        middle = (low + high + 1) // 2
+        if buf[a + low:a + middle] == buf[b + low:b + middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def mask(data, values):
