@@ -285,6 +285,56 @@ def test_env_values_leave_the_store_and_no_file_log_or_argv_holds_them(fleet_env
     assert files_containing(fleet_env.root, needles) == []  # the server's logs too
 
 
+def test_env_values_a_job_prints_reach_no_byte_of_the_store_nor_any_report(fleet_env, python_host):
+    """The job prints its --env value (whole, split across two writes with a pause between, on stdout and on
+    stderr): the runner on the host masks it, so neither the log the server reads at each tick, nor the
+    result's tails, nor any byte of fleet.db, -wal or -shm, nor `job logs`, `job show --json` or the reports
+    behind `/api/jobs` hold it (or the part written first); the rest of the output is intact."""
+    import secrets as secrets_mod
+
+    from hwledger.reports import job_to_dict
+
+    fleet_env.register(python_host)
+    canary = f"HWL-PRINTED-CANARY-{secrets_mod.token_hex(8)}"
+    script = ('echo "before $TOKEN after"; printf %s "${TOKEN%????}"; sleep 3; echo "${TOKEN#${TOKEN%????}}|tail"; '
+              'echo "err=$TOKEN" >&2; sleep 2; echo done')
+    proc = fleet_env.hw("job", "submit", "--agent", python_host.name, "--env", "TOKEN", "--", "sh", "-c", script,
+                        extra_env={"TOKEN": canary})
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip()
+    server = fleet_env.serve("--interval", "1")
+    # While the job runs, its log (read from the host at each tick) already shows the first line, masked.
+    wait_for(lambda: "before *** after" in fleet_env.hw("job", "logs", job_id).stdout, timeout=60,
+             what="the job's first line in its log")
+    done = _serve_until(fleet_env, job_id, lambda j: j.terminal, timeout=90, what="the job to end")
+    assert (done.state, done.exit_code) == ("succeeded", 0), done.error
+    logs = fleet_env.hw("job", "logs", job_id)
+    shown = fleet_env.hw("job", "show", job_id, "--json")
+    listed = fleet_env.hw("job", "list", "--json")
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(30) == 0, fleet_env.server_log()
+
+    assert logs.returncode == 0 and shown.returncode == 0 and listed.returncode == 0
+    result = json.loads(shown.stdout)["result"]
+    assert result["stdout_tail"] == "before *** after\n***|tail\ndone\n"
+    assert result["stderr_tail"] == "err=***\n"
+    assert logs.stdout == "before *** after\n***|tail\ndone\n" and logs.stderr.startswith("err=***\n")
+    with fleet_env.store() as store:
+        reported = json.dumps([job_to_dict(store.get_job(job_id))])
+        entries = store.read_job_log(job_id).entries
+    logged = b"".join(entry.data for entry in entries)
+    assert "before *** after" in reported
+    assert b"".join(entry.data for entry in entries if entry.stream == "stdout") == b"before *** after\n***|tail\ndone\n"
+    assert b"".join(entry.data for entry in entries if entry.stream == "stderr") == b"err=***\n"
+    needles = [canary, canary[:-4]]  # the value, and the part of it the job wrote before its pause
+    for text in (logs.stdout, logs.stderr, shown.stdout, listed.stdout, reported, logged.decode("utf-8", "replace")):
+        assert not any(needle in text for needle in needles)
+    # The raw bytes of the store's files (the server stopped: its last checkpoint is done).
+    store_files = [fleet_env.db, Path(f"{fleet_env.db}-wal"), Path(f"{fleet_env.db}-shm")]
+    assert [str(p) for p in store_files if p.exists() and any(n.encode() in p.read_bytes() for n in needles)] == []
+    assert files_containing(fleet_env.data_dir, [n.encode() for n in needles]) == []
+
+
 def test_a_host_that_dies_during_a_job_ends_it_lost_long_before_its_timeout(fleet_env, python_host, tmp_path):
     """Item 7: the job's host goes away (sshd and everything it ran killed) during an hour-long job: after
     the missed heartbeats that make its agent offline, the job ends `lost`, not an hour later; its remote
