@@ -152,9 +152,10 @@ class Masker:
             size = len(value)
             found = buf.find(value)
             while found >= 0:
-                # Occurrences that overlap this one are `period` apart (p, the smallest period of the value,
-                # divides every shift below size - p; longer shifts reach past the chain): the chain of them
-                # is where buf keeps that period, found with memcmps rather than one search per byte.
+                # The chain of occurrences `period` apart (the value's smallest period) that starts here runs
+                # as far as buf keeps that period: found with a few memcmps rather than one search per byte
+                # (a value such as "000000" in a run of zeros). Any other occurrence that starts inside the
+                # chain ends inside what the chain covers, so the search goes on after its last one.
                 last = found
                 if period < size:
                     same = _common_prefix(buf, found + period, found, size - period)

@@ -139,6 +139,14 @@ def test_overlapping_and_adjacent_values_are_all_masked_whatever_the_pieces():
         assert _through(job_log.Masker(values), [data[i:i + size] for i in range(0, len(data), size)]) == expected
 
 
+def test_a_self_overlapping_value_in_a_long_run_is_one_mask_and_the_run_s_end_is_kept():
+    data = b"x" + b"0" * 200_000 + b"12 y"
+    pieces = [data[i:i + 4096] for i in range(0, len(data), 4096)]
+    assert _through(job_log.Masker([b"000000"]), pieces) == b"x***12 y"
+    assert _through(job_log.Masker([b"0000012"]), pieces) == b"x" + b"0" * 199_995 + b"*** y"
+    assert job_log.mask(b"aabaaabaaabaa!", [b"aabaa"]) == b"***!"  # occurrences 4 apart, its period is 3
+
+
 def test_the_masker_agrees_with_the_whole_stream_and_keeps_back_less_than_the_longest_value():
     rng = random.Random(1313)
     for _trial in range(3000):
