@@ -13,7 +13,7 @@ from ansible.plugins.action import ActionBase
 from ansible.utils.unsafe_proxy import wrap_var
 
 from ansible_collections.hwledger.fleet.plugins.modules import job_spec as job_spec_doc
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_runner, job_schema, module_doc, private_files
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_bundle, job_schema, module_doc, private_files
 
 # The options as ansible-doc shows them (plugins/modules/job_spec.py).
 ARGUMENT_SPEC = module_doc.argument_spec(job_spec_doc.DOCUMENTATION)
@@ -41,9 +41,9 @@ def prepare_results_dir(path: str, create: bool) -> str:
 
 
 def runner_bundle_path() -> str:
-    """The job runner as one file (``job_runner.bundle()``), written once per run of Ansible into its
+    """The job runner as one file (``job_bundle.bundle()``), written once per run of Ansible into its
     local temp dir (removed when Ansible exits), named by its content so parallel hosts share it."""
-    data = job_runner.bundle()
+    data = job_bundle.bundle()
     path = os.path.join(C.DEFAULT_LOCAL_TMP, "hwledger-runner-%s.pyz" % hashlib.sha256(data).hexdigest()[:16])
     if not os.path.exists(path):
         private_files.write_atomically(path, data)

@@ -3,7 +3,7 @@
 """The hwledger job runner: executes one job on a GPU host and writes its result.
 
 Run as ``hwledger run JOB.json --output RESULT.json`` where hwledger is installed, or, on a host that has
-only python3, as the one-file bundle the job role stages (``bundle()``: this module and the standard-
+only python3, as the one-file bundle the job role stages (``job_bundle.bundle()``: this module and the standard-
 library-only modules it needs, ``python3 runner.pyz run JOB.json --output RESULT.json``). So it and
 everything it imports stay standard library only and Python 3.8 compatible.
 
@@ -31,7 +31,6 @@ What the runner guarantees (see docs/jobs.md):
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import selectors
@@ -40,7 +39,6 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 
 from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_log, private_files, processes
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.job_schema import (
@@ -100,11 +98,6 @@ LOG_DIR_ENV = "HWLEDGER_JOB_LOG_DIR"
 # Copied from the runner's own environment into the job's (when set); the job's env comes on top.
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "USER", "LOGNAME", "SHELL", "TMPDIR", "TZ")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
-
-
-# The modules the staged bundle holds: this one and what it imports (all standard library only).
-BUNDLED_MODULES = ("job_runner", "job_schema", "job_log", "private_files", "processes")
-BUNDLE_PACKAGE = "ansible_collections/hwledger/fleet/plugins/plugin_utils"
 
 
 # Env variables whose values are never masked: the GPU selection that hwledger's placement adds to the job's
@@ -591,44 +584,6 @@ def main(argv=None):
         return EXIT_INVALID
     sys.stdout.write(json.dumps(job, sort_keys=True, indent=2) + "\n")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------------
-# The one-file bundle staged on hosts without hwledger
-
-
-_BUNDLE_MAIN = b"""import sys
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_runner
-sys.exit(job_runner.main())
-"""
-
-
-def bundle():
-    """The runner as one file, for a GPU host that has python3 but not hwledger: a zip application
-    (PEP 441, ``python3 FILE run JOB.json --output RESULT.json``) holding this module and the modules it
-    imports under their collection package names, so the code that runs there is exactly this code.
-
-    The bytes depend only on the modules' contents (fixed timestamps, fixed order): the same collection
-    always stages the same file.
-    """
-    here = os.path.dirname(os.path.abspath(__file__))
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-
-        def add(name, data):
-            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, data)
-
-        parts = BUNDLE_PACKAGE.split("/")
-        for depth in range(1, len(parts) + 1):
-            add("/".join(parts[:depth]) + "/__init__.py", b"")
-        for module in BUNDLED_MODULES:
-            with open(os.path.join(here, module + ".py"), "rb") as source:
-                add("%s/%s.py" % (BUNDLE_PACKAGE, module), source.read())
-        add("__main__.py", _BUNDLE_MAIN)
-    return buffer.getvalue()
 
 
 if __name__ == "__main__":

@@ -155,7 +155,17 @@ def test_pip_install_then_uninstall_outside_the_checkout(tmp_path):
         return subprocess.run(["bash", "-c", line], cwd=outside, env=env, capture_output=True, text=True,
                               timeout=600, check=False)
 
-    install = sh(f"python -m pip install -q --no-deps --no-build-isolation --disable-pip-version-check {REPO}")
+    # From a copy of the tracked files: setuptools writes build/ and *.egg-info into the tree it builds.
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (REPO / name).is_file() and not (REPO / name).is_symlink():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+        elif (REPO / name).is_symlink():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.readlink(REPO / name), source / name)
+    install = sh(f"python -m pip install -q --no-deps --no-build-isolation --disable-pip-version-check {source}")
     assert install.returncode == 0, install.stdout + install.stderr
     assert (site / "ansible_collections" / "hwledger" / "fleet" / "galaxy.yml").exists() or \
         (site / "ansible_collections" / "hwledger" / "fleet" / "plugins").is_dir()

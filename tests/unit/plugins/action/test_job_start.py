@@ -13,7 +13,7 @@ import pytest
 from ansible.playbook.task import Task
 
 from ansible_collections.hwledger.fleet.plugins.action import job_start
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_runner, job_schema
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_bundle, job_schema
 
 
 class LocalShell:
@@ -43,7 +43,7 @@ def make_action(args: dict, shell) -> job_start.ActionModule:
 @pytest.fixture
 def bundle(tmp_path: Path) -> str:
     path = tmp_path / "runner.pyz"
-    path.write_bytes(job_runner.bundle())
+    path.write_bytes(job_bundle.bundle())
     return str(path)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_remote, job_runner, job_schema
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_bundle, job_remote, job_schema
 
 TOOLS = ("sh", "cat", "ls", "mktemp", "find", "rm", "mv", "id", "head", "tail", "setsid", "sleep", "printf",
          "env", "true", "echo", "tr", "grep")
@@ -50,13 +50,15 @@ def remote(tmp_path: Path):
 
 
 def job(**kw) -> dict:
-    return job_schema.new_job(kw.pop("command", ["sh", "-c", "echo ran; echo \"$TOKEN\" >&2"]),
+    # The job gets its env value (it says whether it matches, and prints it: the runner masks it).
+    command = ["sh", "-c", "echo ran; [ \"$TOKEN\" = s3cret-value ] && echo \"match $TOKEN\" >&2"]
+    return job_schema.new_job(kw.pop("command", command),
                               env=kw.pop("env", {"TOKEN": "s3cret-value"}), timeout_s=30, **kw)
 
 
 def start(remote, spec: dict, **kw) -> dict:
     script = job_remote.start_script(spec["job_id"], tmp_base=str(remote.base), **kw)
-    data = job_remote.start_input(job_schema.encode_job(spec), job_runner.bundle())
+    data = job_remote.start_input(job_schema.encode_job(spec), job_bundle.bundle())
     proc = remote.run(script, data)
     return job_remote.parse_start(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
@@ -82,7 +84,7 @@ def test_start_writes_a_private_dir_and_the_staged_runner_runs_the_job(remote):
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
     assert stat.S_IMODE((path / "job.json").stat().st_mode) == 0o600
     assert json.loads((path / "job.json").read_text()) == json.loads(job_schema.encode_job(spec))
-    assert (path / "runner.pyz").read_bytes() == job_runner.bundle()
+    assert (path / "runner.pyz").read_bytes() == job_bundle.bundle()
     assert wait_done(remote, started) == 0
     token = job_remote.new_token()
     found = job_remote.parse_inspect(remote.run(job_remote.inspect_script(str(path), token)).stdout.decode(), token)
@@ -90,7 +92,7 @@ def test_start_writes_a_private_dir_and_the_staged_runner_runs_the_job(remote):
     read = remote.run(job_remote.read_command(str(path), job_schema.RESULT_MAX_BYTES)).stdout
     assert found["stat"]["size"] == len(read)
     result = job_schema.validate_result(read, expected_job_id=spec["job_id"])
-    assert result["stdout_tail"] == "ran\n" and result["stderr_tail"] == "s3cret-value\n"
+    assert result["stdout_tail"] == "ran\n" and result["stderr_tail"] == "match ***\n"
     assert job_schema.parse_sha256_line(found["out"]) is not None
     assert remote.run(job_remote.remove_command(str(path))).returncode == 0 and not path.exists()
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_runner, job_schema, private_files
+from ansible_collections.hwledger.fleet.plugins.plugin_utils import job_bundle, job_runner, job_schema, private_files
 from ansible_collections.hwledger.fleet.plugins.plugin_utils.processes import mentioning as _mentioning
 
 
@@ -30,7 +30,7 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils.processes import me
 def runner_pyz(tmp_path_factory) -> Path:
     """The runner exactly as the job role stages it on a host without hwledger: one zip application."""
     path = tmp_path_factory.mktemp("bundle") / "runner.pyz"
-    path.write_bytes(job_runner.bundle())
+    path.write_bytes(job_bundle.bundle())
     return path
 
 
@@ -411,18 +411,18 @@ def test_hwledger_run_help_lists_the_exit_codes(capsys):
 
 
 def _bundled_sources() -> dict[str, str]:
-    with zipfile.ZipFile(io.BytesIO(job_runner.bundle())) as archive:
+    with zipfile.ZipFile(io.BytesIO(job_bundle.bundle())) as archive:
         return {name: archive.read(name).decode() for name in archive.namelist() if name.endswith(".py")}
 
 
 def test_bundle_holds_the_runner_and_what_it_imports_and_is_reproducible():
     sources = _bundled_sources()
-    package = job_runner.BUNDLE_PACKAGE
-    assert set(sources) >= {"__main__.py", *(f"{package}/{m}.py" for m in job_runner.BUNDLED_MODULES)}
+    package = job_bundle.BUNDLE_PACKAGE
+    assert set(sources) >= {"__main__.py", *(f"{package}/{m}.py" for m in job_bundle.BUNDLED_MODULES)}
     here = Path(job_runner.__file__).parent
-    for module in job_runner.BUNDLED_MODULES:  # exactly the collection's code, nothing rewritten
+    for module in job_bundle.BUNDLED_MODULES:  # exactly the collection's code, nothing rewritten
         assert sources[f"{package}/{module}.py"] == (here / f"{module}.py").read_text()
-    assert job_runner.bundle() == job_runner.bundle()
+    assert job_bundle.bundle() == job_bundle.bundle()
 
 
 def test_bundled_modules_parse_as_python_3_8():
@@ -431,7 +431,7 @@ def test_bundled_modules_parse_as_python_3_8():
 
 
 def test_bundled_modules_import_only_the_standard_library_and_each_other():
-    bundled = {f"ansible_collections.hwledger.fleet.plugins.plugin_utils.{m}" for m in job_runner.BUNDLED_MODULES}
+    bundled = {f"ansible_collections.hwledger.fleet.plugins.plugin_utils.{m}" for m in job_bundle.BUNDLED_MODULES}
     names = set()
     for text in _bundled_sources().values():
         for node in ast.walk(ast.parse(text)):
