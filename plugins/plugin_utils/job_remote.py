@@ -52,11 +52,14 @@ LAUNCH_TRACES = ("runner.out", "runner.err", "runner.rc", "result.json")
 # sh: the runs of job $id that are still running (this user's processes with an argument DIR/job.json, DIR
 # one of the job's private dirs: the runner's wrapper and the runner), one line per run (its job.json path),
 # each once. The id is in a variable, never in the script's text next to the pattern, so no shell running this
-# script (whose command line holds it) can match. Only sh builtins besides tr and grep.
+# script (whose command line holds it) can match (the first grep's own command line does, and is dropped by the
+# exact match). Only sh builtins besides tr and grep.
 _RUNS_OF_JOB = r"""runs_of_job() {
-  for proc in /proc/[0-9]*; do
-    [ -O "$proc" ] || continue
-    tr '\000' '\n' < "$proc/cmdline" 2>/dev/null | grep -x -- "/.*/hwledger-job-$id-[^/]*/job[.]json"
+  # One grep reads every command line for the job's dir name (a busy host has thousands of processes:
+  # two processes per candidate would cost seconds); only its few hits are looked at argument by argument.
+  for cmdline in $(grep -l -F -- "hwledger-job-$id-" /proc/[0-9]*/cmdline 2>/dev/null); do
+    [ -O "${cmdline%/cmdline}" ] || continue
+    tr '\000' '\n' < "$cmdline" 2>/dev/null | grep -x -- "/.*/hwledger-job-$id-[^/]*/job[.]json"
   done | { seen=' '; while IFS= read -r run; do
     case $seen in *" $run "*) ;; *) seen="$seen$run "; printf '%s\n' "$run" ;; esac
   done; }
