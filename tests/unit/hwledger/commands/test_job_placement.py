@@ -76,7 +76,7 @@ def test_show_and_list_say_why_a_job_waits_and_where_a_placed_one_runs(db, capsy
     assert main(["job", "show", placed]) == 0
     out = capsys.readouterr().out
     assert "agent    a800" in out and "env      CUDA_VISIBLE_DEVICES=5" in out
-    assert "gpu      5: NVIDIA A800-SXM4-80GB  (79.2 GiB free at placement)" in out
+    assert "gpu      5: NVIDIA A800-SXM4-80GB (79.2 GiB free at placement)" in out
     assert "placed   asked 40 GiB free on one GPU; a800 GPU 5 with 79.2 GiB free (snapshot 0 s old)" in out
     assert main(["job", "list"]) == 0
     out = capsys.readouterr().out
