@@ -91,7 +91,8 @@ def test_demo_keeps_a_fleet_up_its_lines_work_and_demo_down_removes_it(demo_dir:
     assert started.returncode == 0, started.stdout[-6000:] + started.stderr[-3000:]
 
     # Step 8: a job placed on free GPU memory, followed line by line as it ran, on the GPU placement chose.
-    followed = [line for line in started.stdout.splitlines() if re.fullmatch(r"step \d of 5 on GPU \S+", line)]
+    logs_f = started.stdout.split(" job logs -f ", 1)[1].split(" job show ", 1)[0]  # job show repeats its tail
+    followed = [line for line in logs_f.splitlines() if re.fullmatch(r"step \d of 5 on GPU \S+", line)]
     assert [line.split()[1] for line in followed] == ["1", "2", "3", "4", "5"], started.stdout[-4000:]
     assert len({line.rsplit(" ", 1)[1] for line in followed}) == 1
     assert re.search(r"^placed +\S", started.stdout, re.M), started.stdout[-4000:]

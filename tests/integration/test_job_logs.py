@@ -77,9 +77,11 @@ def test_follow_shows_lines_as_they_come_escaped_and_exits_with_the_job_s_code(
     script = ("for i in 1 2 3 4 5 6 7 8 9 10; do echo line $i; echo err $i >&2; sleep 1; done; "
               r"printf '\033[2J\033]0;owned\007red\rfake\n'; exit 3")
     job_id = _submit(fleet_env, python_host.name, "sh", "-c", script)
-    # The follower starts before the job does: it waits for it.
+    # The follower starts before the job does: it waits for it (and says so before the server starts).
     follower = subprocess.Popen([sys.executable, "-m", "hwledger", "job", "logs", "-f", job_id], env=fleet_env.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    first_note = follower.stderr.readline().decode()
+    assert first_note == f"hwledger: job {job_id} is queued; waiting for it to start\n", first_note
     serving(transport)
     lines, states_when_seen = [], []
     try:
@@ -91,7 +93,7 @@ def test_follow_shows_lines_as_they_come_escaped_and_exits_with_the_job_s_code(
         if follower.poll() is None:
             follower.kill()
             follower.wait()
-    err = follower.stderr.read().decode()
+    err = first_note + follower.stderr.read().decode()
     assert lines == [f"line {n}\n".encode() for n in range(1, 11)] + [b"\\x1b[2J\\x1b]0;owned\\x07red\\x0dfake\n"]
     # The first lines came while the job still ran (not all at its end, from the result).
     assert states_when_seen[:3] == ["running"] * 3, states_when_seen

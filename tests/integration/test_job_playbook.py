@@ -435,18 +435,22 @@ def test_one_job_on_two_hosts_is_refused(fleet, py_host, untouched_host, tmp_pat
 def test_template_text_in_a_job_file_stays_literal(fleet, py_host, tmp_path):
     canary = tmp_path / "PWNED"
     payload = "{{ lookup('ansible.builtin.pipe', 'touch %s') }}" % canary
-    job = job_schema.new_job(["printf", "%s", payload], env={"X": payload}, metadata={"note": payload}, timeout_s=60)
+    # In the job's argv, env and metadata. The job prints its argument and checks its env value (printing that
+    # would show `***`: the runner masks env values in what a job prints).
+    job = job_schema.new_job(["sh", "-c", 'printf %s "$1"; [ "$X" = "$1 (env)" ] && printf " env-literal"', "sh",
+                              payload], env={"X": payload + " (env)"}, metadata={"note": payload}, timeout_s=60)
     run = run_playbook(fleet, py_host, tmp_path, job)
     assert run.rc == 0, run.output
-    assert run.result["stdout_tail"] == payload  # came back from the remote untemplated, too
+    assert run.result["stdout_tail"] == payload + " env-literal"  # came back from the remote untemplated, too
     assert not canary.exists()
 
 
 def test_job_given_as_a_dict(fleet, py_host, tmp_path):
-    job = job_schema.new_job(["sh", "-c", "echo $MODE"], env={"MODE": "dict input"}, timeout_s=60)
+    # A value shorter than the runner's masking minimum (6), so it comes back as printed.
+    job = job_schema.new_job(["sh", "-c", "echo $MODE"], env={"MODE": "dict"}, timeout_s=60)
     run = run_playbook(fleet, py_host, tmp_path, job, as_dict=True)
     assert run.rc == 0, run.output
-    assert run.result["stdout_tail"] == "dict input\n"
+    assert run.result["stdout_tail"] == "dict\n"
 
 
 def test_failed_job_without_failing_the_host(fleet, py_host, tmp_path):
