@@ -371,8 +371,8 @@ def _no_fit(request: Request, candidates: list[_Candidate], closed: list[str], a
     with_usable = [c for c in candidates if c.usable]
     if not with_usable:
         return NoFit(text)
-    best = min(with_usable, key=lambda c: (-min(len(c.fitting), request.gpus), -_least_free(c.usable[:request.gpus]),
-                                          c.agent.active_jobs, c.agent.name))
+    best = min(with_usable, key=lambda c: (
+        -min(len(c.fitting), request.gpus), -_least_free(c.usable[:request.gpus]), c.agent.active_jobs, c.agent.name))
     shown = best.usable[:request.gpus]
     where = _gpus_text(shown) if agent is not None else f"{best.agent.name} {_gpus_text(shown)}"
     return NoFit(f"{text}; best: {where}", best.agent.name)

@@ -137,7 +137,6 @@ class ProbeOutcome:
 MAX_MSG_CHARS = 2000
 
 
-
 def classify_ssh_failure(stderr: str) -> str | None:
     """The failure reason for what ssh printed when it failed: ``"host_key_changed"``, ``"host_key_unknown"``
     or None (not a host key problem: the caller reports it as ``"unreachable"``).

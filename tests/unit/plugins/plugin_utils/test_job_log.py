@@ -61,7 +61,7 @@ def test_rotation_bounds_the_disk_whatever_the_job_prints(tmp_path):
     directory = _private(tmp_path)
     writer = job_log.LogWriter(directory, rotate_bytes=64 * 1024, keep_files=2, min_free_bytes=0)
     chunk = b"y" * 4000
-    for _ in range(1000):  # ~4 MB through a log bounded at 2 x 64 KiB
+    for _round in range(1000):  # ~4 MB through a log bounded at 2 x 64 KiB
         writer.write("o", chunk)
     writer.close()
     names = sorted(os.listdir(directory))
@@ -151,8 +151,8 @@ def test_the_masker_agrees_with_the_whole_stream_and_keeps_back_less_than_the_lo
     rng = random.Random(1313)
     for _trial in range(3000):
         alphabet = rng.choice([b"ab", b"abc", b"ab\xff"])
-        values = [bytes(rng.choice(alphabet) for _ in range(rng.randint(2, 7))) for _ in range(rng.randint(1, 3))]
-        data = bytes(rng.choice(alphabet + b"x") for _ in range(rng.randint(0, 60)))
+        values = [bytes(rng.choice(alphabet) for _byte in range(rng.randint(2, 7))) for _value in range(rng.randint(1, 3))]
+        data = bytes(rng.choice(alphabet + b"x") for _byte in range(rng.randint(0, 60)))
         masker = job_log.Masker(values)
         pieces, out, at = [], b"", 0
         while at < len(data):

@@ -39,7 +39,7 @@ def test_the_piece_reads_from_the_offset_and_the_parser_gets_the_exact_bytes(tmp
 
 
 def test_the_piece_reads_the_next_file_too_and_says_gone_and_none(tmp_path):
-    job_id, other, ended = (str(uuid.uuid4()) for _ in range(3))
+    job_id, other, ended = (str(uuid.uuid4()) for _id in range(3))
     directory = _job_dir(tmp_path, job_id)
     (directory / job_log.file_name(1)).write_bytes(b"A" * 10)
     (directory / job_log.file_name(2)).write_bytes(b"B" * 5)
