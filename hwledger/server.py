@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from datetime import datetime, timezone
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +55,7 @@ from hwledger.job_logs import LogFollower
 from hwledger.job_runs import AnsibleJobs
 from hwledger.job_settle import discard_settled_results, settle_job
 from hwledger.job_workers import RECONCILE_RETRY, JobWorkers
-from hwledger.store import AgentRow, StateChange, StoreError, parse_time
+from hwledger.store import AgentRow, JobRow, StateChange, StoreError, parse_time
 
 log = logging.getLogger("hwledger.server")
 
@@ -69,6 +69,8 @@ SERVE_LOCK_NAME = "serve.lock"
 # `hwledger fleet serve` exits with this when its store cannot be used any more (deleted, replaced,
 # read-only, disk full, damaged): nothing it does could be recorded.
 EXIT_STORE_FAILED = 4
+# The end states of a job that may leave its remote dir behind (its clean-up pending).
+CLEANUP_STATES = ("cancelled", "lost", "failed")
 # A job left by a previous server whose host could not be asked this many times (on ticks at which its
 # agent answered the heartbeat) ends `lost`, its remote dir cleaned up later.
 MAX_RECONCILE_TRIES = 3
@@ -523,7 +525,9 @@ class Server:
         if self.stop_event.is_set():
             return []
         answered = [name for name in answered if name in self._agents]
-        closed = self._prepare_agents(answered)
+        # Every job with a remote clean-up pending, in one query for all agents (oldest first).
+        cleanups = self.store.list_jobs(states=["queued", *CLEANUP_STATES], cleanup_pending=True)
+        closed = self._prepare_agents(answered, [job for job in cleanups if job.state == "queued"])
         started = []
         dispatches = DispatchRound(
             self.store, configured=self._agents, answered=answered, in_workers=self._job_workers,
@@ -537,22 +541,21 @@ class Server:
                                                             self._agents[dispatch.agent])
             self._job_workers[dispatch.job_id] = (dispatch.agent, "run")
             started.append(dispatch.job_id)
+        # A job whose worker still runs does its own clean-up.
+        finished = _first_per_agent(job for job in cleanups
+                                    if job.state != "queued" and job.id not in self._job_workers)
         for name in answered:
             key = _cleanup_key(name)
             if self.stop_event.is_set() or len(self._busy) >= self.max_parallel_jobs:
                 break
-            if key in self._busy:
-                continue
-            pending = self.store.list_jobs(agent=name, states=["cancelled", "lost", "failed"])
-            # A job whose worker still runs does its own clean-up.
-            pending = [j for j in pending if j.cleanup_pending and j.id not in self._job_workers]
-            if pending:
-                self._busy[key] = self._pool.submit(self.workers.clean_up, pending[0].id, self._agents[name])
+            if key not in self._busy and name in finished:
+                self._busy[key] = self._pool.submit(self.workers.clean_up, finished[name].id, self._agents[name])
         return started
 
-    def _prepare_agents(self, answered: Sequence[str]) -> dict[str, str]:
+    def _prepare_agents(self, answered: Sequence[str], queued_again: Sequence[JobRow]) -> dict[str, str]:
         """Start the reconciles and the clean-ups before another attempt (see _dispatch) of the agents that
-        answered; returns the agents closed to new jobs meanwhile, with the reason (`job show` shows it)."""
+        answered (`queued_again`: the queued jobs with a clean-up pending); returns the agents closed to new
+        jobs meanwhile, with the reason (`job show` shows it)."""
         closed: dict[str, str] = {}
         for job_id in list(self._reconcile):
             job = self.store.get_job(job_id)
@@ -564,15 +567,24 @@ class Server:
             self.workers.handing_out(job_id)
             self._busy[job_id] = self._pool.submit(self.workers.reconcile_job, job_id, self._agents[job.agent])
             self._job_workers[job_id] = (job.agent, "reconcile")
+        first_again = _first_per_agent(queued_again)
         for name in answered:
-            again = [job for job in self.store.list_jobs(agent=name, states=["queued"]) if job.cleanup_pending]
-            if not again:
+            again = first_again.get(name)
+            if again is None:
                 continue
-            closed.setdefault(name, f"first removes what an earlier attempt of job {again[0].id} left on the host")
+            closed.setdefault(name, f"first removes what an earlier attempt of job {again.id} left on the host")
             key = _cleanup_key(name)
             if key not in self._busy and len(self._busy) < self.max_parallel_jobs:
-                self._busy[key] = self._pool.submit(self.workers.clean_up, again[0].id, self._agents[name])
+                self._busy[key] = self._pool.submit(self.workers.clean_up, again.id, self._agents[name])
         return closed
+
+
+def _first_per_agent(jobs: Iterable[JobRow]) -> dict[str, JobRow]:
+    """The first (oldest) of `jobs` for each agent."""
+    first: dict[str, JobRow] = {}
+    for job in jobs:
+        first.setdefault(job.agent, job)
+    return first
 
 
 def _cleanup_key(agent: str) -> str:

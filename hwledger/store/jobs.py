@@ -69,13 +69,17 @@ class JobTables:
         return job_row(rows[0]) if rows else None
 
     def list_jobs(self, *, agent: str | None = None, states: Iterable[str] | None = None,
-                  newest: int | None = None) -> list[JobRow]:
-        """Jobs oldest first; with `newest`, only the newest N of them (chosen by SQL, not in Python)."""
+                  newest: int | None = None, cleanup_pending: bool | None = None) -> list[JobRow]:
+        """Jobs oldest first; with `newest`, only the newest N of them (chosen by SQL, not in Python); with
+        `cleanup_pending`, only those whose remote clean-up is (or is not) pending."""
         where, params = where_clause(agent=agent)
         states = list(states or [])
         if states:
             where += (" AND " if where else " WHERE ") + f"state IN ({', '.join('?' * len(states))})"
             params += states
+        if cleanup_pending is not None:
+            where += (" AND " if where else " WHERE ") + "cleanup_pending = ?"
+            params.append(int(cleanup_pending))
         if newest is None:
             # rowid breaks ties of the millisecond in submission order (first come, first served).
             sql = f"SELECT {JOB_COLUMNS} FROM jobs{where} ORDER BY created_at, rowid"

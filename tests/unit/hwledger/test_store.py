@@ -306,6 +306,11 @@ def test_list_jobs_newest_picks_the_last_n_in_sql_oldest_first(store):
     assert [j.id for j in store.list_jobs(agent="gpu1")] == ids
     store.request_cancel(ids[4])
     assert [j.id for j in store.list_jobs(agent="gpu1", states=["queued"], newest=1)] == [ids[3]]
+    # The server's one query for every pending remote clean-up, whatever the agent.
+    store.transition_job(ids[1], ["queued"], "failed", cleanup_pending=True)
+    store.transition_job(ids[2], ["queued"], "failed", cleanup_pending=False)
+    assert [j.id for j in store.list_jobs(states=["failed", "cancelled"], cleanup_pending=True)] == [ids[1]]
+    assert ids[1] not in [j.id for j in store.list_jobs(cleanup_pending=False)]
 
 
 # -- attempts and env values ----------------------------------------------------------------------
