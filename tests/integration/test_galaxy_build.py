@@ -21,8 +21,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import stat
 import subprocess
 import tarfile
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ import pytest
 
 # control_dir is a fixture: importing it makes it available to the tests of this module.
 from tests.integration.gpu_query_support import control_dir  # noqa: F401 pylint: disable=unused-import
+from tests.integration.checkout_support import copy_checkout
 from tests.integration.gpu_query_support import make_inventory
 from lab import SshHost
 from tests.toolchains import Toolchain, toolchain
@@ -79,8 +78,7 @@ PLANTED = {
     "tests/output/junit/python3.11-units.xml": "",
     "plugins/modules/__pycache__/gpu_query.cpython-311.pyc": "",
 }
-# Not copied from the checkout (big, or holding sockets); the copy gets PLANTED stand-ins instead.
-NOT_COPIED_TOP_LEVEL = {".git", ".demo", ".pytest_cache", "build", "dist"}
+# checkout_support.NOT_COPIED_TOP_LEVEL is not copied from the checkout; the copy gets PLANTED stand-ins instead.
 
 
 @dataclass(frozen=True)
@@ -96,22 +94,9 @@ class Shipped:
         return self.install_root / "ansible_collections" / "hwledger" / "fleet"
 
 
-def copy_checkout(dest: Path) -> None:
-    """The checkout's files as a clean clone plus whatever untracked files it has; symlinks stay
-    symlinks (collections/ansible_collections/hwledger/fleet points back to the copy's root)."""
-
-    def ignore(directory: str, names: list[str]) -> set[str]:
-        skipped = {name for name in names if name == "__pycache__"}
-        if Path(directory) == REPO:
-            skipped |= {name for name in names if name in NOT_COPIED_TOP_LEVEL or name.startswith(".venv")
-                        or name.endswith(".tar.gz")}
-        for name in names:
-            mode = os.lstat(os.path.join(directory, name)).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
-                skipped.add(name)  # sockets and fifos left by a lab or demo run
-        return skipped
-
-    shutil.copytree(REPO, dest, symlinks=True, ignore=ignore)
+def copy_with_clutter(dest: Path) -> None:
+    """A copy of the checkout with the clutter of PLANTED in it (where the checkout has none of its own)."""
+    copy_checkout(dest)
     for relative, content in PLANTED.items():
         path = dest / relative
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +137,7 @@ def core() -> Toolchain:
 def shipped(core: Toolchain, tmp_path_factory: pytest.TempPathFactory) -> Shipped:
     work = outside_checkout(tmp_path_factory.mktemp("galaxy"))
     source = work / "checkout" / "hwledger-fleet"
-    copy_checkout(source)
+    copy_with_clutter(source)
     out = work / "out"
     out.mkdir()
     build = run(core, "ansible-galaxy", "collection", "build", "--output-path", str(out), cwd=source)

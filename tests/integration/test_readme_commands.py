@@ -24,6 +24,7 @@ from ansible_collections.hwledger.fleet.plugins.plugin_utils import ssh
 
 from lab import write_agents_toml
 from lab.lab import known_hosts_line
+from tests.integration.checkout_support import copy_checkout
 from tests.unit.test_readme_commands import readme_commands, readme_section
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -155,16 +156,9 @@ def test_pip_install_then_uninstall_outside_the_checkout(tmp_path):
         return subprocess.run(["bash", "-c", line], cwd=outside, env=env, capture_output=True, text=True,
                               timeout=600, check=False)
 
-    # From a copy of the tracked files: setuptools writes build/ and *.egg-info into the tree it builds.
+    # From a copy of the checkout: setuptools writes build/ and *.egg-info into the tree it builds.
     source = tmp_path / "source"
-    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True).stdout
-    for name in filter(None, tracked.decode().split("\0")):
-        if (REPO / name).is_file() and not (REPO / name).is_symlink():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, source / name)
-        elif (REPO / name).is_symlink():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(os.readlink(REPO / name), source / name)
+    copy_checkout(source)
     install = sh(f"python -m pip install -q --no-deps --no-build-isolation --disable-pip-version-check {source}")
     assert install.returncode == 0, install.stdout + install.stderr
     assert (site / "ansible_collections" / "hwledger" / "fleet" / "galaxy.yml").exists() or \
